@@ -1,0 +1,78 @@
+//! The command line. Every flag can also come from `RUSTOVERLAY_<FLAG>`.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnetwork::Ipv4Network;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(name = "rustoverlay", version, about = "Docker network and IPAM plugin: multi-host VXLAN overlays on a shared store")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve Docker's NetworkDriver and IpamDriver APIs on the plugin socket.
+    Serve(ServeArgs),
+    /// Print every key of the store under rustoverlay's prefix (for
+    /// operators and tests). The embedded store can only be read while the
+    /// plugin that owns it is stopped.
+    Dump(DumpArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// The store: file:///path (embedded, one host), memory:// (tests).
+    #[arg(long, env = "RUSTOVERLAY_STORE", default_value = "file:///var/lib/rustoverlay/state.redb")]
+    pub store: String,
+    /// Time limit of every store call, in seconds.
+    #[arg(long, env = "RUSTOVERLAY_STORE_TIMEOUT", default_value_t = 5.0)]
+    pub store_timeout: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Unix socket Docker finds the plugin at.
+    #[arg(long, env = "RUSTOVERLAY_SOCKET", default_value = "/run/docker/plugins/rustoverlay.sock")]
+    pub socket: PathBuf,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// This host's name in the cluster (default: the hostname).
+    #[arg(long, env = "RUSTOVERLAY_HOST_ID")]
+    pub host_id: Option<String>,
+    /// The IPv4 address other hosts reach this one at (default: the address of
+    /// the interface that holds the default route).
+    #[arg(long, env = "RUSTOVERLAY_VTEP_IP")]
+    pub vtep_ip: Option<Ipv4Addr>,
+    /// Where networks created without --subnet get their subnet from.
+    #[arg(long, env = "RUSTOVERLAY_DEFAULT_POOL", default_value = "10.200.0.0/16")]
+    pub default_pool: Ipv4Network,
+    /// Prefix length of subnets taken from the default pool.
+    #[arg(long, env = "RUSTOVERLAY_DEFAULT_POOL_SIZE", default_value_t = 24)]
+    pub default_pool_size: u8,
+    /// Runtime state (the overlays' network namespaces).
+    #[arg(long, env = "RUSTOVERLAY_STATE_DIR", default_value = "/run/rustoverlay")]
+    pub state_dir: PathBuf,
+    /// Time limit of one Docker request, in seconds.
+    #[arg(long, env = "RUSTOVERLAY_REQUEST_TIMEOUT", default_value_t = 25.0)]
+    pub request_timeout: f64,
+    #[arg(long, env = "RUSTOVERLAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct DumpArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Only keys under this part of the schema (e.g. "ipam/").
+    #[arg(long, default_value = "")]
+    pub prefix: String,
+}

@@ -1,0 +1,330 @@
+//! The NetworkDriver: Docker's calls turned into store records and kernel
+//! devices. Each method validates first, then applies, and undoes what it
+//! applied when a later step fails.
+
+use crate::dataplane::{format_mac, parse_mac, Dataplane};
+use crate::error::{PluginError, Result};
+use crate::ipam::{self, Ipam, GLOBAL_ADDRESS_SPACE, LOCAL_ADDRESS_SPACE};
+use crate::overlay::{mac_for, EndpointRecord, LocalNetwork, Overlays};
+use crate::protocol::{
+    CreateEndpointRequest, CreateNetworkRequest, EndpointInterface, IpamData, JoinRequest,
+};
+use ipnetwork::IpNetwork;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+pub struct Driver {
+    pub ipam: Ipam,
+    pub overlays: Overlays,
+    pub dataplane: Dataplane,
+    host: String,
+    /// Serializes device set-up and tear-down per overlay on this host, so a
+    /// Join never races the removal of the last other endpoint's devices.
+    /// Store state is never guarded by it.
+    overlay_locks: Mutex<HashMap<u32, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// The one command that makes a network every host can share.
+const CREATE_HINT: &str =
+    "docker network create -d rustoverlay --ipam-driver rustoverlay --subnet 10.77.0.0/24 NAME";
+
+impl Driver {
+    pub fn new(ipam: Ipam, overlays: Overlays, dataplane: Dataplane, host: String) -> Self {
+        Driver {
+            ipam,
+            overlays,
+            dataplane,
+            host,
+            overlay_locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    fn overlay_lock(&self, vni: u32) -> Arc<tokio::sync::Mutex<()>> {
+        self.overlay_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(vni)
+            .or_default()
+            .clone()
+    }
+
+    #[tracing::instrument(skip_all, fields(network = %req.network_id))]
+    pub async fn create_network(&self, req: CreateNetworkRequest) -> Result<()> {
+        require("NetworkID", &req.network_id)?;
+        let v4 = pools_of(&req.network_id, req.ipv4_data.as_deref().unwrap_or_default())?;
+        let v6 = pools_of(&req.network_id, req.ipv6_data.as_deref().unwrap_or_default())?;
+        if v4.len() > 1 || v6.len() > 1 {
+            return Err(PluginError::BadRequest(
+                "rustoverlay networks take one subnet per address family; give at most one IPv4 \
+                 and one IPv6 --subnet"
+                    .into(),
+            ));
+        }
+        let pools: Vec<&ParsedPool> = v4.iter().chain(v6.iter()).collect();
+        if pools.is_empty() {
+            return Err(PluginError::BadRequest(format!(
+                "network {} has no subnet; create it with {CREATE_HINT}",
+                req.network_id
+            )));
+        }
+        for p in &pools {
+            // The pool must have been claimed through our IPAM.
+            let seg = crate::keys::subnet_segment(&p.subnet);
+            if self.ipam.read_pool(&seg).await?.is_none() {
+                return Err(PluginError::Unknown(format!(
+                    "subnet {} is not claimed in the rustoverlay store; create the network with {CREATE_HINT}",
+                    p.subnet
+                )));
+            }
+        }
+        let subnets = pools.iter().map(|p| p.subnet).collect();
+        let net = self
+            .overlays
+            .create_network(&req.network_id, subnets)
+            .await?;
+        for p in &pools {
+            if let Err(e) = self.ipam.mark_aux(&ipam::pool_id(&p.subnet), &p.aux).await {
+                // Undo: Docker does not call DeleteNetwork after a failed create.
+                let _ = self.overlays.delete_network(&net.network_id).await;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    #[tracing::instrument(skip_all, fields(network = %network_id))]
+    pub async fn delete_network(&self, network_id: &str) -> Result<()> {
+        require("NetworkID", network_id)?;
+        let Some(net) = self.overlays.delete_network(network_id).await? else {
+            return Ok(());
+        };
+        // Devices only exist while a local endpoint does; clear leftovers.
+        let lock = self.overlay_lock(net.vni);
+        let _guard = lock.lock().await;
+        let still_used = self
+            .overlays
+            .local_networks()
+            .await?
+            .iter()
+            .any(|n| n.vni == net.vni);
+        if !still_used {
+            self.dataplane.remove_network(net.vni).await?;
+        }
+        Ok(())
+    }
+
+    #[tracing::instrument(skip_all, fields(network = %req.network_id, endpoint = %req.endpoint_id))]
+    pub async fn create_endpoint(&self, req: CreateEndpointRequest) -> Result<Option<EndpointInterface>> {
+        require("NetworkID", &req.network_id)?;
+        require("EndpointID", &req.endpoint_id)?;
+        let net = self.overlays.lookup(&req.network_id).await?;
+        let iface = req.interface.unwrap_or_default();
+        let ipv4 = parse_address("Address", &iface.address, &net)?;
+        let ipv6 = parse_address("AddressIPv6", &iface.address_ipv6, &net)?;
+        if ipv4.is_none() && ipv6.is_none() {
+            return Err(PluginError::BadRequest(format!(
+                "endpoint {} has no address; rustoverlay endpoints get theirs from rustoverlay IPAM",
+                req.endpoint_id
+            )));
+        }
+        let mac = match iface.mac_address.trim() {
+            "" => mac_for(ipv4.map(|a| a.ip())),
+            s => parse_mac(s).ok_or_else(|| {
+                PluginError::BadRequest(format!("MacAddress {s:?} is not a MAC address"))
+            })?,
+        };
+        let record = EndpointRecord {
+            endpoint_id: req.endpoint_id.clone(),
+            network_id: req.network_id.clone(),
+            host: self.host.clone(),
+            vtep: IpAddr::V4(self.dataplane.underlay().vtep),
+            mac: format_mac(&mac),
+            ipv4,
+            ipv6,
+        };
+        self.overlays.create_endpoint(&net, &record).await?;
+        tracing::info!(ip = ?ipv4, mac = %record.mac, "endpoint created");
+        // Tell Docker only what it left empty.
+        Ok(iface.mac_address.trim().is_empty().then(|| EndpointInterface {
+            mac_address: record.mac,
+            ..Default::default()
+        }))
+    }
+
+    pub async fn endpoint_info(&self, network_id: &str, endpoint_id: &str) -> Result<serde_json::Map<String, serde_json::Value>> {
+        let (net, ep) = self.known_endpoint(network_id, endpoint_id).await?;
+        let mut value = serde_json::Map::new();
+        value.insert("vni".into(), net.vni.into());
+        value.insert("host".into(), ep.host.into());
+        value.insert("vtep".into(), ep.vtep.to_string().into());
+        value.insert("mac".into(), ep.mac.into());
+        Ok(value)
+    }
+
+    async fn known_endpoint(&self, network_id: &str, endpoint_id: &str) -> Result<(LocalNetwork, EndpointRecord)> {
+        require("NetworkID", network_id)?;
+        require("EndpointID", endpoint_id)?;
+        let net = self.overlays.lookup(network_id).await?;
+        let (ep, _) = self
+            .overlays
+            .get_endpoint(&net, endpoint_id)
+            .await?
+            .ok_or_else(|| {
+                PluginError::Unknown(format!(
+                    "endpoint {endpoint_id} does not exist on network {network_id}; remove the \
+                     container and start it again"
+                ))
+            })?;
+        if ep.host != self.host {
+            return Err(PluginError::Conflict(format!(
+                "endpoint {endpoint_id} belongs to host {}, not to this host ({})",
+                ep.host, self.host
+            )));
+        }
+        Ok((net, ep))
+    }
+
+    #[tracing::instrument(skip_all, fields(network = %req.network_id, endpoint = %req.endpoint_id))]
+    pub async fn join(&self, req: &JoinRequest) -> Result<String> {
+        let (net, ep) = self.known_endpoint(&req.network_id, &req.endpoint_id).await?;
+        let mac = parse_mac(&ep.mac)
+            .ok_or_else(|| PluginError::Internal(format!("stored MAC {:?} is invalid", ep.mac)))?;
+        let lock = self.overlay_lock(net.vni);
+        let _guard = lock.lock().await;
+        self.dataplane.ensure_network(net.vni).await?;
+        match self
+            .dataplane
+            .create_endpoint_link(net.vni, &ep.endpoint_id, mac)
+            .await
+        {
+            Ok(name) => Ok(name),
+            Err(e) => {
+                self.remove_devices_if_unused(&net).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(network = %network_id, endpoint = %endpoint_id))]
+    pub async fn leave(&self, network_id: &str, endpoint_id: &str) -> Result<()> {
+        let (net, ep) = self.known_endpoint(network_id, endpoint_id).await?;
+        let lock = self.overlay_lock(net.vni);
+        let _guard = lock.lock().await;
+        self.dataplane
+            .remove_endpoint_link(net.vni, &ep.endpoint_id)
+            .await?;
+        Ok(())
+    }
+
+    #[tracing::instrument(skip_all, fields(network = %network_id, endpoint = %endpoint_id))]
+    pub async fn delete_endpoint(&self, network_id: &str, endpoint_id: &str) -> Result<()> {
+        require("NetworkID", network_id)?;
+        require("EndpointID", endpoint_id)?;
+        let net = match self.overlays.lookup(network_id).await {
+            Ok(net) => net,
+            // Already gone with its network: nothing left to delete.
+            Err(PluginError::Unknown(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if let Some((ep, _)) = self.overlays.get_endpoint(&net, endpoint_id).await? {
+            if ep.host != self.host {
+                return Err(PluginError::Conflict(format!(
+                    "endpoint {endpoint_id} belongs to host {}, not to this host",
+                    ep.host
+                )));
+            }
+        }
+        let lock = self.overlay_lock(net.vni);
+        let _guard = lock.lock().await;
+        self.dataplane
+            .remove_endpoint_link(net.vni, endpoint_id)
+            .await?;
+        self.overlays.delete_endpoint(&net, endpoint_id).await?;
+        self.remove_devices_if_unused(&net).await;
+        Ok(())
+    }
+
+    /// The overlay's devices go with its last local endpoint. Best effort: a
+    /// failure is logged and retried by the next removal.
+    async fn remove_devices_if_unused(&self, net: &LocalNetwork) {
+        let result = async {
+            let (eps, _) = self.overlays.endpoints(&net.overlay).await?;
+            if !eps.iter().any(|e| e.host == self.host) {
+                self.dataplane.remove_network(net.vni).await?;
+            }
+            Ok::<_, PluginError>(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(vni = net.vni, error = %e, "could not remove the network's devices");
+        }
+    }
+}
+
+struct ParsedPool {
+    subnet: IpNetwork,
+    aux: Vec<IpAddr>,
+}
+
+fn pools_of(network_id: &str, data: &[IpamData]) -> Result<Vec<ParsedPool>> {
+    data.iter()
+        .map(|d| {
+            if d.address_space != LOCAL_ADDRESS_SPACE && d.address_space != GLOBAL_ADDRESS_SPACE {
+                return Err(PluginError::BadRequest(format!(
+                    "network {network_id} uses another IPAM driver (address space {:?}), which \
+                     cannot keep addresses unique across hosts; create it with {CREATE_HINT}",
+                    d.address_space
+                )));
+            }
+            let subnet = ipam::parse_pool_id(&d.pool)?;
+            let aux = d
+                .aux_addresses
+                .iter()
+                .flatten()
+                .map(|(name, cidr)| {
+                    cidr.split('/')
+                        .next()
+                        .and_then(|ip| ip.parse::<IpAddr>().ok())
+                        .ok_or_else(|| {
+                            PluginError::BadRequest(format!(
+                                "aux address {name}={cidr:?} is not an address"
+                            ))
+                        })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(ParsedPool { subnet, aux })
+        })
+        .collect()
+}
+
+fn require(field: &str, value: &str) -> Result<()> {
+    if value.trim().is_empty() {
+        return Err(PluginError::BadRequest(format!(
+            "{field} is missing or empty in the request"
+        )));
+    }
+    Ok(())
+}
+
+/// An endpoint address as Docker sends it ("10.77.0.2/24"), checked against
+/// the network's subnets.
+fn parse_address(field: &str, value: &str, net: &LocalNetwork) -> Result<Option<IpNetwork>> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Ok(None);
+    }
+    let addr: IpNetwork = value.parse().map_err(|_| {
+        PluginError::BadRequest(format!("{field} {value:?} is not an address in CIDR form"))
+    })?;
+    if !net.subnets.iter().any(|s| s.contains(addr.ip())) {
+        return Err(PluginError::BadRequest(format!(
+            "{field} {value} is outside the network's subnets; addresses must come from rustoverlay IPAM"
+        )));
+    }
+    Ok(Some(addr))
+}

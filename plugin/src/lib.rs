@@ -1,0 +1,95 @@
+//! rustoverlay: a Docker network and IPAM plugin that gives plain Docker hosts
+//! shared multi-host VXLAN overlays, with a key-value store as the single
+//! source of truth.
+
+pub mod cli;
+pub mod dataplane;
+pub mod driver;
+pub mod error;
+pub mod ipam;
+pub mod keys;
+pub mod netns;
+pub mod overlay;
+pub mod protocol;
+pub mod server;
+pub mod socket;
+pub mod store;
+
+use anyhow::Context;
+use cli::{DumpArgs, ServeArgs};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Run the plugin until SIGTERM or SIGINT.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let host = match args.host_id.clone() {
+        Some(h) if !h.trim().is_empty() => h,
+        _ => nix::unistd::gethostname()
+            .context("read the hostname (or give --host-id)")?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    if host.contains('/') {
+        anyhow::bail!("--host-id {host:?} must not contain '/'");
+    }
+    if !(8..=30).contains(&args.default_pool_size) || args.default_pool_size < args.default_pool.prefix() {
+        anyhow::bail!(
+            "--default-pool-size {} must be between the default pool's prefix ({}) and 30",
+            args.default_pool_size,
+            args.default_pool.prefix()
+        );
+    }
+    let store = store::open(&args.store.store, secs(args.store.store_timeout, "--store-timeout")?)?;
+    let dataplane = dataplane::Dataplane::new(args.vtep_ip, &args.state_dir)
+        .await
+        .context("find the underlay")?;
+    let ipam = ipam::Ipam::new(store.clone(), &host, args.default_pool, args.default_pool_size);
+    let overlays = overlay::Overlays::new(store.clone(), &host);
+    let driver = Arc::new(driver::Driver::new(ipam, overlays, dataplane, host.clone()));
+    let listener = socket::bind(&args.socket).await?;
+    let app = server::router(driver, secs(args.request_timeout, "--request-timeout")?);
+    tracing::info!(
+        socket = %args.socket.display(),
+        host = %host,
+        store = store.backend_name(),
+        "serving"
+    );
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serve the plugin socket");
+    let _ = std::fs::remove_file(&args.socket);
+    tracing::info!("stopped");
+    result
+}
+
+/// Print the store's keys and values, one per line.
+pub async fn dump(args: DumpArgs) -> anyhow::Result<()> {
+    let store = store::open(&args.store.store, secs(args.store.store_timeout, "--store-timeout")?)?;
+    let prefix = format!("{}{}", keys::ROOT, args.prefix);
+    let resp = store.range(&prefix).await.context("read the store")?;
+    for kv in resp.kvs {
+        println!("{} {}", kv.key, String::from_utf8_lossy(&kv.value));
+    }
+    Ok(())
+}
+
+fn secs(value: f64, flag: &str) -> anyhow::Result<Duration> {
+    if !(value.is_finite() && value > 0.0) {
+        anyhow::bail!("{flag} must be a positive number of seconds, not {value}");
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers we can only run until killed.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    tracing::info!("shutting down");
+}

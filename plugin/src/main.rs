@@ -1,0 +1,29 @@
+use clap::Parser;
+use rustoverlay::cli::{Cli, Command, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let format = match &cli.command {
+        Command::Serve(a) => a.log_format,
+        Command::Dump(_) => LogFormat::Text,
+    };
+    let filter = EnvFilter::try_from_env("RUSTOVERLAY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    let result = match cli.command {
+        Command::Serve(args) => rustoverlay::serve(args).await,
+        Command::Dump(args) => rustoverlay::dump(args).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rustoverlay: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,387 @@
+//! The network and endpoint model in the store.
+//!
+//! Docker gives every host its own NetworkID for what the user sees as one
+//! network (the driver's Scope is local). We tie them together by subnet: one
+//! overlay per pool, named by that pool, with one VNI allocated cluster-wide.
+//! Each host maps its Docker NetworkIDs onto the overlay; endpoints live under
+//! the overlay so that every host can watch one prefix per network.
+
+use crate::error::{PluginError, Result, StoreContext};
+use crate::ipam::{decode, encode};
+use crate::keys;
+use ipnetwork::IpNetwork;
+use kvstore_backends::{Compare, KvStore, Op, OpResult, Revision, Txn};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+/// VNIs we hand out; below 256 is left to hand-made setups, as Docker does.
+pub const VNI_MIN: u32 = 256;
+pub const VNI_MAX: u32 = (1 << 24) - 1;
+
+const MAX_ATTEMPTS: usize = 64;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OverlayRecord {
+    pub vni: u32,
+    pub subnets: Vec<IpNetwork>,
+    /// Docker NetworkIDs of this overlay, per host.
+    pub hosts: BTreeMap<String, BTreeSet<String>>,
+}
+
+/// What this host knows of one of its Docker networks.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LocalNetwork {
+    pub network_id: String,
+    /// The overlay's key: its first subnet as a key segment.
+    pub overlay: String,
+    pub vni: u32,
+    pub subnets: Vec<IpNetwork>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EndpointRecord {
+    pub endpoint_id: String,
+    /// The Docker NetworkID on the endpoint's own host.
+    pub network_id: String,
+    pub host: String,
+    pub vtep: IpAddr,
+    pub mac: String,
+    pub ipv4: Option<IpNetwork>,
+    pub ipv6: Option<IpNetwork>,
+}
+
+pub struct Overlays {
+    store: Arc<dyn KvStore>,
+    host: String,
+    /// Docker NetworkID -> overlay, filled from the store on a miss.
+    cache: Mutex<HashMap<String, LocalNetwork>>,
+}
+
+impl Overlays {
+    pub fn new(store: Arc<dyn KvStore>, host: impl Into<String>) -> Self {
+        Overlays {
+            store,
+            host: host.into(),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn cached(&self, network_id: &str) -> Option<LocalNetwork> {
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(network_id)
+            .cloned()
+    }
+
+    fn remember(&self, net: &LocalNetwork) {
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(net.network_id.clone(), net.clone());
+    }
+
+    fn forget(&self, network_id: &str) {
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(network_id);
+    }
+
+    /// Join this host's Docker network to the overlay of its subnets, creating
+    /// the overlay (and its VNI) if this is the first host. Idempotent.
+    #[tracing::instrument(skip(self, subnets), fields(host = %self.host))]
+    pub async fn create_network(&self, network_id: &str, subnets: Vec<IpNetwork>) -> Result<LocalNetwork> {
+        let first = subnets
+            .first()
+            .ok_or_else(|| PluginError::BadRequest("the network has no subnet".into()))?;
+        let overlay = keys::subnet_segment(first);
+        let map_key = keys::host_network(&self.host, network_id);
+        let rec_key = keys::overlay_record(&overlay);
+        for _ in 0..MAX_ATTEMPTS {
+            let resp = self
+                .store
+                .txn(Txn::new().and_then(vec![
+                    Op::get(&map_key),
+                    Op::get(&rec_key),
+                    Op::get(keys::vni_next()),
+                ]))
+                .await
+                .ctx(|| format!("read overlay {overlay}"))?;
+            let [mapping, record, next] = take_gets::<3>(resp.results);
+            if let Some(kv) = mapping {
+                let net: LocalNetwork = decode(&kv)?;
+                if net.overlay != overlay {
+                    return Err(PluginError::Conflict(format!(
+                        "network {network_id} already exists on this host with subnet {}",
+                        net.subnets.first().map(|s| s.to_string()).unwrap_or_default()
+                    )));
+                }
+                self.remember(&net);
+                return Ok(net);
+            }
+            let (mut rec, rec_rev, mut extra_compares, mut extra_ops) = match record {
+                Some(kv) => {
+                    let rec: OverlayRecord = decode(&kv)?;
+                    if rec.subnets != subnets {
+                        return Err(PluginError::Conflict(format!(
+                            "subnet {first} already belongs to a rustoverlay network with subnets {}; \
+                             create the network with exactly the same --subnet options on every host",
+                            join(&rec.subnets)
+                        )));
+                    }
+                    (rec, kv.mod_revision, vec![], vec![])
+                }
+                None => {
+                    let (vni, next_rev) = match &next {
+                        Some(kv) => (decode::<u32>(kv)?, kv.mod_revision),
+                        None => (VNI_MIN, 0),
+                    };
+                    let vni = if (VNI_MIN..=VNI_MAX).contains(&vni) { vni } else { VNI_MIN };
+                    let following = if vni == VNI_MAX { VNI_MIN } else { vni + 1 };
+                    let rec = OverlayRecord {
+                        vni,
+                        subnets: subnets.clone(),
+                        hosts: BTreeMap::new(),
+                    };
+                    (
+                        rec,
+                        0,
+                        vec![
+                            Compare::mod_revision(keys::vni_next(), next_rev),
+                            Compare::absent(keys::vni_claim(vni)),
+                        ],
+                        vec![
+                            Op::put(keys::vni_next(), encode(&following)),
+                            Op::put(keys::vni_claim(vni), overlay.clone()),
+                        ],
+                    )
+                }
+            };
+            rec.hosts
+                .entry(self.host.clone())
+                .or_default()
+                .insert(network_id.to_string());
+            let net = LocalNetwork {
+                network_id: network_id.to_string(),
+                overlay: overlay.clone(),
+                vni: rec.vni,
+                subnets: subnets.clone(),
+            };
+            let mut compares = vec![
+                Compare::absent(&map_key),
+                Compare::mod_revision(&rec_key, rec_rev),
+            ];
+            compares.append(&mut extra_compares);
+            let mut ops = vec![Op::put(&map_key, encode(&net)), Op::put(&rec_key, encode(&rec))];
+            ops.append(&mut extra_ops);
+            let resp = self
+                .store
+                .txn(Txn::new().when(compares).and_then(ops).or_else(vec![Op::get(keys::vni_claim(rec.vni))]))
+                .await
+                .ctx(|| format!("create overlay {overlay}"))?;
+            if resp.succeeded {
+                tracing::info!(overlay = %overlay, vni = rec.vni, "network joined its overlay");
+                self.remember(&net);
+                return Ok(net);
+            }
+            if rec_rev == 0 {
+                if let Some(OpResult::Get(Some(_))) = resp.results.first() {
+                    // The VNI under the cursor is taken (the cursor wrapped):
+                    // move the cursor past it and try again.
+                    let skip = if rec.vni == VNI_MAX { VNI_MIN } else { rec.vni + 1 };
+                    let next_rev = next.map(|kv| kv.mod_revision).unwrap_or(0);
+                    self.store
+                        .compare_and_swap(&keys::vni_next(), next_rev, encode(&skip))
+                        .await
+                        .ctx(|| "advance the VNI cursor".into())?
+                        .ok();
+                }
+            }
+        }
+        Err(PluginError::Conflict(
+            "could not create the network: the store kept changing under contention; retry".into(),
+        ))
+    }
+
+    /// Find this host's Docker network.
+    pub async fn lookup(&self, network_id: &str) -> Result<LocalNetwork> {
+        if let Some(net) = self.cached(network_id) {
+            return Ok(net);
+        }
+        let kv = self
+            .store
+            .get(&keys::host_network(&self.host, network_id))
+            .await
+            .ctx(|| format!("look up network {network_id}"))?
+            .ok_or_else(|| {
+                PluginError::Unknown(format!(
+                    "network {network_id} is not a rustoverlay network on this host; \
+                     remove it and create it again with -d rustoverlay --ipam-driver rustoverlay"
+                ))
+            })?;
+        let net: LocalNetwork = decode(&kv)?;
+        self.remember(&net);
+        Ok(net)
+    }
+
+    /// This host's Docker networks, from the store.
+    pub async fn local_networks(&self) -> Result<Vec<LocalNetwork>> {
+        let resp = self
+            .store
+            .range(&keys::host_networks(&self.host))
+            .await
+            .ctx(|| "list this host's networks".into())?;
+        resp.kvs.iter().map(decode).collect()
+    }
+
+    /// Detach this host's Docker network from its overlay; the last network
+    /// of the overlay removes it and frees its VNI. `Ok(None)` when the network
+    /// was already gone.
+    #[tracing::instrument(skip(self), fields(host = %self.host))]
+    pub async fn delete_network(&self, network_id: &str) -> Result<Option<LocalNetwork>> {
+        let map_key = keys::host_network(&self.host, network_id);
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(kv) = self
+                .store
+                .get(&map_key)
+                .await
+                .ctx(|| format!("look up network {network_id}"))?
+            else {
+                self.forget(network_id);
+                return Ok(None);
+            };
+            let net: LocalNetwork = decode(&kv)?;
+            let rec_key = keys::overlay_record(&net.overlay);
+            let rec_kv = self
+                .store
+                .get(&rec_key)
+                .await
+                .ctx(|| format!("read overlay {}", net.overlay))?;
+            let mut compares = vec![Compare::mod_revision(&map_key, kv.mod_revision)];
+            let mut ops = vec![Op::delete(&map_key)];
+            if let Some(rec_kv) = rec_kv {
+                let mut rec: OverlayRecord = decode(&rec_kv)?;
+                if let Some(ids) = rec.hosts.get_mut(&self.host) {
+                    ids.remove(network_id);
+                    if ids.is_empty() {
+                        rec.hosts.remove(&self.host);
+                    }
+                }
+                compares.push(Compare::mod_revision(&rec_key, rec_kv.mod_revision));
+                if rec.hosts.is_empty() {
+                    ops.push(Op::delete(&rec_key));
+                    ops.push(Op::delete(keys::vni_claim(rec.vni)));
+                    ops.push(Op::delete_prefix(keys::overlay_endpoints(&net.overlay)));
+                } else {
+                    ops.push(Op::put(&rec_key, encode(&rec)));
+                }
+            }
+            let resp = self
+                .store
+                .txn(Txn::new().when(compares).and_then(ops))
+                .await
+                .ctx(|| format!("delete network {network_id}"))?;
+            if resp.succeeded {
+                self.forget(network_id);
+                return Ok(Some(net));
+            }
+        }
+        Err(PluginError::Conflict(
+            "could not delete the network: the store kept changing under contention; retry".into(),
+        ))
+    }
+
+    /// Store an endpoint. Idempotent for the same endpoint; refuses an ID that
+    /// is already used differently.
+    pub async fn create_endpoint(&self, net: &LocalNetwork, ep: &EndpointRecord) -> Result<()> {
+        let key = keys::endpoint(&net.overlay, &ep.endpoint_id);
+        let existing = self
+            .store
+            .create_if_absent(&key, encode(ep))
+            .await
+            .ctx(|| format!("store endpoint {}", ep.endpoint_id))?;
+        match existing {
+            None => Ok(()),
+            Some(kv) => {
+                let current: EndpointRecord = decode(&kv)?;
+                if current == *ep {
+                    Ok(())
+                } else {
+                    Err(PluginError::Conflict(format!(
+                        "endpoint {} already exists with other settings (host {}, address {}); \
+                         remove the container and start it again",
+                        ep.endpoint_id,
+                        current.host,
+                        current.ipv4.map(|a| a.to_string()).unwrap_or_default()
+                    )))
+                }
+            }
+        }
+    }
+
+    pub async fn get_endpoint(&self, net: &LocalNetwork, endpoint_id: &str) -> Result<Option<(EndpointRecord, Revision)>> {
+        let kv = self
+            .store
+            .get(&keys::endpoint(&net.overlay, endpoint_id))
+            .await
+            .ctx(|| format!("read endpoint {endpoint_id}"))?;
+        kv.map(|kv| Ok((decode(&kv)?, kv.mod_revision))).transpose()
+    }
+
+    /// Delete an endpoint; true when it existed.
+    pub async fn delete_endpoint(&self, net: &LocalNetwork, endpoint_id: &str) -> Result<bool> {
+        self.store
+            .delete(&keys::endpoint(&net.overlay, endpoint_id))
+            .await
+            .ctx(|| format!("delete endpoint {endpoint_id}"))
+    }
+
+    /// Every endpoint of an overlay, on all hosts.
+    pub async fn endpoints(&self, overlay: &str) -> Result<(Vec<EndpointRecord>, Revision)> {
+        let resp = self
+            .store
+            .range(&keys::overlay_endpoints(overlay))
+            .await
+            .ctx(|| format!("list endpoints of {overlay}"))?;
+        let eps = resp.kvs.iter().map(decode).collect::<Result<Vec<_>>>()?;
+        Ok((eps, resp.revision))
+    }
+}
+
+/// The values of `N` Get results, in order.
+fn take_gets<const N: usize>(results: Vec<OpResult>) -> [Option<kvstore_backends::KeyValue>; N] {
+    let mut out: [Option<kvstore_backends::KeyValue>; N] = std::array::from_fn(|_| None);
+    for (slot, r) in out.iter_mut().zip(results) {
+        if let OpResult::Get(kv) = r {
+            *slot = kv;
+        }
+    }
+    out
+}
+
+fn join(nets: &[IpNetwork]) -> String {
+    nets.iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A MAC derived from the endpoint's IPv4 address (unique on the overlay
+/// because the address is), or random for IPv6-only endpoints. Locally
+/// administered, unicast.
+pub fn mac_for(ipv4: Option<IpAddr>) -> [u8; 6] {
+    match ipv4 {
+        Some(IpAddr::V4(ip)) => {
+            let o = ip.octets();
+            [0x02, 0x52, o[0], o[1], o[2], o[3]]
+        }
+        _ => {
+            let mut m: [u8; 6] = rand::random();
+            m[0] = (m[0] & 0xfe) | 0x02;
+            m
+        }
+    }
+}

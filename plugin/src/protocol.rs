@@ -1,0 +1,214 @@
+//! Docker's remote NetworkDriver and IpamDriver wire types, with Docker's exact
+//! field names. Kept apart from the internal model on purpose: these follow
+//! Docker, the model follows us.
+//!
+//! Every request field is optional or defaulted so that a missing field reaches
+//! the handler, which can then say exactly which field is missing; a field of
+//! the wrong type is a JSON error with serde's position.
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+pub const NETWORK_DRIVER: &str = "NetworkDriver";
+pub const IPAM_DRIVER: &str = "IpamDriver";
+
+/// Option key Docker uses on RequestAddress for the gateway request.
+pub const REQUEST_ADDRESS_TYPE: &str = "RequestAddressType";
+pub const GATEWAY_ADDRESS_TYPE: &str = "com.docker.network.gateway";
+/// Generic options of a network (`-o key=value`).
+pub const GENERIC_OPTIONS: &str = "com.docker.network.generic";
+
+pub type Options = HashMap<String, serde_json::Value>;
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ActivateResponse {
+    pub implements: Vec<&'static str>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CapabilitiesResponse {
+    pub scope: &'static str,
+    pub connectivity_scope: &'static str,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct IpamData {
+    pub address_space: String,
+    pub pool: String,
+    pub gateway: String,
+    pub aux_addresses: Option<HashMap<String, String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct CreateNetworkRequest {
+    #[serde(rename = "NetworkID")]
+    pub network_id: String,
+    pub options: Option<Options>,
+    #[serde(rename = "IPv4Data")]
+    pub ipv4_data: Option<Vec<IpamData>>,
+    #[serde(rename = "IPv6Data")]
+    pub ipv6_data: Option<Vec<IpamData>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct NetworkRequest {
+    #[serde(rename = "NetworkID")]
+    pub network_id: String,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize, Clone, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct EndpointInterface {
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub address: String,
+    #[serde(rename = "AddressIPv6", skip_serializing_if = "String::is_empty")]
+    pub address_ipv6: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub mac_address: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct CreateEndpointRequest {
+    #[serde(rename = "NetworkID")]
+    pub network_id: String,
+    #[serde(rename = "EndpointID")]
+    pub endpoint_id: String,
+    pub interface: Option<EndpointInterface>,
+    pub options: Option<Options>,
+}
+
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CreateEndpointResponse {
+    /// Only the fields Docker left empty; None when there is nothing to add.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interface: Option<EndpointInterface>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct EndpointRequest {
+    #[serde(rename = "NetworkID")]
+    pub network_id: String,
+    #[serde(rename = "EndpointID")]
+    pub endpoint_id: String,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct EndpointInfoResponse {
+    pub value: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct JoinRequest {
+    #[serde(rename = "NetworkID")]
+    pub network_id: String,
+    #[serde(rename = "EndpointID")]
+    pub endpoint_id: String,
+    pub sandbox_key: String,
+    pub options: Option<Options>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct InterfaceName {
+    pub src_name: String,
+    pub dst_prefix: String,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct JoinResponse {
+    pub interface_name: InterfaceName,
+    /// Empty on purpose: with no gateway Docker attaches the container to its
+    /// docker_gwbridge for egress and published ports.
+    pub gateway: String,
+    #[serde(rename = "GatewayIPv6")]
+    pub gateway_ipv6: String,
+    pub static_routes: Vec<serde_json::Value>,
+    pub disable_gateway_service: bool,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct IpamCapabilitiesResponse {
+    #[serde(rename = "RequiresMACAddress")]
+    pub requires_mac_address: bool,
+    pub requires_request_replay: bool,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct AddressSpacesResponse {
+    pub local_default_address_space: &'static str,
+    pub global_default_address_space: &'static str,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct RequestPoolRequest {
+    pub address_space: String,
+    pub pool: String,
+    pub sub_pool: String,
+    pub options: Option<HashMap<String, String>>,
+    pub v6: bool,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct RequestPoolResponse {
+    #[serde(rename = "PoolID")]
+    pub pool_id: String,
+    pub pool: String,
+    pub data: HashMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct ReleasePoolRequest {
+    #[serde(rename = "PoolID")]
+    pub pool_id: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct RequestAddressRequest {
+    #[serde(rename = "PoolID")]
+    pub pool_id: String,
+    pub address: String,
+    pub options: Option<HashMap<String, String>>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct RequestAddressResponse {
+    pub address: String,
+    pub data: HashMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct ReleaseAddressRequest {
+    #[serde(rename = "PoolID")]
+    pub pool_id: String,
+    pub address: String,
+}
+
+/// `{}`: the answer of calls with nothing to say.
+#[derive(Debug, Serialize)]
+pub struct Empty {}
+
+/// Docker's error shape.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorResponse {
+    #[serde(rename = "Err")]
+    pub err: String,
+}

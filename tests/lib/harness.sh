@@ -1,0 +1,833 @@
+# shellcheck shell=bash
+#
+# tests/lib/harness.sh - simulated Docker hosts in network namespaces.
+#
+# Source it from a test script that runs as root with `set -euo pipefail`:
+#
+#   source "$(dirname "$0")/../lib/harness.sh"
+#   harness_init single_host          # temp dir, underlay, world, cleanup trap
+#   harness_start_host 1              # plugin + dockerd in host 1
+#   harness_busybox_image 1           # rotest/busybox:latest in host 1
+#   hdocker 1 run -d --name c1 rotest/busybox:latest sleep 3600
+#   assert_ok "c1 reaches the world" hdocker 1 exec c1 ping -c 1 -W 1 "$HARNESS_WORLD_IP"
+#   harness_summary                   # "N passed, N failed"; non-zero on failure
+#
+# Topology (all names carry a unique run prefix, "$HARNESS_PREFIX"):
+#
+#   ${prefix}-ul     bridge br0; one veth per host (hN) and one to the world
+#   ${prefix}-world  ul0 = 10.250.0.254/24; answers ping; runs helpers (httpd, nc)
+#   ${prefix}-hN     ul0 = 10.250.0.N/24 (MTU 1500), default route via the world
+#
+# Each started host runs the plugin and a dockerd inside its network namespace
+# and inside one private mount namespace (tmpfs on /run, so that dockerd only
+# finds this host's plugin socket and no system containerd; a sysfs of the
+# host's network namespace on /sys, with the cgroup mounts carried over).
+# Nothing is added to the root network namespace: no address, route, link or
+# firewall rule. The EXIT/INT/TERM trap kills every process of the run, removes
+# its cgroups, namespaces and temp dir, also when setup broke half way.
+#
+# Assertion helpers count passes and failures in the calling shell: call them
+# in the test script itself, not inside $(...) or a pipeline.
+#
+# Environment:
+#   RUSTOVERLAY_BIN    plugin binary (default: target/release/rustoverlay of
+#                      this repo, or of $CARGO_TARGET_DIR)
+#   HARNESS_KEEP=1     keep the temp dir (logs) after the run
+#   HARNESS_RUST_LOG   RUST_LOG for the plugin (default: info,rustoverlay=debug)
+#   HARNESS_BOOT_TIMEOUT  seconds to wait for plugin/dockerd sockets (default 60)
+
+if [[ -n "${_HARNESS_SOURCED:-}" ]]; then
+    return 0
+fi
+_HARNESS_SOURCED=1
+
+HARNESS_REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+HARNESS_UL_NET="10.250.0"
+HARNESS_UL_PREFIXLEN=24
+HARNESS_WORLD_IP="${HARNESS_UL_NET}.254"
+HARNESS_UL_MTU=1500
+HARNESS_IMAGE="rotest/busybox:latest"
+HARNESS_PLUGIN_SOCKET="/run/docker/plugins/rustoverlay.sock"
+HARNESS_BOOT_TIMEOUT="${HARNESS_BOOT_TIMEOUT:-60}"
+HARNESS_PASSED=0
+HARNESS_FAILED=0
+HARNESS_SUMMARY_DONE=0
+HARNESS_CLEANUP_HOOKS=()
+HARNESS_PREFIX=""
+HARNESS_TMP=""
+HARNESS_NAME=""
+
+# The Debian docker.io CLI matches the daemon; fall back to whatever is on PATH.
+if [[ -x /usr/bin/docker ]]; then
+    HARNESS_DOCKER_CLI="${HARNESS_DOCKER_CLI:-/usr/bin/docker}"
+else
+    HARNESS_DOCKER_CLI="${HARNESS_DOCKER_CLI:-docker}"
+fi
+
+_hlog() { printf '[harness %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+_hdie() {
+    printf '[harness] ERROR: %s\n' "$*" >&2
+    exit 1
+}
+
+# ---------------------------------------------------------------------------
+# init and cleanup
+# ---------------------------------------------------------------------------
+
+# harness_init NAME - start a run: prefix, temp dir, trap, underlay and world.
+harness_init() {
+    local name="${1:?usage: harness_init NAME}"
+    [[ "$(id -u)" -eq 0 ]] || _hdie "harness_init: must run as root (network and mount namespaces)"
+    local tool
+    for tool in ip nsenter unshare setsid mount umount dockerd "$HARNESS_DOCKER_CLI" timeout; do
+        command -v "$tool" >/dev/null 2>&1 || _hdie "harness_init: '$tool' not found (scripts/test installs the packages)"
+    done
+
+    harness_sweep_stale
+
+    HARNESS_NAME="$(printf '%s' "$name" | tr -c 'a-zA-Z0-9' '-' | cut -c1-12)"
+    HARNESS_TMP="$(mktemp -d "/tmp/rot-${HARNESS_NAME}.XXXXXX")"
+    HARNESS_PREFIX="rot-${HARNESS_NAME}-${HARNESS_TMP##*.}"
+    HARNESS_PREFIX="${HARNESS_PREFIX,,}"
+    printf '%s\n' "$HARNESS_PREFIX" >"$HARNESS_TMP/.prefix"
+    printf '%s\n' "$$" >"$HARNESS_TMP/.owner"
+    : >"$HARNESS_TMP/.netns"
+    : >"$HARNESS_TMP/.pids"
+    : >"$HARNESS_TMP/.hosts"
+    export DOCKER_CONFIG="$HARNESS_TMP/docker-cli"
+    mkdir -p "$DOCKER_CONFIG"
+    printf '{}\n' >"$DOCKER_CONFIG/config.json"
+
+    trap '_harness_on_exit' EXIT
+    trap '_harness_on_signal INT 130' INT
+    trap '_harness_on_signal TERM 143' TERM
+    trap '_harness_on_signal HUP 129' HUP
+
+    _hlog "run $HARNESS_PREFIX, temp dir $HARNESS_TMP"
+    _harness_setup_underlay
+}
+
+# harness_on_cleanup FUNC - run FUNC (no arguments) first thing at cleanup.
+harness_on_cleanup() {
+    HARNESS_CLEANUP_HOOKS+=("$1")
+}
+
+_harness_on_signal() {
+    local sig="$1" rc="$2"
+    printf '[harness] caught SIG%s, cleaning up\n' "$sig" >&2
+    exit "$rc"
+}
+
+_harness_on_exit() {
+    local rc=$?
+    set +e
+    trap - INT TERM HUP
+    local hook
+    for hook in "${HARNESS_CLEANUP_HOOKS[@]}"; do
+        "$hook" || _hlog "cleanup hook $hook failed"
+    done
+    if [[ "$HARNESS_SUMMARY_DONE" -eq 0 ]]; then
+        # The script died before harness_summary (set -e, signal, _hdie).
+        printf 'FAIL - test script aborted (exit status %s) before harness_summary\n' "$rc"
+        HARNESS_FAILED=$((HARNESS_FAILED + 1))
+        harness_dump_logs
+        printf '%s passed, %s failed\n' "$HARNESS_PASSED" "$HARNESS_FAILED"
+        [[ "$rc" -ne 0 ]] || rc=1
+    fi
+    if [[ -n "$HARNESS_TMP" && -d "$HARNESS_TMP" ]]; then
+        if [[ "${HARNESS_KEEP:-0}" == 1 ]]; then
+            _harness_teardown "$HARNESS_TMP" keep
+            _hlog "HARNESS_KEEP=1: logs kept in $HARNESS_TMP"
+        else
+            _harness_teardown "$HARNESS_TMP"
+        fi
+    fi
+    exit "$rc"
+}
+
+# _harness_starttime PID - the process start time (field 22 of stat).
+_harness_starttime() {
+    local stat
+    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+    stat="${stat##*) }"
+    # shellcheck disable=SC2086 # split the fields
+    set -- $stat
+    printf '%s\n' "${20}"
+}
+
+# _harness_record_pid PID - remember PID (with its start time, so that a
+# reused pid is never killed) for teardown.
+_harness_record_pid() {
+    local st
+    st="$(_harness_starttime "$1")" || return 0
+    printf '%s %s\n' "$1" "$st" >>"$HARNESS_TMP/.pids"
+}
+
+# _harness_spawn PIDFILE LOG CMD... - start CMD detached (own session, stdin
+# /dev/null, output appended to LOG); CMD itself writes its pid to PIDFILE
+# (it may enter namespaces first: the pid is the one that execs the command).
+# Returns when PIDFILE exists; records the pid for teardown.
+_harness_spawn() {
+    local pidfile="$1" log="$2" pid
+    shift 2
+    rm -f "$pidfile"
+    setsid "$@" >>"$log" 2>&1 </dev/null &
+    disown "$!" 2>/dev/null || true
+    if ! _harness_wait 15 test -s "$pidfile"; then
+        _harness_tail "$log" >&2
+        _hdie "could not start: $*"
+    fi
+    pid="$(cat "$pidfile")"
+    _harness_record_pid "$pid"
+}
+
+# Prefix for _harness_spawn commands: writes $$ to the pidfile, then execs.
+# shellcheck disable=SC2016 # expanded by the inner bash
+_HARNESS_PIDWRAP=(bash -c 'echo "$$" >"$0.tmp" && mv "$0.tmp" "$0" && exec "$@"')
+
+# _harness_pid_alive PID - true if PID exists and is not a zombie.
+_harness_pid_alive() {
+    local pid="$1" stat
+    [[ -r "/proc/$pid/stat" ]] || return 1
+    stat="$(cat "/proc/$pid/stat" 2>/dev/null)" || return 1
+    stat="${stat##*) }"
+    [[ "${stat:0:1}" != "Z" ]]
+}
+
+# _harness_run_pids DIR - every live pid that belongs to the run in DIR:
+# recorded pids, processes in its network namespaces (dockerd, containerd,
+# shims, plugin, helpers) and processes in its cgroups (containers).
+_harness_run_pids() {
+    local dir="$1" prefix pid ns f
+    prefix="$(cat "$dir/.prefix" 2>/dev/null)" || return 0
+    [[ -n "$prefix" ]] || return 0
+    {
+        if [[ -f "$dir/.pids" ]]; then
+            local st
+            while read -r pid st; do
+                [[ -n "$pid" && "$(_harness_starttime "$pid")" == "$st" ]] && printf '%s\n' "$pid"
+            done <"$dir/.pids"
+        fi
+        if [[ -f "$dir/.netns" ]]; then
+            while read -r ns; do
+                [[ -n "$ns" && -e "/run/netns/$ns" ]] && ip netns pids "$ns" 2>/dev/null
+            done <"$dir/.netns"
+        fi
+        for f in /sys/fs/cgroup/*/"$prefix"-*/ /sys/fs/cgroup/"$prefix"-*/; do
+            [[ -d "$f" ]] || continue
+            find "$f" -name cgroup.procs -exec cat {} + 2>/dev/null
+        done
+    } | sort -un | while read -r pid; do
+        [[ "$pid" =~ ^[0-9]+$ ]] || continue
+        [[ "$pid" -gt 1 && "$pid" -ne "$$" && "$pid" -ne "$BASHPID" ]] || continue
+        _harness_pid_alive "$pid" && printf '%s\n' "$pid"
+    done
+    return 0
+}
+
+# _harness_teardown DIR [keep] - kill, unmount, delete. Safe to repeat and to
+# run on a half-built run; also used by harness_sweep_stale on dead runs.
+_harness_teardown() {
+    local dir="$1" keep="${2:-}" prefix pids i ns f
+    prefix="$(cat "$dir/.prefix" 2>/dev/null)" || prefix=""
+
+    # Stop the daemons' containers quickly first (fewer stray processes), then
+    # SIGKILL everything that is left, until nothing is.
+    local killed=""
+    for i in $(seq 1 50); do
+        pids="$(_harness_run_pids "$dir")"
+        [[ -n "$pids" ]] || break
+        # shellcheck disable=SC2086 # one pid per word
+        kill -9 $pids 2>/dev/null
+        killed+=" $pids"
+        sleep 0.1
+    done
+    pids="$(_harness_run_pids "$dir")"
+    [[ -z "$pids" ]] || _hlog "teardown: processes survive SIGKILL: ${pids//$'\n'/ }"
+    # Wait (bounded) until the killed processes are reaped, not just zombies,
+    # so that a check right after the run sees none of them.
+    local p
+    for i in $(seq 1 50); do
+        pids=""
+        for p in $killed; do
+            [[ ! -e "/proc/$p" ]] || pids+=" $p"
+        done
+        [[ -n "$pids" ]] || break
+        sleep 0.1
+    done
+    [[ -z "$pids" ]] || _hlog "teardown: killed processes not reaped yet:$pids"
+
+    # Cgroups made by the hosts' dockerd (--cgroup-parent /${prefix}-hN).
+    if [[ -n "$prefix" ]]; then
+        for f in /sys/fs/cgroup/*/"$prefix"-*/ /sys/fs/cgroup/"$prefix"-*/; do
+            [[ -d "$f" ]] || continue
+            find "$f" -depth -type d -exec rmdir {} + 2>/dev/null
+            [[ ! -d "$f" ]] || _hlog "teardown: cannot remove cgroup $f"
+        done
+    fi
+
+    # Network namespaces, hosts first, the underlay last. Links inside them go
+    # with them.
+    if [[ -f "$dir/.netns" ]]; then
+        while read -r ns; do
+            [[ -n "$ns" ]] || continue
+            if [[ -e "/run/netns/$ns" ]]; then
+                ip netns del "$ns" 2>/dev/null || _hlog "teardown: cannot delete netns $ns"
+            fi
+        done < <(tac "$dir/.netns")
+    fi
+
+    # Nothing of a run is mounted in the root mount namespace, but a process
+    # could have escaped: detach whatever is under the temp dir.
+    while read -r f; do
+        umount -l "$f" 2>/dev/null || _hlog "teardown: cannot unmount $f"
+    done < <(awk -v d="$dir" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r)
+
+    if [[ "$keep" != keep ]]; then
+        rm -rf --one-file-system "$dir" 2>/dev/null || _hlog "teardown: cannot remove $dir"
+    fi
+}
+
+# harness_sweep_stale - tear down runs whose test script is gone (killed with
+# SIGKILL, machine-level timeout): temp dirs /tmp/rot-*.* whose owner pid is
+# dead, and rot-* namespaces that no live run owns.
+harness_sweep_stale() {
+    local dir owner ns owned=""
+    for dir in /tmp/rot-*.*; do
+        [[ -d "$dir" && -f "$dir/.prefix" ]] || continue
+        owner="$(cat "$dir/.owner" 2>/dev/null)" || owner=""
+        if [[ -n "$owner" ]] && _harness_pid_alive "$owner"; then
+            owned+=" $(cat "$dir/.prefix")"
+            continue
+        fi
+        _hlog "sweeping stale run in $dir"
+        _harness_teardown "$dir"
+    done
+    while read -r ns _; do
+        [[ "$ns" == rot-* ]] || continue
+        local p skip=0
+        for p in $owned; do
+            [[ "$ns" == "$p"-* ]] && skip=1
+        done
+        [[ "$skip" -eq 0 ]] || continue
+        _hlog "sweeping stale netns $ns"
+        local pids
+        pids="$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')"
+        # shellcheck disable=SC2086
+        [[ -z "${pids// /}" ]] || kill -9 $pids 2>/dev/null
+        ip netns del "$ns" 2>/dev/null || true
+    done < <(ip netns list 2>/dev/null)
+    return 0
+}
+
+# ---------------------------------------------------------------------------
+# underlay, world, hosts
+# ---------------------------------------------------------------------------
+
+_harness_netns_add() {
+    local ns="$1"
+    printf '%s\n' "$ns" >>"$HARNESS_TMP/.netns"
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+}
+
+harness_ul_ns() { printf '%s-ul' "$HARNESS_PREFIX"; }
+harness_world_ns() { printf '%s-world' "$HARNESS_PREFIX"; }
+harness_host_ns() { printf '%s-h%s' "$HARNESS_PREFIX" "${1:?host number}"; }
+harness_host_ip() { printf '%s.%s' "$HARNESS_UL_NET" "${1:?host number}"; }
+harness_host_dir() { printf '%s/h%s' "$HARNESS_TMP" "${1:?host number}"; }
+
+_harness_setup_underlay() {
+    local ul world
+    ul="$(harness_ul_ns)"
+    world="$(harness_world_ns)"
+    _harness_netns_add "$ul"
+    ip -n "$ul" link add br0 type bridge
+    ip -n "$ul" link set br0 up
+    _harness_netns_add "$world"
+    ip -n "$ul" link add world mtu "$HARNESS_UL_MTU" type veth peer name ul0 mtu "$HARNESS_UL_MTU" netns "$world"
+    ip -n "$ul" link set world master br0 up
+    ip -n "$world" addr add "$HARNESS_WORLD_IP/$HARNESS_UL_PREFIXLEN" dev ul0
+    ip -n "$world" link set ul0 up
+}
+
+# harness_add_host N - create host N's namespace and underlay link (idempotent).
+harness_add_host() {
+    local n="${1:?usage: harness_add_host N}" ul ns
+    [[ "$n" =~ ^[0-9]+$ && "$n" -ge 1 && "$n" -le 200 ]] || _hdie "harness_add_host: host number 1..200, got '$n'"
+    ns="$(harness_host_ns "$n")"
+    [[ -e "/run/netns/$ns" ]] && return 0
+    ul="$(harness_ul_ns)"
+    _harness_netns_add "$ns"
+    ip -n "$ul" link add "h$n" mtu "$HARNESS_UL_MTU" type veth peer name ul0 mtu "$HARNESS_UL_MTU" netns "$ns"
+    ip -n "$ul" link set "h$n" master br0 up
+    ip -n "$ns" addr add "$(harness_host_ip "$n")/$HARNESS_UL_PREFIXLEN" dev ul0
+    ip -n "$ns" link set ul0 up
+    ip -n "$ns" route add default via "$HARNESS_WORLD_IP" dev ul0
+    mkdir -p "$(harness_host_dir "$n")"
+    printf '%s\n' "$n" >>"$HARNESS_TMP/.hosts"
+}
+
+# harness_host_link N up|down - cut or restore host N's underlay cable.
+harness_host_link() {
+    local n="${1:?host}" state="${2:?up|down}"
+    ip -n "$(harness_ul_ns)" link set "h$n" "$state"
+}
+
+# hexec N CMD... - run CMD in host N's network namespace (root mount view).
+hexec() {
+    local n="${1:?usage: hexec N CMD...}"
+    shift
+    nsenter --net="/run/netns/$(harness_host_ns "$n")" -- "$@"
+}
+
+# hexec_mnt N CMD... - run CMD in host N's network AND mount namespace (its
+# /run with the plugin socket, its /sys). Started hosts only; cwd becomes /.
+hexec_mnt() {
+    local n="${1:?usage: hexec_mnt N CMD...}" anchor
+    shift
+    anchor="$(_harness_anchor_pid "$n")" || _hdie "hexec_mnt: host $n is not started"
+    nsenter --target "$anchor" --mount --net -- "$@"
+}
+
+# hworld CMD... - run CMD in the world namespace.
+hworld() {
+    nsenter --net="/run/netns/$(harness_world_ns)" -- "$@"
+}
+
+# harness_bg NS LOGNAME CMD... - run CMD in the background in network namespace
+# NS (e.g. "$(harness_world_ns)"); output to $HARNESS_TMP/LOGNAME.log; prints
+# the pid. Killed at cleanup.
+harness_bg() {
+    local ns="${1:?netns}" logname="${2:?log name}" pidfile
+    shift 2
+    pidfile="$HARNESS_TMP/$logname.pid"
+    _harness_spawn "$pidfile" "$HARNESS_TMP/$logname.log" \
+        nsenter --net="/run/netns/$ns" -- "${_HARNESS_PIDWRAP[@]}" "$pidfile" "$@"
+    cat "$pidfile"
+}
+
+_harness_anchor_pid() {
+    local n="$1" pid
+    pid="$(cat "$(harness_host_dir "$n")/anchor.pid" 2>/dev/null)" || return 1
+    [[ -n "$pid" ]] && _harness_pid_alive "$pid" || return 1
+    printf '%s\n' "$pid"
+}
+
+# _harness_wait TIMEOUT_S CMD... - poll CMD every 0.2 s until it succeeds.
+_harness_wait() {
+    local timeout="$1" deadline
+    shift
+    deadline=$((SECONDS + timeout))
+    until "$@" >/dev/null 2>&1; do
+        ((SECONDS < deadline)) || return 1
+        sleep 0.2
+    done
+}
+
+_harness_tail() {
+    local file="$1" lines="${2:-40}"
+    printf -- '----- last %s lines of %s -----\n' "$lines" "$file"
+    if [[ -f "$file" ]]; then tail -n "$lines" "$file"; else echo "(no such file)"; fi
+    printf -- '----- end of %s -----\n' "$file"
+}
+
+# harness_start_host N [--no-plugin] [plugin args...] - start host N: the
+# private mount namespace, the plugin (unless --no-plugin), then dockerd.
+# Plugin args are appended to `serve`; --socket, --store, --host-id and
+# --vtep-ip default to this host's values unless given.
+harness_start_host() {
+    local n="${1:?usage: harness_start_host N [--no-plugin] [plugin args...]}"
+    shift
+    local with_plugin=1
+    if [[ "${1:-}" == --no-plugin ]]; then
+        with_plugin=0
+        shift
+    fi
+    harness_add_host "$n"
+    local dir ns anchor
+    dir="$(harness_host_dir "$n")"
+    ns="$(harness_host_ns "$n")"
+    _harness_anchor_pid "$n" >/dev/null && _hdie "harness_start_host: host $n already started"
+    mkdir -p "$dir/data" "$dir/exec"
+    rm -f "$dir/anchor.pid"
+
+    # The anchor holds the host's mount namespace: /run is a fresh tmpfs (only
+    # this host's plugin socket in /run/docker/plugins, no system containerd
+    # socket, no /run/systemd), /sys a sysfs of the host's netns with the
+    # cgroup hierarchies moved over from the old /sys. Plugin and dockerd join
+    # it with nsenter, so both see the same /run (and dockerd's netns files).
+    # shellcheck disable=SC2016 # expanded by the inner bash
+    _harness_spawn "$dir/anchor.pid" "$dir/anchor.log" \
+        unshare --mount --propagation private -- \
+        nsenter --net="/run/netns/$ns" -- \
+        bash -c '
+            set -eu
+            dir="$1"
+            # -n: no utab (libmount would lock /run/mount/utab in the root fs)
+            mount -n -t tmpfs -o mode=0755,size=256m rotest-run /run
+            mkdir -p /run/docker/plugins /run/containerd /run/lock
+            mkdir /run/.cg
+            mount -n --rbind /sys/fs/cgroup /run/.cg
+            if mount -n -t sysfs rotest-sys /sys; then
+                mount -n --move /run/.cg /sys/fs/cgroup
+            else
+                echo "warning: cannot mount a sysfs for this netns; keeping the root one" >&2
+                umount -n -l /run/.cg
+            fi
+            rmdir /run/.cg
+            echo "$$" >"$dir/anchor.pid.tmp"
+            mv "$dir/anchor.pid.tmp" "$dir/anchor.pid"
+            exec sleep infinity
+        ' rotest-anchor "$dir"
+    anchor="$(cat "$dir/anchor.pid")"
+
+    if [[ "$with_plugin" -eq 1 ]]; then
+        printf '%s\0' "$@" >"$dir/plugin.args"
+        harness_restart_plugin "$n"
+    else
+        : >"$dir/plugin.args"
+        touch "$dir/no-plugin"
+    fi
+
+    # deprecated-key-path: dockerd 20.10 otherwise writes /etc/docker/key.json.
+    printf '{"deprecated-key-path": "%s/key.json"}\n' "$dir" >"$dir/daemon.json"
+    _harness_spawn "$dir/dockerd.pid" "$dir/dockerd.log" \
+        nsenter --target "$anchor" --mount --net -- \
+        "${_HARNESS_PIDWRAP[@]}" "$dir/dockerd.pid" \
+        dockerd \
+        --data-root "$dir/data" \
+        --exec-root "$dir/exec" \
+        --pidfile "$dir/exec/dockerd.pid" \
+        -H "unix://$dir/docker.sock" \
+        --config-file "$dir/daemon.json" \
+        --cgroup-parent "/$HARNESS_PREFIX-h$n" \
+        --exec-opt native.cgroupdriver=cgroupfs \
+        --shutdown-timeout 2
+    local dpid
+    dpid="$(cat "$dir/dockerd.pid")"
+
+    local deadline=$((SECONDS + HARNESS_BOOT_TIMEOUT))
+    until hdocker "$n" version >/dev/null 2>&1; do
+        if ! _harness_pid_alive "$dpid"; then
+            _harness_tail "$dir/dockerd.log" >&2
+            _hdie "host $n: dockerd exited during startup (log: $dir/dockerd.log)"
+        fi
+        if ((SECONDS >= deadline)); then
+            _harness_tail "$dir/dockerd.log" >&2
+            _hdie "host $n: dockerd not answering on $dir/docker.sock after ${HARNESS_BOOT_TIMEOUT}s"
+        fi
+        sleep 0.3
+    done
+    local what="dockerd pid $dpid"
+    [[ "$with_plugin" -eq 0 ]] || what+=", plugin pid $(cat "$dir/plugin.pid")"
+    _hlog "host $n up: netns $ns, ip $(harness_host_ip "$n"), $what"
+}
+
+# harness_plugin_pid N - pid of host N's plugin (empty + failure if not running).
+harness_plugin_pid() {
+    local pid
+    pid="$(cat "$(harness_host_dir "$1")/plugin.pid" 2>/dev/null)" || return 1
+    [[ -n "$pid" ]] && _harness_pid_alive "$pid" || return 1
+    printf '%s\n' "$pid"
+}
+
+# harness_store_url N - the store URL host N's plugin was started with.
+harness_store_url() {
+    cat "$(harness_host_dir "$1")/store.url"
+}
+
+# harness_kill_plugin N [SIGNAL] - kill host N's plugin (default SIGKILL) and
+# wait until it is gone. The socket file stays, as after a real crash.
+harness_kill_plugin() {
+    local n="${1:?usage: harness_kill_plugin N [SIGNAL]}" sig="${2:-KILL}" pid
+    pid="$(harness_plugin_pid "$n")" || {
+        _hlog "host $n: plugin not running"
+        return 0
+    }
+    kill -s "$sig" "$pid" 2>/dev/null || true
+    if ! _harness_wait 15 eval "! _harness_pid_alive $pid"; then
+        _hlog "host $n: plugin pid $pid ignored SIG$sig for 15s, sending SIGKILL"
+        kill -9 "$pid" 2>/dev/null || true
+        _harness_wait 5 eval "! _harness_pid_alive $pid" || _hdie "host $n: plugin pid $pid does not die"
+    fi
+}
+
+_harness_socket_id() {
+    local n="$1" anchor
+    anchor="$(_harness_anchor_pid "$n")" || return 1
+    stat -c '%i.%Z' "/proc/$anchor/root$HARNESS_PLUGIN_SOCKET" 2>/dev/null
+}
+
+_harness_plugin_ready() {
+    local n="$1" before="$2" now
+    now="$(_harness_socket_id "$n")" || return 1
+    [[ "$now" != "$before" ]] && test -S "/proc/$(_harness_anchor_pid "$n")/root$HARNESS_PLUGIN_SOCKET"
+}
+
+_harness_has_flag() {
+    local flag="$1" a
+    shift
+    for a in "$@"; do
+        [[ "$a" == "$flag" || "$a" == "$flag="* ]] && return 0
+    done
+    return 1
+}
+
+# harness_restart_plugin N - (re)start host N's plugin with the args given to
+# harness_start_host (SIGKILLs a running one first). Waits for a NEW socket.
+harness_restart_plugin() {
+    local n="${1:?usage: harness_restart_plugin N}" dir anchor bin before
+    dir="$(harness_host_dir "$n")"
+    [[ ! -f "$dir/no-plugin" ]] || _hdie "host $n was started with --no-plugin"
+    anchor="$(_harness_anchor_pid "$n")" || _hdie "host $n is not started"
+    harness_kill_plugin "$n" KILL
+    bin="$(harness_bin)"
+    [[ -x "$bin" ]] || _hdie "plugin binary $bin missing: run 'cargo build --release -p rustoverlay' or set RUSTOVERLAY_BIN"
+
+    local -a extra=() args=()
+    if [[ -s "$dir/plugin.args" ]]; then
+        mapfile -d '' -t extra <"$dir/plugin.args"
+    fi
+    _harness_has_flag --socket "${extra[@]}" || args+=(--socket "$HARNESS_PLUGIN_SOCKET")
+    if ! _harness_has_flag --store "${extra[@]}"; then
+        args+=(--store "file://$dir/state.redb")
+        printf '%s\n' "file://$dir/state.redb" >"$dir/store.url"
+    else
+        local i
+        for ((i = 0; i < ${#extra[@]}; i++)); do
+            case "${extra[i]}" in
+                --store) printf '%s\n' "${extra[i + 1]:-}" >"$dir/store.url" ;;
+                --store=*) printf '%s\n' "${extra[i]#--store=}" >"$dir/store.url" ;;
+            esac
+        done
+    fi
+    _harness_has_flag --host-id "${extra[@]}" || args+=(--host-id "h$n")
+    _harness_has_flag --vtep-ip "${extra[@]}" || args+=(--vtep-ip "$(harness_host_ip "$n")")
+
+    before="$(_harness_socket_id "$n")" || before=none
+    printf '\n===== plugin start %s: %s serve %s %s =====\n' "$(date +%T)" "$bin" "${args[*]}" "${extra[*]}" >>"$dir/plugin.log"
+    _harness_spawn "$dir/plugin.pid" "$dir/plugin.log" \
+        nsenter --target "$anchor" --mount --net -- \
+        "${_HARNESS_PIDWRAP[@]}" "$dir/plugin.pid" \
+        env RUST_LOG="${HARNESS_RUST_LOG:-info,rustoverlay=debug}" RUST_BACKTRACE=1 \
+        "$bin" serve "${args[@]}" "${extra[@]}"
+    local pid
+    pid="$(cat "$dir/plugin.pid")"
+
+    local deadline=$((SECONDS + HARNESS_BOOT_TIMEOUT))
+    until _harness_plugin_ready "$n" "$before"; do
+        if ! _harness_pid_alive "$pid"; then
+            _harness_tail "$dir/plugin.log" >&2
+            _hdie "host $n: plugin exited during startup (log: $dir/plugin.log)"
+        fi
+        if ((SECONDS >= deadline)); then
+            _harness_tail "$dir/plugin.log" >&2
+            _hdie "host $n: plugin socket $HARNESS_PLUGIN_SOCKET not (re)created after ${HARNESS_BOOT_TIMEOUT}s"
+        fi
+        sleep 0.2
+    done
+}
+
+# harness_bin - absolute path of the plugin binary.
+harness_bin() {
+    local bin="${RUSTOVERLAY_BIN:-${CARGO_TARGET_DIR:-$HARNESS_REPO_ROOT/target}/release/rustoverlay}"
+    realpath -m "$bin"
+}
+
+# hdocker N ARGS... - docker CLI against host N's dockerd.
+hdocker() {
+    local n="${1:?usage: hdocker N ARGS...}"
+    shift
+    "$HARNESS_DOCKER_CLI" -H "unix://$(harness_host_dir "$n")/docker.sock" "$@"
+}
+
+# harness_stop_host N - stop host N's containers, dockerd and plugin, in that
+# order (the namespaces stay; harness_start_host N can start it again).
+harness_stop_host() {
+    local n="${1:?usage: harness_stop_host N}" dir pid
+    dir="$(harness_host_dir "$n")"
+    local ids
+    ids="$(timeout 30 "$HARNESS_DOCKER_CLI" -H "unix://$dir/docker.sock" ps -aq 2>/dev/null)" || ids=""
+    # shellcheck disable=SC2086
+    [[ -z "$ids" ]] || timeout 60 "$HARNESS_DOCKER_CLI" -H "unix://$dir/docker.sock" rm -f $ids >/dev/null 2>&1 || true
+    pid="$(cat "$dir/dockerd.pid" 2>/dev/null)" || pid=""
+    if [[ -n "$pid" ]] && _harness_pid_alive "$pid"; then
+        kill -TERM "$pid" 2>/dev/null || true
+        _harness_wait 20 eval "! _harness_pid_alive $pid" || kill -9 "$pid" 2>/dev/null || true
+    fi
+    [[ -f "$dir/no-plugin" ]] || harness_kill_plugin "$n" TERM
+    # containerd, shims and the anchor live in the host netns; containers in
+    # the host's cgroups: end whatever is left of them.
+    local p f
+    for p in $(ip netns pids "$(harness_host_ns "$n")" 2>/dev/null); do
+        kill -9 "$p" 2>/dev/null || true
+    done
+    for f in /sys/fs/cgroup/*/"$HARNESS_PREFIX-h$n"/ /sys/fs/cgroup/"$HARNESS_PREFIX-h$n"/; do
+        [[ -d "$f" ]] || continue
+        find "$f" -name cgroup.procs -exec cat {} + 2>/dev/null | while read -r p; do
+            kill -9 "$p" 2>/dev/null || true
+        done
+    done
+    rm -f "$dir/anchor.pid" "$dir/no-plugin"
+}
+
+# ---------------------------------------------------------------------------
+# image
+# ---------------------------------------------------------------------------
+
+# harness_busybox_image N - import rotest/busybox:latest into host N, from a
+# rootfs built of Debian's busybox-static (built once per run, cached).
+harness_busybox_image() {
+    local n="${1:?usage: harness_busybox_image N}"
+    local tarball="$HARNESS_TMP/busybox-rootfs.tar"
+    if [[ ! -s "$tarball" ]]; then
+        _harness_build_busybox_tar "$tarball"
+    fi
+    hdocker "$n" import --change 'CMD ["/bin/sh"]' "$tarball" "$HARNESS_IMAGE" >/dev/null
+}
+
+_harness_build_busybox_tar() {
+    local tarball="$1" root bb applet
+    dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'install ok installed' ||
+        _hdie "busybox-static is not installed (a dynamic busybox would not run in the image)"
+    bb="/bin/busybox"
+    [[ -x "$bb" ]] || _hdie "$bb missing"
+    root="$HARNESS_TMP/busybox-rootfs"
+    rm -rf "$root"
+    mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,tmp,root,run,var/tmp}
+    chmod 1777 "$root/tmp" "$root/var/tmp"
+    cp "$bb" "$root/bin/busybox"
+    while read -r applet; do
+        [[ -n "$applet" && "$applet" != bin/busybox ]] || continue
+        mkdir -p "$root/$(dirname "$applet")"
+        ln -sf /bin/busybox "$root/$applet"
+    done < <("$bb" --list-full)
+    printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$root/etc/passwd"
+    printf 'root:x:0:\nnogroup:x:65534:\n' >"$root/etc/group"
+    printf 'hosts: files dns\n' >"$root/etc/nsswitch.conf"
+    tar --numeric-owner --owner=0 --group=0 -C "$root" -cf "$tarball.tmp" .
+    mv "$tarball.tmp" "$tarball"
+    rm -rf "$root"
+}
+
+# hcontainer_ip N CONTAINER NETWORK - the container's IPv4 address on NETWORK.
+hcontainer_ip() {
+    local n="$1" c="$2" net="$3"
+    hdocker "$n" inspect -f "{{with index .NetworkSettings.Networks \"$net\"}}{{.IPAddress}}{{end}}" "$c"
+}
+
+# ---------------------------------------------------------------------------
+# assertions
+# ---------------------------------------------------------------------------
+
+harness_pass() {
+    HARNESS_PASSED=$((HARNESS_PASSED + 1))
+    printf 'ok   - %s\n' "$*"
+}
+
+harness_fail() {
+    HARNESS_FAILED=$((HARNESS_FAILED + 1))
+    printf 'FAIL - %s\n' "$*"
+}
+
+_harness_indent() { sed -e 's/^/       | /' | tail -n 30; }
+
+# assert_ok DESC CMD... - CMD exits 0.
+assert_ok() {
+    local desc="$1" out
+    shift
+    if out="$("$@" 2>&1)"; then
+        harness_pass "$desc"
+    else
+        harness_fail "$desc (command failed: $*)"
+        printf '%s\n' "$out" | _harness_indent
+    fi
+}
+
+# assert_fails DESC CMD... - CMD exits non-zero.
+assert_fails() {
+    local desc="$1" out
+    shift
+    if out="$("$@" 2>&1)"; then
+        harness_fail "$desc (command unexpectedly succeeded: $*)"
+        printf '%s\n' "$out" | _harness_indent
+    else
+        harness_pass "$desc"
+    fi
+}
+
+# assert_eventually DESC TIMEOUT_S CMD... - CMD succeeds within TIMEOUT_S.
+assert_eventually() {
+    local desc="$1" timeout="$2" out deadline
+    shift 2
+    deadline=$((SECONDS + timeout))
+    while true; do
+        if out="$("$@" 2>&1)"; then
+            harness_pass "$desc"
+            return 0
+        fi
+        if ((SECONDS >= deadline)); then
+            harness_fail "$desc (still failing after ${timeout}s: $*)"
+            printf '%s\n' "$out" | _harness_indent
+            return 0
+        fi
+        sleep 0.5
+    done
+}
+
+# assert_eq DESC EXPECTED ACTUAL
+assert_eq() {
+    if [[ "$2" == "$3" ]]; then
+        harness_pass "$1"
+    else
+        harness_fail "$1 (expected '$2', got '$3')"
+    fi
+}
+
+# assert_contains DESC NEEDLE HAYSTACK
+assert_contains() {
+    if [[ "$3" == *"$2"* ]]; then
+        harness_pass "$1"
+    else
+        harness_fail "$1 (no '$2' in:)"
+        printf '%s\n' "$3" | _harness_indent
+    fi
+}
+
+# assert_empty DESC VALUE
+assert_empty() {
+    if [[ -z "$2" ]]; then
+        harness_pass "$1"
+    else
+        harness_fail "$1 (expected nothing, got:)"
+        printf '%s\n' "$2" | _harness_indent
+    fi
+}
+
+# harness_dump_logs - tails of every host's plugin and dockerd log.
+harness_dump_logs() {
+    [[ -n "$HARNESS_TMP" && -f "$HARNESS_TMP/.hosts" ]] || return 0
+    local n dir
+    while read -r n; do
+        dir="$(harness_host_dir "$n")"
+        [[ -f "$dir/plugin.log" ]] && _harness_tail "$dir/plugin.log" 60
+        [[ -f "$dir/dockerd.log" ]] && _harness_tail "$dir/dockerd.log" 40
+        [[ -s "$dir/anchor.log" ]] && _harness_tail "$dir/anchor.log" 20
+    done < <(sort -un "$HARNESS_TMP/.hosts")
+    return 0
+}
+
+# harness_summary - print "N passed, N failed"; returns 1 if anything failed.
+harness_summary() {
+    HARNESS_SUMMARY_DONE=1
+    if [[ "$HARNESS_FAILED" -gt 0 ]]; then
+        harness_dump_logs
+    fi
+    if [[ "$HARNESS_PASSED" -eq 0 && "$HARNESS_FAILED" -eq 0 ]]; then
+        printf 'FAIL - no assertion ran\n'
+        HARNESS_FAILED=1
+    fi
+    printf '%s passed, %s failed\n' "$HARNESS_PASSED" "$HARNESS_FAILED"
+    [[ "$HARNESS_FAILED" -eq 0 ]]
+}
