@@ -6,7 +6,11 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
-#[command(name = "rustoverlay", version, about = "Docker network and IPAM plugin: multi-host VXLAN overlays on a shared store")]
+#[command(
+    name = "rustoverlay",
+    version,
+    about = "Docker network and IPAM plugin: multi-host VXLAN overlays on a shared store"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -31,7 +35,11 @@ pub enum LogFormat {
 #[derive(Debug, Args)]
 pub struct StoreArgs {
     /// The store: file:///path (embedded, one host), memory:// (tests).
-    #[arg(long, env = "RUSTOVERLAY_STORE", default_value = "file:///var/lib/rustoverlay/state.redb")]
+    #[arg(
+        long,
+        env = "RUSTOVERLAY_STORE",
+        default_value = "file:///var/lib/rustoverlay/state.redb"
+    )]
     pub store: String,
     /// Time limit of every store call, in seconds.
     #[arg(long, env = "RUSTOVERLAY_STORE_TIMEOUT", default_value_t = 5.0)]
@@ -41,7 +49,11 @@ pub struct StoreArgs {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Unix socket Docker finds the plugin at.
-    #[arg(long, env = "RUSTOVERLAY_SOCKET", default_value = "/run/docker/plugins/rustoverlay.sock")]
+    #[arg(
+        long,
+        env = "RUSTOVERLAY_SOCKET",
+        default_value = "/run/docker/plugins/rustoverlay.sock"
+    )]
     pub socket: PathBuf,
     #[command(flatten)]
     pub store: StoreArgs,
@@ -53,13 +65,21 @@ pub struct ServeArgs {
     #[arg(long, env = "RUSTOVERLAY_VTEP_IP")]
     pub vtep_ip: Option<Ipv4Addr>,
     /// Where networks created without --subnet get their subnet from.
-    #[arg(long, env = "RUSTOVERLAY_DEFAULT_POOL", default_value = "10.200.0.0/16")]
+    #[arg(
+        long,
+        env = "RUSTOVERLAY_DEFAULT_POOL",
+        default_value = "10.200.0.0/16"
+    )]
     pub default_pool: Ipv4Network,
     /// Prefix length of subnets taken from the default pool.
     #[arg(long, env = "RUSTOVERLAY_DEFAULT_POOL_SIZE", default_value_t = 24)]
     pub default_pool_size: u8,
     /// Runtime state (the overlays' network namespaces).
-    #[arg(long, env = "RUSTOVERLAY_STATE_DIR", default_value = "/run/rustoverlay")]
+    #[arg(
+        long,
+        env = "RUSTOVERLAY_STATE_DIR",
+        default_value = "/run/rustoverlay"
+    )]
     pub state_dir: PathBuf,
     /// Time limit of one Docker request, in seconds.
     #[arg(long, env = "RUSTOVERLAY_REQUEST_TIMEOUT", default_value_t = 25.0)]

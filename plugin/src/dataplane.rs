@@ -270,9 +270,17 @@ impl Dataplane {
     /// overlay namespace (no move under load), the container side here with
     /// the endpoint's MAC. Returns the container side's name.
     #[tracing::instrument(skip(self, mac))]
-    pub async fn create_endpoint_link(&self, vni: u32, endpoint_id: &str, mac: [u8; 6]) -> Result<String> {
+    pub async fn create_endpoint_link(
+        &self,
+        vni: u32,
+        endpoint_id: &str,
+        mac: [u8; 6],
+    ) -> Result<String> {
         let ns = self.handle_in(vni)?;
-        let (port, cont) = (bridge_port_name(endpoint_id), container_link_name(endpoint_id));
+        let (port, cont) = (
+            bridge_port_name(endpoint_id),
+            container_link_name(endpoint_id),
+        );
         let mtu = self.overlay_mtu();
         let br_index = require_index(&ns, &bridge_name(vni)).await?;
 

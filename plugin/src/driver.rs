@@ -56,8 +56,14 @@ impl Driver {
     #[tracing::instrument(skip_all, fields(network = %req.network_id))]
     pub async fn create_network(&self, req: CreateNetworkRequest) -> Result<()> {
         require("NetworkID", &req.network_id)?;
-        let v4 = pools_of(&req.network_id, req.ipv4_data.as_deref().unwrap_or_default())?;
-        let v6 = pools_of(&req.network_id, req.ipv6_data.as_deref().unwrap_or_default())?;
+        let v4 = pools_of(
+            &req.network_id,
+            req.ipv4_data.as_deref().unwrap_or_default(),
+        )?;
+        let v6 = pools_of(
+            &req.network_id,
+            req.ipv6_data.as_deref().unwrap_or_default(),
+        )?;
         if v4.len() > 1 || v6.len() > 1 {
             return Err(PluginError::BadRequest(
                 "rustoverlay networks take one subnet per address family; give at most one IPv4 \
@@ -119,7 +125,10 @@ impl Driver {
     }
 
     #[tracing::instrument(skip_all, fields(network = %req.network_id, endpoint = %req.endpoint_id))]
-    pub async fn create_endpoint(&self, req: CreateEndpointRequest) -> Result<Option<EndpointInterface>> {
+    pub async fn create_endpoint(
+        &self,
+        req: CreateEndpointRequest,
+    ) -> Result<Option<EndpointInterface>> {
         require("NetworkID", &req.network_id)?;
         require("EndpointID", &req.endpoint_id)?;
         let net = self.overlays.lookup(&req.network_id).await?;
@@ -150,13 +159,21 @@ impl Driver {
         self.overlays.create_endpoint(&net, &record).await?;
         tracing::info!(ip = ?ipv4, mac = %record.mac, "endpoint created");
         // Tell Docker only what it left empty.
-        Ok(iface.mac_address.trim().is_empty().then(|| EndpointInterface {
-            mac_address: record.mac,
-            ..Default::default()
-        }))
+        Ok(iface
+            .mac_address
+            .trim()
+            .is_empty()
+            .then(|| EndpointInterface {
+                mac_address: record.mac,
+                ..Default::default()
+            }))
     }
 
-    pub async fn endpoint_info(&self, network_id: &str, endpoint_id: &str) -> Result<serde_json::Map<String, serde_json::Value>> {
+    pub async fn endpoint_info(
+        &self,
+        network_id: &str,
+        endpoint_id: &str,
+    ) -> Result<serde_json::Map<String, serde_json::Value>> {
         let (net, ep) = self.known_endpoint(network_id, endpoint_id).await?;
         let mut value = serde_json::Map::new();
         value.insert("vni".into(), net.vni.into());
@@ -166,7 +183,11 @@ impl Driver {
         Ok(value)
     }
 
-    async fn known_endpoint(&self, network_id: &str, endpoint_id: &str) -> Result<(LocalNetwork, EndpointRecord)> {
+    async fn known_endpoint(
+        &self,
+        network_id: &str,
+        endpoint_id: &str,
+    ) -> Result<(LocalNetwork, EndpointRecord)> {
         require("NetworkID", network_id)?;
         require("EndpointID", endpoint_id)?;
         let net = self.overlays.lookup(network_id).await?;
@@ -191,7 +212,9 @@ impl Driver {
 
     #[tracing::instrument(skip_all, fields(network = %req.network_id, endpoint = %req.endpoint_id))]
     pub async fn join(&self, req: &JoinRequest) -> Result<String> {
-        let (net, ep) = self.known_endpoint(&req.network_id, &req.endpoint_id).await?;
+        let (net, ep) = self
+            .known_endpoint(&req.network_id, &req.endpoint_id)
+            .await?;
         let mac = parse_mac(&ep.mac)
             .ok_or_else(|| PluginError::Internal(format!("stored MAC {:?} is invalid", ep.mac)))?;
         let lock = self.overlay_lock(net.vni);

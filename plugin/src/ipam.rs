@@ -194,11 +194,15 @@ impl Ipam {
     /// Validate a RequestPool's fields into a [`PoolRequest`].
     pub fn parse_pool_request(pool: &str, sub_pool: &str, v6: bool) -> Result<PoolRequest> {
         let parse = |what: &str, s: &str| -> Result<IpNetwork> {
-            let net: IpNetwork = s.parse().map_err(|_| {
-                PluginError::BadRequest(format!(
-                    "{what} {s:?} is not a valid subnet in CIDR form (e.g. 10.77.0.0/24)"
-                ))
-            })?;
+            let net: IpNetwork = s
+                .contains('/')
+                .then(|| s.parse().ok())
+                .flatten()
+                .ok_or_else(|| {
+                    PluginError::BadRequest(format!(
+                        "{what} {s:?} is not a valid subnet in CIDR form (e.g. 10.77.0.0/24)"
+                    ))
+                })?;
             IpNetwork::new(net.network(), net.prefix())
                 .map_err(|e| PluginError::BadRequest(format!("{what} {s:?}: {e}")))
         };
@@ -217,7 +221,8 @@ impl Ipam {
                 ))
             }
             (Some(s), Some(r)) => {
-                if s.is_ipv4() != r.is_ipv4() || !(s.contains(r.network()) && s.prefix() <= r.prefix())
+                if s.is_ipv4() != r.is_ipv4()
+                    || !(s.contains(r.network()) && s.prefix() <= r.prefix())
                 {
                     return Err(PluginError::BadRequest(format!(
                         "--ip-range {} is not inside --subnet {}",
@@ -262,11 +267,8 @@ impl Ipam {
                 .await
                 .ctx(|| "read the pool index".into())?;
             let (index, index_rev) = decode_or_default::<PoolIndex>(index_kv.as_ref())?;
-            let claimed: Vec<IpNetwork> = index
-                .pools
-                .iter()
-                .filter_map(|p| p.parse().ok())
-                .collect();
+            let claimed: Vec<IpNetwork> =
+                index.pools.iter().filter_map(|p| p.parse().ok()).collect();
 
             let subnet = match req.subnet {
                 Some(s) => s,
@@ -384,15 +386,15 @@ impl Ipam {
             .transpose()
     }
 
-    async fn read_known_pool(&self, pool_id: &str) -> Result<(IpNetwork, String, PoolRecord, Revision)> {
+    async fn read_known_pool(
+        &self,
+        pool_id: &str,
+    ) -> Result<(IpNetwork, String, PoolRecord, Revision)> {
         let subnet = parse_pool_id(pool_id)?;
         let seg = keys::subnet_segment(&subnet);
         match self.read_pool(&seg).await? {
             Some((rec, rev)) => Ok((subnet, seg, rec, rev)),
-            None => Err(PluginError::Unknown(format!(
-                "pool {pool_id} is not claimed (never requested, or already released); \
-                 recreate the network"
-            ))),
+            None => Err(unclaimed(pool_id)),
         }
     }
 
@@ -605,7 +607,7 @@ impl Ipam {
                     revision: alloc.mod_revision,
                 })
             }
-            _ => Err(pool_gone(seg)),
+            _ => Err(unclaimed(&seg.replace('_', "/"))),
         }
     }
 
@@ -657,10 +659,17 @@ impl Ipam {
                             .and_then(|s| s.parse::<IpAddr>().ok())
                     });
                     match ip {
-                        Some(ip) => (ip, vec![], vec![Op::delete(&free_key)], new_state, Some(free_key)),
+                        Some(ip) => (
+                            ip,
+                            vec![],
+                            vec![Op::delete(&free_key)],
+                            new_state,
+                            Some(free_key),
+                        ),
                         None => {
                             // A damaged or missing queue entry: drop it and move on.
-                            self.advance_free_head(seg, &cur, &free_key, &mut guard).await?;
+                            self.advance_free_head(seg, &cur, &free_key, &mut guard)
+                                .await?;
                             continue;
                         }
                     }
@@ -678,11 +687,14 @@ impl Ipam {
             compares.push(Compare::mod_revision(&alloc_key, cur.revision));
             compares.push(Compare::absent(&addr_key));
             compares.extend(extra_compares);
-            ops.push(Op::put(&addr_key, self.address_record(if extra.is_some() {
-                AddressKind::Gateway
-            } else {
-                AddressKind::Address
-            })));
+            ops.push(Op::put(
+                &addr_key,
+                self.address_record(if extra.is_some() {
+                    AddressKind::Gateway
+                } else {
+                    AddressKind::Address
+                }),
+            ));
             ops.push(Op::put(&alloc_key, encode(&new_state)));
             ops.extend(extra_ops);
             let resp = self
@@ -753,7 +765,10 @@ impl Ipam {
             .txn(
                 Txn::new()
                     .when(vec![Compare::mod_revision(&alloc_key, cur.revision)])
-                    .and_then(vec![Op::delete(free_key), Op::put(&alloc_key, encode(&new_state))]),
+                    .and_then(vec![
+                        Op::delete(free_key),
+                        Op::put(&alloc_key, encode(&new_state)),
+                    ]),
             )
             .await
             .ctx(|| format!("skip a stale free-queue entry of pool {seg}"))?;
@@ -866,6 +881,12 @@ impl Ipam {
         }
         Err(too_contended("record aux addresses"))
     }
+}
+
+fn unclaimed(pool_id: &str) -> PluginError {
+    PluginError::Unknown(format!(
+        "pool {pool_id} is not claimed (never requested, or already released); recreate the network"
+    ))
 }
 
 fn pool_gone(seg: &str) -> PluginError {

@@ -32,18 +32,28 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if host.contains('/') {
         anyhow::bail!("--host-id {host:?} must not contain '/'");
     }
-    if !(8..=30).contains(&args.default_pool_size) || args.default_pool_size < args.default_pool.prefix() {
+    if !(8..=30).contains(&args.default_pool_size)
+        || args.default_pool_size < args.default_pool.prefix()
+    {
         anyhow::bail!(
             "--default-pool-size {} must be between the default pool's prefix ({}) and 30",
             args.default_pool_size,
             args.default_pool.prefix()
         );
     }
-    let store = store::open(&args.store.store, secs(args.store.store_timeout, "--store-timeout")?)?;
+    let store = store::open(
+        &args.store.store,
+        secs(args.store.store_timeout, "--store-timeout")?,
+    )?;
     let dataplane = dataplane::Dataplane::new(args.vtep_ip, &args.state_dir)
         .await
         .context("find the underlay")?;
-    let ipam = ipam::Ipam::new(store.clone(), &host, args.default_pool, args.default_pool_size);
+    let ipam = ipam::Ipam::new(
+        store.clone(),
+        &host,
+        args.default_pool,
+        args.default_pool_size,
+    );
     let overlays = overlay::Overlays::new(store.clone(), &host);
     let driver = Arc::new(driver::Driver::new(ipam, overlays, dataplane, host.clone()));
     let listener = socket::bind(&args.socket).await?;
@@ -65,7 +75,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 /// Print the store's keys and values, one per line.
 pub async fn dump(args: DumpArgs) -> anyhow::Result<()> {
-    let store = store::open(&args.store.store, secs(args.store.store_timeout, "--store-timeout")?)?;
+    let store = store::open(
+        &args.store.store,
+        secs(args.store.store_timeout, "--store-timeout")?,
+    )?;
     let prefix = format!("{}{}", keys::ROOT, args.prefix);
     let resp = store.range(&prefix).await.context("read the store")?;
     for kv in resp.kvs {
@@ -83,7 +96,10 @@ fn secs(value: f64, flag: &str) -> anyhow::Result<Duration> {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers we can only run until killed.
         return std::future::pending().await;
     };

@@ -9,8 +9,11 @@ async fn main() -> std::process::ExitCode {
         Command::Serve(a) => a.log_format,
         Command::Dump(_) => LogFormat::Text,
     };
-    let filter = EnvFilter::try_from_env("RUSTOVERLAY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        EnvFilter::try_from_env("RUSTOVERLAY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

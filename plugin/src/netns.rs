@@ -79,9 +79,8 @@ impl NetnsDir {
     pub fn delete(&self, name: &str) -> Result<(), DataplaneError> {
         let path = self.path(name);
         if is_nsfs_mount(&path) {
-            umount2(&path, MntFlags::MNT_DETACH).map_err(|e| {
-                DataplaneError::io(format!("unmount {}", path.display()), e.into())
-            })?;
+            umount2(&path, MntFlags::MNT_DETACH)
+                .map_err(|e| DataplaneError::io(format!("unmount {}", path.display()), e.into()))?;
         }
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),

@@ -93,7 +93,11 @@ impl Overlays {
     /// Join this host's Docker network to the overlay of its subnets, creating
     /// the overlay (and its VNI) if this is the first host. Idempotent.
     #[tracing::instrument(skip(self, subnets), fields(host = %self.host))]
-    pub async fn create_network(&self, network_id: &str, subnets: Vec<IpNetwork>) -> Result<LocalNetwork> {
+    pub async fn create_network(
+        &self,
+        network_id: &str,
+        subnets: Vec<IpNetwork>,
+    ) -> Result<LocalNetwork> {
         let first = subnets
             .first()
             .ok_or_else(|| PluginError::BadRequest("the network has no subnet".into()))?;
@@ -116,7 +120,10 @@ impl Overlays {
                 if net.overlay != overlay {
                     return Err(PluginError::Conflict(format!(
                         "network {network_id} already exists on this host with subnet {}",
-                        net.subnets.first().map(|s| s.to_string()).unwrap_or_default()
+                        net.subnets
+                            .first()
+                            .map(|s| s.to_string())
+                            .unwrap_or_default()
                     )));
                 }
                 self.remember(&net);
@@ -139,7 +146,11 @@ impl Overlays {
                         Some(kv) => (decode::<u32>(kv)?, kv.mod_revision),
                         None => (VNI_MIN, 0),
                     };
-                    let vni = if (VNI_MIN..=VNI_MAX).contains(&vni) { vni } else { VNI_MIN };
+                    let vni = if (VNI_MIN..=VNI_MAX).contains(&vni) {
+                        vni
+                    } else {
+                        VNI_MIN
+                    };
                     let following = if vni == VNI_MAX { VNI_MIN } else { vni + 1 };
                     let rec = OverlayRecord {
                         vni,
@@ -175,11 +186,19 @@ impl Overlays {
                 Compare::mod_revision(&rec_key, rec_rev),
             ];
             compares.append(&mut extra_compares);
-            let mut ops = vec![Op::put(&map_key, encode(&net)), Op::put(&rec_key, encode(&rec))];
+            let mut ops = vec![
+                Op::put(&map_key, encode(&net)),
+                Op::put(&rec_key, encode(&rec)),
+            ];
             ops.append(&mut extra_ops);
             let resp = self
                 .store
-                .txn(Txn::new().when(compares).and_then(ops).or_else(vec![Op::get(keys::vni_claim(rec.vni))]))
+                .txn(
+                    Txn::new()
+                        .when(compares)
+                        .and_then(ops)
+                        .or_else(vec![Op::get(keys::vni_claim(rec.vni))]),
+                )
                 .await
                 .ctx(|| format!("create overlay {overlay}"))?;
             if resp.succeeded {
@@ -191,7 +210,11 @@ impl Overlays {
                 if let Some(OpResult::Get(Some(_))) = resp.results.first() {
                     // The VNI under the cursor is taken (the cursor wrapped):
                     // move the cursor past it and try again.
-                    let skip = if rec.vni == VNI_MAX { VNI_MIN } else { rec.vni + 1 };
+                    let skip = if rec.vni == VNI_MAX {
+                        VNI_MIN
+                    } else {
+                        rec.vni + 1
+                    };
                     let next_rev = next.map(|kv| kv.mod_revision).unwrap_or(0);
                     self.store
                         .compare_and_swap(&keys::vni_next(), next_rev, encode(&skip))
@@ -322,7 +345,11 @@ impl Overlays {
         }
     }
 
-    pub async fn get_endpoint(&self, net: &LocalNetwork, endpoint_id: &str) -> Result<Option<(EndpointRecord, Revision)>> {
+    pub async fn get_endpoint(
+        &self,
+        net: &LocalNetwork,
+        endpoint_id: &str,
+    ) -> Result<Option<(EndpointRecord, Revision)>> {
         let kv = self
             .store
             .get(&keys::endpoint(&net.overlay, endpoint_id))

@@ -31,17 +31,17 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for DockerJson<T> {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let method = req.uri().path().trim_start_matches('/').to_string();
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|e| PluginError::BadRequest(format!("{method}: could not read the request body: {e}")))?;
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            PluginError::BadRequest(format!("{method}: could not read the request body: {e}"))
+        })?;
         if bytes.iter().all(|b| b.is_ascii_whitespace()) {
             return Err(PluginError::BadRequest(format!(
                 "{method}: the request body is empty; expected a JSON object"
             )));
         }
-        serde_json::from_slice(&bytes).map(DockerJson).map_err(|e| {
-            PluginError::BadRequest(format!("{method}: malformed JSON request: {e}"))
-        })
+        serde_json::from_slice(&bytes)
+            .map(DockerJson)
+            .map_err(|e| PluginError::BadRequest(format!("{method}: malformed JSON request: {e}")))
     }
 }
 
@@ -244,7 +244,10 @@ async fn request_address(
         .as_ref()
         .and_then(|o| o.get(REQUEST_ADDRESS_TYPE))
         .is_some_and(|t| t == GATEWAY_ADDRESS_TYPE);
-    let addr = d.ipam.request_address(&req.pool_id, wanted, gateway).await?;
+    let addr = d
+        .ipam
+        .request_address(&req.pool_id, wanted, gateway)
+        .await?;
     Ok(Json(RequestAddressResponse {
         address: addr.to_string(),
         data: HashMap::new(),
@@ -274,7 +277,9 @@ fn check_address_space(space: &str) -> Result<()> {
 
 fn require_pool_id(pool_id: &str) -> Result<()> {
     if pool_id.trim().is_empty() {
-        return Err(PluginError::BadRequest("PoolID is missing or empty in the request".into()));
+        return Err(PluginError::BadRequest(
+            "PoolID is missing or empty in the request".into(),
+        ));
     }
     Ok(())
 }

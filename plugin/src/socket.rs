@@ -7,7 +7,9 @@ use tokio::net::{UnixListener, UnixStream};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
-    #[error("another rustoverlay is already serving on {0}; stop it first or pick another --socket")]
+    #[error(
+        "another rustoverlay is already serving on {0}; stop it first or pick another --socket"
+    )]
     InUse(String),
     #[error("{context} {path}: {source}")]
     Io {

@@ -51,7 +51,10 @@ mod tests {
         let t = Duration::from_secs(1);
         assert!(matches!(open("bogus", t), Err(OpenError::Malformed(_))));
         assert!(matches!(open("redis://x", t), Err(OpenError::Malformed(_))));
-        assert!(matches!(open("file://relative", t), Err(OpenError::Malformed(_))));
+        assert!(matches!(
+            open("file://relative", t),
+            Err(OpenError::Malformed(_))
+        ));
         let e = open("etcd://127.0.0.1:2379", t).err().unwrap();
         assert!(e.to_string().contains("not available"));
     }

@@ -1,0 +1,387 @@
+//! Test support: a simulated host (a network namespace the test makes, with
+//! the real plugin binary serving inside it) and a client for the plugin's
+//! unix socket. Everything a test makes is removed when it is dropped, also
+//! when the test fails.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// Fail loudly when the tier cannot run.
+pub fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "this test needs root (network namespaces); run it through scripts/test"
+    );
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .expect("spawn a setup command");
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace with an underlay veth (10.250.<n>.1/24, MTU 1500) and
+/// a default route, like a host on a LAN.
+pub struct Netns {
+    pub name: String,
+    pub vtep: String,
+}
+
+impl Netns {
+    pub fn new() -> Netns {
+        require_root();
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("rotest-{}-{n}", std::process::id());
+        run("ip", &["netns", "add", &name]);
+        let octet = n % 250;
+        let ns = Netns {
+            name,
+            vtep: format!("10.250.{octet}.1"),
+        };
+        let net = ns.name.clone();
+        run("ip", &["-n", &net, "link", "set", "lo", "up"]);
+        run(
+            "ip",
+            &[
+                "-n", &net, "link", "add", "ul0", "mtu", "1500", "type", "veth", "peer", "name",
+                "ul1",
+            ],
+        );
+        run(
+            "ip",
+            &[
+                "-n",
+                &net,
+                "addr",
+                "add",
+                &format!("{}/24", ns.vtep),
+                "dev",
+                "ul0",
+            ],
+        );
+        run("ip", &["-n", &net, "link", "set", "ul0", "up"]);
+        run("ip", &["-n", &net, "link", "set", "ul1", "up"]);
+        let gw = format!("10.250.{octet}.254");
+        run(
+            "ip",
+            &[
+                "-n", &net, "route", "add", "default", "via", &gw, "dev", "ul0",
+            ],
+        );
+        ns
+    }
+
+    /// Names of the links in the namespace.
+    pub fn links(&self) -> Vec<String> {
+        let out = Command::new("ip")
+            .args(["-n", &self.name, "-o", "link", "show"])
+            .output()
+            .expect("ip link");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split(':').nth(1))
+            .map(|s| s.trim().split('@').next().unwrap_or("").to_string())
+            .collect()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// The real plugin binary serving inside a namespace, in a private mount
+/// namespace with its own tmpfs for runtime state.
+pub struct Plugin {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    pub store_url: String,
+    pub host_id: String,
+    dir: PathBuf,
+    netns: String,
+    log: PathBuf,
+}
+
+impl Plugin {
+    pub fn dir_for(label: &str) -> PathBuf {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("rotest-{label}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Start with the embedded store in `dir` (so a restart finds its state).
+    pub async fn start(ns: &Netns, dir: &Path, host_id: &str) -> Plugin {
+        let store_url = format!("file://{}/state.redb", dir.display());
+        Self::start_with(ns, dir, host_id, &store_url, &[]).await
+    }
+
+    pub async fn start_with(
+        ns: &Netns,
+        dir: &Path,
+        host_id: &str,
+        store_url: &str,
+        extra: &[&str],
+    ) -> Plugin {
+        let mut p = Plugin {
+            child: None,
+            socket: dir.join("plugin.sock"),
+            store_url: store_url.to_string(),
+            host_id: host_id.to_string(),
+            dir: dir.to_path_buf(),
+            netns: ns.name.clone(),
+            log: dir.join(format!("plugin-{host_id}.log")),
+        };
+        p.spawn(extra).await;
+        p
+    }
+
+    async fn spawn(&mut self, extra: &[&str]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let script = "mkdir -p /run/rustoverlay && mount -t tmpfs rustoverlay-test /run/rustoverlay && exec \"$0\" serve \"$@\"";
+        let mut args: Vec<String> = vec![
+            "--mount".into(),
+            "--propagation".into(),
+            "private".into(),
+            "--".into(),
+            "nsenter".into(),
+            format!("--net=/run/netns/{}", self.netns),
+            "--".into(),
+            "sh".into(),
+            "-c".into(),
+            script.into(),
+            env!("CARGO_BIN_EXE_rustoverlay").into(),
+            "--socket".into(),
+            self.socket.display().to_string(),
+            "--store".into(),
+            self.store_url.clone(),
+            "--host-id".into(),
+            self.host_id.clone(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = Command::new("unshare")
+            .args(&args)
+            .env("RUSTOVERLAY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start the plugin");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if UnixStream::connect(&self.socket).await.is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("plugin exited with {status} at start:\n{}", self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "plugin did not listen within 20 s:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait, as a clean stop.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub async fn restart(&mut self, ns: &Netns) {
+        assert!(self.child.is_none(), "stop or kill the plugin first");
+        let _ = ns;
+        self.spawn(&[]).await;
+    }
+
+    pub fn client(&self) -> Client {
+        Client {
+            socket: self.socket.clone(),
+        }
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- plugin log ({}) ---\n{}", self.host_id, self.log_text());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A minimal HTTP/1.1 client for the plugin socket, as Docker's: POST, JSON
+/// body, no Content-Type.
+#[derive(Clone)]
+pub struct Client {
+    pub socket: PathBuf,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Reply {
+    pub fn ok(self) -> Value {
+        assert_eq!(
+            self.status, 200,
+            "expected success, got {} {}",
+            self.status, self.body
+        );
+        self.body
+    }
+
+    /// The error message, asserting a non-200 status and Docker's shape.
+    pub fn err(self) -> String {
+        assert_ne!(self.status, 200, "expected an error, got {}", self.body);
+        self.body["Err"]
+            .as_str()
+            .unwrap_or_else(|| panic!("error without Err field: {}", self.body))
+            .to_string()
+    }
+}
+
+impl Client {
+    pub async fn raw(&self, method: &str, body: &[u8]) -> Reply {
+        let mut s =
+            tokio::time::timeout(Duration::from_secs(30), UnixStream::connect(&self.socket))
+                .await
+                .expect("connect in time")
+                .expect("connect to the plugin socket");
+        let head = format!(
+            "POST /{method} HTTP/1.1\r\nHost: plugin\r\nAccept: application/vnd.docker.plugins.v1.2+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(body).await.unwrap();
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut buf))
+            .await
+            .expect("the plugin answered in time")
+            .expect("read the reply");
+        let text = String::from_utf8_lossy(&buf);
+        let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP reply");
+        let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = if body.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.to_string()))
+        };
+        Reply { status, body }
+    }
+
+    pub async fn call(&self, method: &str, body: Value) -> Reply {
+        self.raw(method, body.to_string().as_bytes()).await
+    }
+
+    pub async fn request_pool(&self, pool: &str) -> Reply {
+        self.call(
+            "IpamDriver.RequestPool",
+            serde_json::json!({"AddressSpace": "RustOverlayLocal", "Pool": pool, "SubPool": "", "Options": {}, "V6": false}),
+        )
+        .await
+    }
+
+    pub async fn request_address(&self, pool_id: &str, address: &str) -> Reply {
+        self.call(
+            "IpamDriver.RequestAddress",
+            serde_json::json!({"PoolID": pool_id, "Address": address, "Options": {}}),
+        )
+        .await
+    }
+
+    pub async fn request_gateway(&self, pool_id: &str) -> Reply {
+        self.call(
+            "IpamDriver.RequestAddress",
+            serde_json::json!({"PoolID": pool_id, "Address": "", "Options": {"RequestAddressType": "com.docker.network.gateway"}}),
+        )
+        .await
+    }
+
+    pub async fn release_address(&self, pool_id: &str, address: &str) -> Reply {
+        self.call(
+            "IpamDriver.ReleaseAddress",
+            serde_json::json!({"PoolID": pool_id, "Address": address}),
+        )
+        .await
+    }
+
+    pub async fn release_pool(&self, pool_id: &str) -> Reply {
+        self.call(
+            "IpamDriver.ReleasePool",
+            serde_json::json!({"PoolID": pool_id}),
+        )
+        .await
+    }
+}
+
+/// Every key under rustoverlay's prefix in an embedded store file (the plugin
+/// owning it must be stopped).
+pub async fn store_keys(dir: &Path) -> Vec<String> {
+    let store =
+        kvstore_backends::RedbStore::open(dir.join("state.redb")).expect("open the store file");
+    use kvstore_backends::KvStore;
+    store
+        .range(rustoverlay::keys::ROOT)
+        .await
+        .unwrap()
+        .kvs
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect()
+}
