@@ -14,7 +14,11 @@ use crate::netns::{connect_in, NetnsDir};
 use futures::TryStreamExt;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
 use rtnetlink::packet_route::route::{RouteAttribute, RouteHeader};
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -334,6 +338,162 @@ impl Dataplane {
             delete_by_name(&ns, &bridge_port_name(endpoint_id)).await?;
         }
         Ok(())
+    }
+}
+
+/// A remote endpoint as the kernel needs it: FDB (MAC -> VTEP) and
+/// neighbour (IP -> MAC) entries on the overlay's VXLAN device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerEntry {
+    pub mac: [u8; 6],
+    pub ip: Option<IpAddr>,
+    pub vtep: IpAddr,
+}
+
+/// What the kernel holds for an overlay: FDB MAC -> VTEP, neighbour IP -> MAC.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct KernelPeers {
+    pub fdb: HashMap<[u8; 6], IpAddr>,
+    pub neigh: HashMap<IpAddr, [u8; 6]>,
+}
+
+impl Dataplane {
+    async fn vxlan_index(&self, vni: u32) -> Result<(Handle, u32)> {
+        let ns = self.handle_in(vni)?;
+        let idx = require_index(&ns, &vxlan_name(vni)).await?;
+        Ok((ns, idx))
+    }
+
+    /// Install a remote endpoint's permanent FDB and neighbour entries.
+    /// `replace` makes it idempotent and corrects a moved endpoint.
+    pub async fn add_peer(&self, vni: u32, peer: &PeerEntry) -> Result<()> {
+        let (ns, vx) = self.vxlan_index(vni).await?;
+        ns.neighbours()
+            .add_bridge(vx, &peer.mac)
+            .destination(peer.vtep)
+            .flags(NeighbourFlags::Own)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| {
+                DataplaneError::netlink(
+                    format!("add FDB entry {} -> {}", format_mac(&peer.mac), peer.vtep),
+                    e,
+                )
+            })?;
+        if let Some(ip) = peer.ip {
+            ns.neighbours()
+                .add(vx, ip)
+                .link_layer_address(&peer.mac)
+                .state(NeighbourState::Permanent)
+                .replace()
+                .execute()
+                .await
+                .map_err(|e| {
+                    DataplaneError::netlink(
+                        format!("add neighbour {ip} -> {}", format_mac(&peer.mac)),
+                        e,
+                    )
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Remove a remote endpoint's entries; "already gone" is success.
+    pub async fn remove_peer(&self, vni: u32, mac: [u8; 6], ip: Option<IpAddr>) -> Result<()> {
+        let (ns, vx) = self.vxlan_index(vni).await?;
+        let mut fdb = NeighbourMessage::default();
+        fdb.header.family = AddressFamily::Bridge;
+        fdb.header.ifindex = vx;
+        fdb.header.flags = NeighbourFlags::Own;
+        fdb.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        ignore_gone(ns.neighbours().del(fdb).execute().await, || {
+            format!("delete FDB entry {}", format_mac(&mac))
+        })?;
+        if let Some(ip) = ip {
+            self.remove_neighbour(vni, ip).await?;
+        }
+        Ok(())
+    }
+
+    /// Remove one neighbour entry; "already gone" is success.
+    pub async fn remove_neighbour(&self, vni: u32, ip: IpAddr) -> Result<()> {
+        let (ns, vx) = self.vxlan_index(vni).await?;
+        let mut n = NeighbourMessage::default();
+        n.header.family = match ip {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
+        n.header.ifindex = vx;
+        n.attributes.push(NeighbourAttribute::Destination(match ip {
+            IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+            IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+        }));
+        ignore_gone(ns.neighbours().del(n).execute().await, || {
+            format!("delete neighbour {ip}")
+        })
+    }
+
+    /// The permanent remote entries the kernel holds on the overlay's VXLAN
+    /// device (what reconciliation compares with the store).
+    pub async fn peers(&self, vni: u32) -> Result<KernelPeers> {
+        let (ns, vx) = self.vxlan_index(vni).await?;
+        let mut out = KernelPeers::default();
+        for family in [
+            AddressFamily::Bridge,
+            AddressFamily::Inet,
+            AddressFamily::Inet6,
+        ] {
+            let mut dump = ns.neighbours().get().set_address_family(family).execute();
+            while let Some(msg) = dump
+                .try_next()
+                .await
+                .map_err(|e| DataplaneError::netlink("list neighbour entries", e))?
+            {
+                if msg.header.ifindex != vx || msg.header.state != NeighbourState::Permanent {
+                    continue;
+                }
+                let mut mac = None;
+                let mut dst = None;
+                for a in &msg.attributes {
+                    match a {
+                        NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
+                            mac = <[u8; 6]>::try_from(l.as_slice()).ok()
+                        }
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                            dst = Some(IpAddr::V4(*v4))
+                        }
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                            dst = Some(IpAddr::V6(*v6))
+                        }
+                        _ => {}
+                    }
+                }
+                match (family, mac, dst) {
+                    (AddressFamily::Bridge, Some(m), Some(d)) => {
+                        out.fdb.insert(m, d);
+                    }
+                    (AddressFamily::Inet | AddressFamily::Inet6, Some(m), Some(d)) => {
+                        out.neigh.insert(d, m);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn ignore_gone(
+    r: std::result::Result<(), rtnetlink::Error>,
+    context: impl FnOnce() -> String,
+) -> Result<()> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) if is_gone(&e) => Ok(()),
+        Err(e) => Err(DataplaneError::netlink(context(), e)),
     }
 }
 

@@ -6,6 +6,7 @@ use crate::dataplane::{format_mac, parse_mac, Dataplane};
 use crate::error::{PluginError, Result};
 use crate::ipam::{self, Ipam, GLOBAL_ADDRESS_SPACE, LOCAL_ADDRESS_SPACE};
 use crate::overlay::{mac_for, EndpointRecord, LocalNetwork, Overlays};
+use crate::peers::PeerSync;
 use crate::protocol::{
     CreateEndpointRequest, CreateNetworkRequest, EndpointInterface, IpamData, JoinRequest,
 };
@@ -17,7 +18,8 @@ use std::sync::{Arc, Mutex};
 pub struct Driver {
     pub ipam: Ipam,
     pub overlays: Overlays,
-    pub dataplane: Dataplane,
+    pub dataplane: Arc<Dataplane>,
+    pub peers: PeerSync,
     host: String,
     /// Serializes device set-up and tear-down per overlay on this host, so a
     /// Join never races the removal of the last other endpoint's devices.
@@ -30,11 +32,18 @@ const CREATE_HINT: &str =
     "docker network create -d rustoverlay --ipam-driver rustoverlay --subnet 10.77.0.0/24 NAME";
 
 impl Driver {
-    pub fn new(ipam: Ipam, overlays: Overlays, dataplane: Dataplane, host: String) -> Self {
+    pub fn new(
+        ipam: Ipam,
+        overlays: Overlays,
+        dataplane: Arc<Dataplane>,
+        peers: PeerSync,
+        host: String,
+    ) -> Self {
         Driver {
             ipam,
             overlays,
             dataplane,
+            peers,
             host,
             overlay_locks: Mutex::new(HashMap::new()),
         }
@@ -119,6 +128,7 @@ impl Driver {
             .iter()
             .any(|n| n.vni == net.vni);
         if !still_used {
+            self.peers.stop(&net.overlay);
             self.dataplane.remove_network(net.vni).await?;
         }
         Ok(())
@@ -220,6 +230,7 @@ impl Driver {
         let lock = self.overlay_lock(net.vni);
         let _guard = lock.lock().await;
         self.dataplane.ensure_network(net.vni).await?;
+        self.peers.ensure(&net.overlay, net.vni);
         match self
             .dataplane
             .create_endpoint_link(net.vni, &ep.endpoint_id, mac)
@@ -278,6 +289,7 @@ impl Driver {
         let result = async {
             let (eps, _) = self.overlays.endpoints(&net.overlay).await?;
             if !eps.iter().any(|e| e.host == self.host) {
+                self.peers.stop(&net.overlay);
                 self.dataplane.remove_network(net.vni).await?;
             }
             Ok::<_, PluginError>(())
@@ -285,6 +297,65 @@ impl Driver {
         .await;
         if let Err(e) = result {
             tracing::warn!(vni = net.vni, error = %e, "could not remove the network's devices");
+        }
+    }
+}
+
+impl Driver {
+    /// Bring the kernel in line with the store after a start: resume peer
+    /// sync for overlays with local endpoints and devices, and remove devices
+    /// of overlays that have no local endpoint any more.
+    #[tracing::instrument(skip_all, fields(host = %self.host))]
+    pub async fn recover(&self) -> Result<()> {
+        let mut wanted = HashMap::new();
+        for net in self.overlays.local_networks().await? {
+            let (eps, _) = self.overlays.endpoints(&net.overlay).await?;
+            if eps.iter().any(|e| e.host == self.host) {
+                wanted.insert(net.vni, net.overlay.clone());
+            }
+        }
+        for vni in self.dataplane.local_vnis() {
+            match wanted.get(&vni) {
+                Some(overlay) => self.peers.ensure(overlay, vni),
+                None => {
+                    // Re-check under the overlay's lock: a Join may be adding
+                    // the first endpoint right now.
+                    let lock = self.overlay_lock(vni);
+                    let _guard = lock.lock().await;
+                    if !self.has_local_endpoint(vni).await? {
+                        tracing::info!(vni, "removing devices of a network with no local endpoint");
+                        self.dataplane.remove_network(vni).await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn has_local_endpoint(&self, vni: u32) -> Result<bool> {
+        for net in self.overlays.local_networks().await? {
+            if net.vni == vni {
+                let (eps, _) = self.overlays.endpoints(&net.overlay).await?;
+                if eps.iter().any(|e| e.host == self.host) {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// [`Driver::recover`] until it succeeds (the store may be down at start).
+    pub async fn recover_until_done(self: Arc<Self>) {
+        let mut delay = std::time::Duration::from_millis(500);
+        loop {
+            match self.recover().await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?delay, "start-up reconciliation failed");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(10));
+                }
+            }
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod ipam;
 pub mod keys;
 pub mod netns;
 pub mod overlay;
+pub mod peers;
 pub mod protocol;
 pub mod server;
 pub mod socket;
@@ -45,9 +46,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         &args.store.store,
         secs(args.store.store_timeout, "--store-timeout")?,
     )?;
-    let dataplane = dataplane::Dataplane::new(args.vtep_ip, &args.state_dir)
-        .await
-        .context("find the underlay")?;
+    let dataplane = Arc::new(
+        dataplane::Dataplane::new(args.vtep_ip, &args.state_dir)
+            .await
+            .context("find the underlay")?,
+    );
     let ipam = ipam::Ipam::new(
         store.clone(),
         &host,
@@ -55,7 +58,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.default_pool_size,
     );
     let overlays = overlay::Overlays::new(store.clone(), &host);
-    let driver = Arc::new(driver::Driver::new(ipam, overlays, dataplane, host.clone()));
+    let peers = peers::PeerSync::new(store.clone(), dataplane.clone(), host.clone());
+    let driver = Arc::new(driver::Driver::new(
+        ipam,
+        overlays,
+        dataplane,
+        peers,
+        host.clone(),
+    ));
+    tokio::spawn(driver.clone().recover_until_done());
     let listener = socket::bind(&args.socket).await?;
     let app = server::router(driver, secs(args.request_timeout, "--request-timeout")?);
     tracing::info!(
