@@ -185,20 +185,39 @@ async fn collect(stream: &mut WatchStream, n: usize, what: &str) -> Vec<WatchEve
 type Seen = (String, EventKind, Revision, Vec<u8>);
 
 fn seen(ev: &WatchEvent) -> Seen {
-    (ev.kv.key.clone(), ev.kind, ev.revision(), ev.kv.value.clone())
+    (
+        ev.kv.key.clone(),
+        ev.kind,
+        ev.revision(),
+        ev.kv.value.clone(),
+    )
 }
 
 /// Writes a sentinel key under `prefix` and checks that it is the very next
-/// event: nothing was duplicated or left over after the expected events.
-async fn expect_sentinel_next(store: &dyn KvStore, stream: &mut WatchStream, prefix: &str) {
+/// event of every stream: nothing was duplicated or left over after the
+/// expected events.
+async fn expect_sentinel_next_all(
+    store: &dyn KvStore,
+    streams: &mut [&mut WatchStream],
+    prefix: &str,
+) {
     let key = format!("{prefix}~sentinel");
-    let rev = store.put(&key, b"end".to_vec()).await.expect("put sentinel");
-    let ev = next_event(stream, "sentinel").await;
-    assert_eq!(
-        (ev.kv.key.as_str(), ev.kind, ev.revision()),
-        (key.as_str(), EventKind::Put, rev),
-        "the event after the expected ones must be the sentinel write"
-    );
+    let rev = store
+        .put(&key, b"end".to_vec())
+        .await
+        .expect("put sentinel");
+    for (i, stream) in streams.iter_mut().enumerate() {
+        let ev = next_event(stream, "sentinel").await;
+        assert_eq!(
+            (ev.kv.key.as_str(), ev.kind, ev.revision()),
+            (key.as_str(), EventKind::Put, rev),
+            "watch {i}: the event after the expected ones must be the sentinel write"
+        );
+    }
+}
+
+async fn expect_sentinel_next(store: &dyn KvStore, stream: &mut WatchStream, prefix: &str) {
+    expect_sentinel_next_all(store, &mut [stream], prefix).await;
 }
 
 async fn wait_until_absent(store: &dyn KvStore, key: &str, within: Duration) {
@@ -352,8 +371,15 @@ pub async fn revisions_increase(store: Arc<dyn KvStore>) {
         .await
         .expect("read-only txn");
     assert!(resp.succeeded);
-    assert_eq!(resp.revision, last, "a txn that wrote nothing reports the current revision");
-    assert_eq!(current_revision(&*store).await, last, "no-op writes do not bump the revision");
+    assert_eq!(
+        resp.revision, last,
+        "a txn that wrote nothing reports the current revision"
+    );
+    assert_eq!(
+        current_revision(&*store).await,
+        last,
+        "no-op writes do not bump the revision"
+    );
     let resp = store
         .txn(
             Txn::new()
@@ -390,7 +416,12 @@ pub async fn range_by_prefix(store: Arc<dyn KvStore>) {
         .collect();
     assert_eq!(keys, want, "exactly the prefixed keys, sorted");
     for kv in &resp.kvs {
-        assert_eq!(kv.value, kv.key[dir.len()..].as_bytes(), "value of {}", kv.key);
+        assert_eq!(
+            kv.value,
+            &kv.key.as_bytes()[dir.len()..],
+            "value of {}",
+            kv.key
+        );
         assert!(kv.mod_revision > 0 && kv.create_revision == kv.mod_revision);
     }
     assert_eq!(resp.revision, last, "range reports the store revision");
@@ -523,7 +554,10 @@ pub async fn cas_race_has_one_winner(store: Arc<dyn KvStore>) {
         assert_eq!(winners.len(), 1, "round {round}: exactly one CAS wins");
         let (value, rev) = winners.pop().expect("winner");
         let kv = store.get(&key).await.expect("get").expect("key");
-        assert_eq!((kv.value.as_slice(), kv.mod_revision), (value.as_slice(), rev));
+        assert_eq!(
+            (kv.value.as_slice(), kv.mod_revision),
+            (value.as_slice(), rev)
+        );
         for current in losers {
             assert_eq!(
                 current.as_ref(),
@@ -589,7 +623,11 @@ pub async fn cas_counter_is_exact(store: Arc<dyn KvStore>) {
     let total = TASKS * INCREMENTS;
     assert_eq!(wins.load(Ordering::Relaxed), total);
     let kv = store.get(&key).await.expect("get").expect("counter");
-    assert_eq!(kv.value, total.to_string().into_bytes(), "no lost increments");
+    assert_eq!(
+        kv.value,
+        total.to_string().into_bytes(),
+        "no lost increments"
+    );
     assert_eq!(all_revisions.last().copied(), Some(kv.mod_revision));
 }
 
@@ -624,7 +662,11 @@ pub async fn txn_failure_applies_nothing(store: Arc<dyn KvStore>) {
         .expect("txn");
     assert!(!resp.succeeded, "a false compare fails the txn");
     assert!(resp.revision > rb, "the failure branch wrote d");
-    let d_kv = store.get(&d).await.expect("get").expect("failure op applied");
+    let d_kv = store
+        .get(&d)
+        .await
+        .expect("get")
+        .expect("failure op applied");
     assert_eq!(d_kv.mod_revision, resp.revision);
     assert_eq!(
         resp.results,
@@ -635,7 +677,11 @@ pub async fn txn_failure_applies_nothing(store: Arc<dyn KvStore>) {
         ],
         "failure results, in order; a get sees the branch's earlier put"
     );
-    assert_eq!(store.get(&c).await.expect("get"), None, "no success op applied");
+    assert_eq!(
+        store.get(&c).await.expect("get"),
+        None,
+        "no success op applied"
+    );
     assert_eq!(store.get(&a).await.expect("get"), a_kv, "a untouched");
     assert_eq!(store.range(&p).await.expect("range").kvs.len(), 3);
 
@@ -707,7 +753,11 @@ pub async fn txn_success_applies_all_at_one_revision(store: Arc<dyn KvStore>) {
     );
     let a_kv = store.get(&a).await.expect("get").expect("a");
     assert_eq!(
-        (a_kv.value.as_slice(), a_kv.create_revision, a_kv.mod_revision),
+        (
+            a_kv.value.as_slice(),
+            a_kv.create_revision,
+            a_kv.mod_revision
+        ),
         (&b"a2"[..], ra, rev)
     );
     assert_eq!(store.get(&b).await.expect("get"), Some(b_kv));
@@ -824,15 +874,18 @@ pub async fn watch_sees_every_change_in_order(store: Arc<dyn KvStore>) {
         last = resp.revision;
     }
 
-    for (name, watch) in [("from revision", &mut from_rev), ("from now", &mut from_now)] {
+    for (name, watch) in [
+        ("from revision", &mut from_rev),
+        ("from now", &mut from_now),
+    ] {
         let got: Vec<Seen> = collect(watch, expected.len(), name)
             .await
             .iter()
             .map(seen)
             .collect();
         assert_eq!(got, expected, "watch {name} must see exactly the writes");
-        expect_sentinel_next(&*store, watch, &p).await;
     }
+    expect_sentinel_next_all(&*store, &mut [&mut from_rev, &mut from_now], &p).await;
 }
 
 pub async fn watch_concurrent_writers_and_late_start(store: Arc<dyn KvStore>) {
@@ -880,9 +933,12 @@ pub async fn watch_concurrent_writers_and_late_start(store: Arc<dyn KvStore>) {
                 (e.kv.key, e.kv.mod_revision)
             })
             .collect();
-        assert_eq!(got, expected, "{name} watch: every put once, in revision order");
-        expect_sentinel_next(&*store, watch, &p).await;
+        assert_eq!(
+            got, expected,
+            "{name} watch: every put once, in revision order"
+        );
     }
+    expect_sentinel_next_all(&*store, &mut [&mut early, &mut late], &p).await;
 }
 
 pub async fn watch_replays_history(store: Arc<dyn KvStore>) {
@@ -902,11 +958,21 @@ pub async fn watch_replays_history(store: Arc<dyn KvStore>) {
     // From the third write: history, then live, nothing twice.
     let from = writes[2].2;
     let mut watch = store.watch(&p, from).await.expect("watch from the past");
-    let got: Vec<Seen> = collect(&mut watch, 8, "replay").await.iter().map(seen).collect();
+    let got: Vec<Seen> = collect(&mut watch, 8, "replay")
+        .await
+        .iter()
+        .map(seen)
+        .collect();
     assert_eq!(got, writes[2..].to_vec());
-    let rev = store.put(&format!("{p}live"), b"l".to_vec()).await.expect("put");
+    let rev = store
+        .put(&format!("{p}live"), b"l".to_vec())
+        .await
+        .expect("put");
     let ev = next_event(&mut watch, "live after replay").await;
-    assert_eq!(seen(&ev), (format!("{p}live"), EventKind::Put, rev, b"l".to_vec()));
+    assert_eq!(
+        seen(&ev),
+        (format!("{p}live"), EventKind::Put, rev, b"l".to_vec())
+    );
 
     // From revision 0: only what happens after the call.
     let mut future_only = store.watch(&p, 0).await.expect("watch from now");
@@ -954,9 +1020,9 @@ pub async fn watch_filters_by_prefix(store: Arc<dyn KvStore>) {
     expect_sentinel_next(&*store, &mut watch, &dir).await;
 
     let all = collect(&mut everything, keys.len() + 3, "parent watch").await;
-    assert!(all
-        .iter()
-        .any(|e| e.kv.key == format!("{p}ab") && e.kind == EventKind::Delete && e.revision() == del_rev));
+    assert!(all.iter().any(|e| e.kv.key == format!("{p}ab")
+        && e.kind == EventKind::Delete
+        && e.revision() == del_rev));
 }
 
 pub async fn lease_expiry_deletes_keys(store: Arc<dyn KvStore>) {
@@ -979,12 +1045,20 @@ pub async fn lease_expiry_deletes_keys(store: Arc<dyn KvStore>) {
 
     // Nobody touches the store meanwhile: expiry must happen on its own.
     wait_until_absent(&*store, &leased, LEASE_TTL * 3 + Duration::from_secs(2)).await;
-    assert!(store.get(&plain).await.expect("get").is_some(), "unleased key stays");
+    assert!(
+        store.get(&plain).await.expect("get").is_some(),
+        "unleased key stays"
+    );
 
     let puts = collect(&mut watch, 2, "puts").await;
-    assert!(puts.iter().all(|e| e.kind == EventKind::Put && e.revision() == r));
+    assert!(puts
+        .iter()
+        .all(|e| e.kind == EventKind::Put && e.revision() == r));
     let ev = next_event(&mut watch, "expiry delete").await;
-    assert_eq!((ev.kv.key.as_str(), ev.kind), (leased.as_str(), EventKind::Delete));
+    assert_eq!(
+        (ev.kv.key.as_str(), ev.kind),
+        (leased.as_str(), EventKind::Delete)
+    );
     assert!(ev.revision() > r);
     expect_sentinel_next(&*store, &mut watch, &p).await;
 }
@@ -1032,7 +1106,11 @@ pub async fn lease_revoke_deletes_at_once(store: Arc<dyn KvStore>) {
         .map(|k| Op::put_with_lease(k, b"v".to_vec(), lease.clone()))
         .collect();
     ops.push(Op::put(format!("{p}plain"), b"v".to_vec()));
-    ops.push(Op::put_with_lease(format!("{p}other"), b"v".to_vec(), other.clone()));
+    ops.push(Op::put_with_lease(
+        format!("{p}other"),
+        b"v".to_vec(),
+        other.clone(),
+    ));
     store.txn(Txn::new().and_then(ops)).await.expect("put");
     let start = current_revision(&*store).await + 1;
     let mut watch = store.watch(&p, start).await.expect("watch");
@@ -1040,10 +1118,22 @@ pub async fn lease_revoke_deletes_at_once(store: Arc<dyn KvStore>) {
     store.revoke_lease(lease.clone()).await.expect("revoke");
     // At once: no waiting.
     for key in &leased {
-        assert_eq!(store.get(key).await.expect("get"), None, "{key} deleted by revoke");
+        assert_eq!(
+            store.get(key).await.expect("get"),
+            None,
+            "{key} deleted by revoke"
+        );
     }
-    assert!(store.get(&format!("{p}plain")).await.expect("get").is_some());
-    assert!(store.get(&format!("{p}other")).await.expect("get").is_some());
+    assert!(store
+        .get(&format!("{p}plain"))
+        .await
+        .expect("get")
+        .is_some());
+    assert!(store
+        .get(&format!("{p}other"))
+        .await
+        .expect("get")
+        .is_some());
     let mut events: Vec<(String, EventKind, Revision)> = collect(&mut watch, 3, "revoke deletes")
         .await
         .into_iter()
@@ -1082,7 +1172,10 @@ pub async fn lease_revoke_deletes_at_once(store: Arc<dyn KvStore>) {
         None,
         "the txn with a bad lease applied nothing"
     );
-    store.keep_alive(other.clone()).await.expect("the other lease lives");
+    store
+        .keep_alive(other.clone())
+        .await
+        .expect("the other lease lives");
     store.revoke_lease(other).await.expect("revoke");
 }
 
@@ -1096,7 +1189,11 @@ pub async fn lease_expired_put_fails(store: Arc<dyn KvStore>) {
         .expect("put with a live lease");
     wait_until_absent(&*store, &key, LEASE_TTL * 3 + Duration::from_secs(2)).await;
     match store
-        .txn(Txn::new().and_then(vec![Op::put_with_lease(&key, b"again".to_vec(), lease.clone())]))
+        .txn(Txn::new().and_then(vec![Op::put_with_lease(
+            &key,
+            b"again".to_vec(),
+            lease.clone(),
+        )]))
         .await
     {
         Err(StoreError::LeaseNotFound(id)) => assert_eq!(id, lease.0),
@@ -1111,9 +1208,19 @@ pub async fn lease_expired_put_fails(store: Arc<dyn KvStore>) {
 
 pub async fn lease_put_without_lease_detaches(store: Arc<dyn KvStore>) {
     let p = unique_prefix("lease_detach");
-    let (moved, detached, stays) = (format!("{p}moved"), format!("{p}detached"), format!("{p}stays"));
-    let first = store.grant_lease(Duration::from_secs(60)).await.expect("grant");
-    let second = store.grant_lease(Duration::from_secs(60)).await.expect("grant");
+    let (moved, detached, stays) = (
+        format!("{p}moved"),
+        format!("{p}detached"),
+        format!("{p}stays"),
+    );
+    let first = store
+        .grant_lease(Duration::from_secs(60))
+        .await
+        .expect("grant");
+    let second = store
+        .grant_lease(Duration::from_secs(60))
+        .await
+        .expect("grant");
     store
         .txn(Txn::new().and_then(vec![
             Op::put_with_lease(&moved, b"v".to_vec(), first.clone()),
@@ -1132,17 +1239,35 @@ pub async fn lease_put_without_lease_detaches(store: Arc<dyn KvStore>) {
         .await
         .expect("rewrite");
     assert_eq!(
-        store.get(&detached).await.expect("get").and_then(|kv| kv.lease),
+        store
+            .get(&detached)
+            .await
+            .expect("get")
+            .and_then(|kv| kv.lease),
         None
     );
     assert_eq!(
-        store.get(&moved).await.expect("get").and_then(|kv| kv.lease),
+        store
+            .get(&moved)
+            .await
+            .expect("get")
+            .and_then(|kv| kv.lease),
         Some(second.clone())
     );
     store.revoke_lease(first).await.expect("revoke first");
-    assert_eq!(store.get(&stays).await.expect("get"), None, "still on the first lease");
-    assert!(store.get(&moved).await.expect("get").is_some(), "moved to the second lease");
-    assert!(store.get(&detached).await.expect("get").is_some(), "no lease any more");
+    assert_eq!(
+        store.get(&stays).await.expect("get"),
+        None,
+        "still on the first lease"
+    );
+    assert!(
+        store.get(&moved).await.expect("get").is_some(),
+        "moved to the second lease"
+    );
+    assert!(
+        store.get(&detached).await.expect("get").is_some(),
+        "no lease any more"
+    );
     store.revoke_lease(second).await.expect("revoke second");
     assert_eq!(store.get(&moved).await.expect("get"), None);
     assert!(store.get(&detached).await.expect("get").is_some());

@@ -166,7 +166,9 @@ impl Core {
 
     pub(crate) fn range(&self, prefix: &str) -> Result<RangeResponse> {
         let st = self.state()?;
-        let kvs = prefixed(&st.kvs, prefix).map(|(_, kv)| kv.clone()).collect();
+        let kvs = prefixed(&st.kvs, prefix)
+            .map(|(_, kv)| kv.clone())
+            .collect();
         Ok(RangeResponse {
             kvs,
             revision: st.revision,
@@ -219,12 +221,7 @@ impl Core {
         };
         let rx = st.events.subscribe();
         drop(st);
-        Ok(watch_stream(
-            prefix.to_owned(),
-            start_revision,
-            backlog,
-            rx,
-        ))
+        Ok(watch_stream(prefix.to_owned(), start_revision, backlog, rx))
     }
 
     pub(crate) fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
@@ -451,7 +448,11 @@ fn plan_txn(st: &State, txn: &Txn, now: Instant) -> Result<(Batch, bool, Vec<OpR
             st.kvs.get(key).map_or(0, |kv| kv.mod_revision) == *mod_revision
         }
     });
-    let ops = if succeeded { &txn.success } else { &txn.failure };
+    let ops = if succeeded {
+        &txn.success
+    } else {
+        &txn.failure
+    };
     // Checked up front so a bad lease rejects the whole branch.
     for op in ops {
         if let Op::Put {

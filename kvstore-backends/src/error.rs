@@ -13,7 +13,9 @@ pub enum StoreError {
     #[error("store did not answer within {0:?}")]
     Timeout(Duration),
     /// A watch asked for history the store no longer keeps.
-    #[error("revision {requested} is compacted (oldest kept is {oldest}); resync from a fresh read")]
+    #[error(
+        "revision {requested} is compacted (oldest kept is {oldest}); resync from a fresh read"
+    )]
     Compacted { requested: i64, oldest: i64 },
     /// The lease expired or never existed.
     #[error("lease {0} not found or expired")]

@@ -8,6 +8,7 @@
 //! is a provided method built on `txn`. The conformance suite (feature
 //! `conformance`) proves each backend keeps those promises.
 
+mod counting;
 mod engine;
 mod error;
 mod memory;
@@ -18,13 +19,14 @@ mod types;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+pub use counting::CountingStore;
 pub use error::{Result, StoreError};
 pub use memory::MemoryStore;
 pub use redb_store::RedbStore;
 pub use timeout::TimeoutStore;
 pub use types::{
-    Compare, EventKind, KeyValue, LeaseId, Op, OpResult, RangeResponse, Revision, Txn,
-    TxnResponse, WatchEvent, WatchStream,
+    Compare, EventKind, KeyValue, LeaseId, Op, OpResult, RangeResponse, Revision, Txn, TxnResponse,
+    WatchEvent, WatchStream,
 };
 
 use async_trait::async_trait;
@@ -83,9 +85,7 @@ pub trait KvStore: Send + Sync + 'static {
 
     /// Delete one key; true when it existed.
     async fn delete(&self, key: &str) -> Result<bool> {
-        let resp = self
-            .txn(Txn::new().and_then(vec![Op::delete(key)]))
-            .await?;
+        let resp = self.txn(Txn::new().and_then(vec![Op::delete(key)])).await?;
         Ok(matches!(resp.results.first(), Some(OpResult::Delete { deleted }) if *deleted > 0))
     }
 
@@ -107,7 +107,9 @@ pub trait KvStore: Send + Sync + 'static {
             Some(OpResult::Get(Some(kv))) => Ok(Some(kv)),
             // Deleted between the compare and the read: report it as a lost
             // race with an absent key so the caller retries.
-            _ => Err(StoreError::Conflict(format!("key {key} changed during create"))),
+            _ => Err(StoreError::Conflict(format!(
+                "key {key} changed during create"
+            ))),
         }
     }
 

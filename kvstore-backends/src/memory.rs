@@ -7,7 +7,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::engine::{Core, Reaper, Snapshot, DEFAULT_HISTORY_LIMIT};
-use crate::{KeyValue, KvStore, LeaseId, RangeResponse, Result, Revision, Txn, TxnResponse, WatchStream};
+use crate::{
+    KeyValue, KvStore, LeaseId, RangeResponse, Result, Revision, Txn, TxnResponse, WatchStream,
+};
 
 /// An in-memory [`KvStore`] with etcd-like revisions, watches and leases.
 ///

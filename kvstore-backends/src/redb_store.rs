@@ -76,8 +76,8 @@ impl RedbStore {
                 ),
                 e => StoreError::backend(format!("opening store file {shown}"), e),
             })?;
-        let snapshot = load(&db)
-            .map_err(|e| StoreError::backend(format!("loading store file {shown}"), e))?;
+        let snapshot =
+            load(&db).map_err(|e| StoreError::backend(format!("loading store file {shown}"), e))?;
         tracing::debug!(
             path = %shown,
             keys = snapshot.kvs.len(),
@@ -223,8 +223,8 @@ fn load(db: &Database) -> std::result::Result<Snapshot, LoadError> {
             }
             Some(other) => {
                 return Err(LoadError::Corrupt(format!(
-                    "file format version {other} is not supported (this build reads {FORMAT_VERSION})"
-                )))
+                "file format version {other} is not supported (this build reads {FORMAT_VERSION})"
+            )))
             }
         }
         let revision = meta.get(META_REVISION)?.map_or(0, |v| v.value());
@@ -338,8 +338,8 @@ fn decode(key: &str, bytes: &[u8]) -> std::result::Result<KeyValue, String> {
         1 => {
             let len = u32::from_le_bytes(take(4)?.try_into().unwrap_or([0; 4]));
             let len = usize::try_from(len).map_err(|_| "lease id too long".to_owned())?;
-            let id = std::str::from_utf8(take(len)?)
-                .map_err(|_| "lease id is not UTF-8".to_owned())?;
+            let id =
+                std::str::from_utf8(take(len)?).map_err(|_| "lease id is not UTF-8".to_owned())?;
             Some(LeaseId(id.to_owned()))
         }
         other => return Err(format!("bad lease flag {other}")),

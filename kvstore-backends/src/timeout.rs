@@ -99,7 +99,10 @@ impl<S: KvStore> KvStore for TimeoutStore<S> {
         expected_mod_revision: Revision,
         value: Vec<u8>,
     ) -> Result<std::result::Result<Revision, Option<KeyValue>>> {
-        self.bounded(self.inner.compare_and_swap(key, expected_mod_revision, value))
-            .await
+        self.bounded(
+            self.inner
+                .compare_and_swap(key, expected_mod_revision, value),
+        )
+        .await
     }
 }

@@ -2,10 +2,21 @@
 
 use std::sync::Arc;
 
-use futures::StreamExt;
 use kvstore_backends::{KvStore, MemoryStore, Op, StoreError, Txn};
 
 kvstore_backends::conformance_tests!(Arc::new(MemoryStore::new()));
+
+/// The next watch item, or a failure instead of a hang.
+async fn next(
+    watch: &mut kvstore_backends::WatchStream,
+) -> Option<kvstore_backends::Result<kvstore_backends::WatchEvent>> {
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        futures::StreamExt::next(watch),
+    )
+    .await
+    .expect("no watch item within 10 s")
+}
 
 #[tokio::test]
 async fn run_all_runs_every_check() {
@@ -35,7 +46,7 @@ async fn watch_before_kept_history_is_compacted() {
     }
     let mut watch = store.watch("", 6).await.unwrap();
     for rev in 6..=10 {
-        let ev = watch.next().await.unwrap().unwrap();
+        let ev = next(&mut watch).await.unwrap().unwrap();
         assert_eq!(ev.revision(), rev);
     }
     // Revision 0 (from now) and future starts are always fine.
@@ -49,12 +60,11 @@ async fn history_of_a_fresh_store_is_complete() {
     for i in 0..100u8 {
         store.put(&format!("k{}", i % 4), vec![i]).await.unwrap();
     }
-    let watch = store.watch("", 1).await.unwrap();
-    let revs: Vec<i64> = watch
-        .take(100)
-        .map(|e| e.unwrap().revision())
-        .collect()
-        .await;
+    let mut watch = store.watch("", 1).await.unwrap();
+    let mut revs = Vec::new();
+    for _ in 0..100 {
+        revs.push(next(&mut watch).await.unwrap().unwrap().revision());
+    }
     assert_eq!(revs, (1..=100).collect::<Vec<_>>());
 }
 
@@ -69,7 +79,7 @@ async fn a_lagging_watch_ends_with_an_error_not_a_gap() {
     }
     let mut expected = 1;
     loop {
-        match watch.next().await {
+        match next(&mut watch).await {
             Some(Ok(ev)) => {
                 assert_eq!(ev.revision(), expected, "no gap before the error");
                 expected += 1;
@@ -82,10 +92,16 @@ async fn a_lagging_watch_ends_with_an_error_not_a_gap() {
         }
     }
     assert!(expected <= WRITES, "the watch did fall behind");
-    assert!(watch.next().await.is_none(), "the error ends the stream");
+    assert!(
+        next(&mut watch).await.is_none(),
+        "the error ends the stream"
+    );
     // The caller recovers by watching again from the next revision.
     let mut again = store.watch("", expected).await.unwrap();
-    assert_eq!(again.next().await.unwrap().unwrap().revision(), expected);
+    assert_eq!(
+        next(&mut again).await.unwrap().unwrap().revision(),
+        expected
+    );
 }
 
 #[tokio::test]
@@ -94,18 +110,22 @@ async fn watch_ends_when_the_store_is_dropped() {
     let mut watch = store.watch("", 0).await.unwrap();
     store.put("k", b"v".to_vec()).await.unwrap();
     drop(store);
-    assert!(watch.next().await.unwrap().is_ok(), "delivered before the drop");
+    assert!(
+        next(&mut watch).await.unwrap().is_ok(),
+        "delivered before the drop"
+    );
     assert!(matches!(
-        watch.next().await,
+        next(&mut watch).await,
         Some(Err(StoreError::Unavailable(_)))
     ));
-    assert!(watch.next().await.is_none());
+    assert!(next(&mut watch).await.is_none());
 }
 
 #[tokio::test]
 async fn bad_requests_are_invalid_not_panics() {
     let store = MemoryStore::new();
-    let invalid = |r: Result<(), StoreError>| assert!(matches!(r, Err(StoreError::Invalid(_))), "{r:?}");
+    let invalid =
+        |r: Result<(), StoreError>| assert!(matches!(r, Err(StoreError::Invalid(_))), "{r:?}");
     invalid(
         store
             .txn(Txn::new().and_then(vec![Op::delete_prefix("")]))
@@ -126,5 +146,9 @@ async fn bad_requests_are_invalid_not_panics() {
         Err(StoreError::LeaseNotFound(id)) => assert_eq!(id, "no-such-lease"),
         other => panic!("expected LeaseNotFound, got {other:?}"),
     }
-    assert_eq!(store.range("").await.unwrap().revision, 0, "nothing was written");
+    assert_eq!(
+        store.range("").await.unwrap().revision,
+        0,
+        "nothing was written"
+    );
 }

@@ -13,6 +13,18 @@ kvstore_backends::conformance_tests!({
     (Arc::new(store), dir)
 });
 
+/// The next watch item, or a failure instead of a hang.
+async fn next(
+    watch: &mut kvstore_backends::WatchStream,
+) -> Option<kvstore_backends::Result<kvstore_backends::WatchEvent>> {
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        futures::StreamExt::next(watch),
+    )
+    .await
+    .expect("no watch item within 10 s")
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn data_and_revision_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
@@ -39,7 +51,10 @@ async fn data_and_revision_survive_reopen() {
 
     let store = RedbStore::open(&path).unwrap();
     let reopened = store.range("").await.unwrap();
-    assert_eq!(reopened, kept, "keys, values, revisions and leases are back");
+    assert_eq!(
+        reopened, kept,
+        "keys, values, revisions and leases are back"
+    );
     assert_eq!(store.get("b").await.unwrap(), None);
 
     // Revisions keep increasing, history before the open is gone.
@@ -52,7 +67,7 @@ async fn data_and_revision_survive_reopen() {
         other => panic!("expected Compacted, got {other:?}"),
     }
     let mut watch = store.watch("", last_rev + 1).await.unwrap();
-    assert_eq!(watch.next().await.unwrap().unwrap().kv.key, "c");
+    assert_eq!(next(&mut watch).await.unwrap().unwrap().kv.key, "c");
 
     // The lease survived with its keys, and new leases get new ids.
     store.keep_alive(lease.clone()).await.unwrap();
@@ -63,7 +78,11 @@ async fn data_and_revision_survive_reopen() {
     drop(store);
 
     let store = RedbStore::open(&path).unwrap();
-    assert_eq!(store.get("leased").await.unwrap(), None, "the revoke was persisted");
+    assert_eq!(
+        store.get("leased").await.unwrap(),
+        None,
+        "the revoke was persisted"
+    );
     assert_eq!(store.range("").await.unwrap().revision, last_rev + 2);
 }
 
@@ -103,7 +122,10 @@ async fn a_second_open_of_the_same_file_fails_clearly() {
     let first = RedbStore::open(&path).unwrap();
     let err = RedbStore::open(&path).expect_err("the file is locked");
     let msg = err.to_string();
-    assert!(msg.contains("locked") && msg.contains("store.redb"), "{msg}");
+    assert!(
+        msg.contains("locked") && msg.contains("store.redb"),
+        "{msg}"
+    );
     assert!(matches!(err, StoreError::Backend { .. }));
     drop(first);
     // Dropping the store releases the lock at once.

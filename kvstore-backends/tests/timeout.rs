@@ -15,6 +15,18 @@ kvstore_backends::conformance_tests!(Arc::new(TimeoutStore::new(
     Duration::from_secs(10)
 )));
 
+/// The next watch item, or a failure instead of a hang.
+async fn next(
+    watch: &mut kvstore_backends::WatchStream,
+) -> Option<kvstore_backends::Result<kvstore_backends::WatchEvent>> {
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        futures::StreamExt::next(watch),
+    )
+    .await
+    .expect("no watch item within 10 s")
+}
+
 /// A store that never answers.
 struct Hung;
 
@@ -77,11 +89,29 @@ async fn every_call_to_a_hung_store_times_out() {
 
 #[tokio::test]
 async fn a_watch_outlives_the_timeout() {
-    use futures::StreamExt;
     let limit = Duration::from_millis(50);
     let store = TimeoutStore::new(MemoryStore::new(), limit);
     let mut watch = store.watch("k", 0).await.unwrap();
     tokio::time::sleep(limit * 4).await;
     let rev = store.put("k", b"v".to_vec()).await.unwrap();
-    assert_eq!(watch.next().await.unwrap().unwrap().revision(), rev);
+    assert_eq!(next(&mut watch).await.unwrap().unwrap().revision(), rev);
+}
+
+#[tokio::test]
+async fn counting_store_counts_round_trips() {
+    use kvstore_backends::CountingStore;
+    let inner: Arc<dyn KvStore> = Arc::new(MemoryStore::new());
+    let store = CountingStore::new(inner);
+    let counter = store.counter();
+    store.put("k", b"1".to_vec()).await.unwrap();
+    store.get("k").await.unwrap();
+    store
+        .compare_and_swap("k", 1, b"2".to_vec())
+        .await
+        .unwrap()
+        .unwrap();
+    store.range("").await.unwrap();
+    assert_eq!(counter.load(std::sync::atomic::Ordering::Relaxed), 4);
+    assert_eq!(store.calls(), 4);
+    assert_eq!(store.backend_name(), "memory");
 }

@@ -131,6 +131,9 @@ struct Cursor {
     revision: Revision,
 }
 
+/// Builds compares and ops that ride along in an allocating transaction.
+type ExtraOps<'a> = dyn Fn(IpAddr) -> (Vec<Compare>, Vec<Op>) + Send + Sync + 'a;
+
 type CursorCell = Arc<tokio::sync::Mutex<Option<Cursor>>>;
 
 pub struct Ipam {
@@ -220,16 +223,15 @@ impl Ipam {
                     "an --ip-range needs a --subnet that contains it".into(),
                 ))
             }
-            (Some(s), Some(r)) => {
+            (Some(s), Some(r))
                 if s.is_ipv4() != r.is_ipv4()
-                    || !(s.contains(r.network()) && s.prefix() <= r.prefix())
-                {
-                    return Err(PluginError::BadRequest(format!(
-                        "--ip-range {} is not inside --subnet {}",
-                        pool_id(&r),
-                        pool_id(&s)
-                    )));
-                }
+                    || !(s.contains(r.network()) && s.prefix() <= r.prefix()) =>
+            {
+                return Err(PluginError::BadRequest(format!(
+                    "--ip-range {} is not inside --subnet {}",
+                    pool_id(&r),
+                    pool_id(&s)
+                )));
             }
             _ => {}
         }
@@ -615,11 +617,7 @@ impl Ipam {
     /// to the allocating transaction (the gateway request records the gateway
     /// in the same step); `Ok(None)` when only those compares failed, so the
     /// caller re-reads what they were built from and retries.
-    async fn allocate(
-        &self,
-        seg: &str,
-        extra: Option<&(dyn Fn(IpAddr) -> (Vec<Compare>, Vec<Op>) + Send + Sync)>,
-    ) -> Result<Option<IpAddr>> {
+    async fn allocate(&self, seg: &str, extra: Option<&ExtraOps<'_>>) -> Result<Option<IpAddr>> {
         let cell = self.cursor_cell(seg);
         let mut guard = cell.lock().await;
         let mut skip: u128 = 0;
