@@ -74,6 +74,9 @@ pub struct ServeArgs {
     /// Prefix length of subnets taken from the default pool.
     #[arg(long, env = "RUSTOVERLAY_DEFAULT_POOL_SIZE", default_value_t = 24)]
     pub default_pool_size: u8,
+    /// Seconds a host stays registered after its plugin stops renewing.
+    #[arg(long, env = "RUSTOVERLAY_HOST_TTL", default_value_t = 10)]
+    pub host_ttl: u64,
     /// Runtime state (the overlays' network namespaces).
     #[arg(
         long,

@@ -12,6 +12,7 @@
 //! /rustoverlay/v1/overlay/<overlay>/record        VNI, subnets, Docker networks per host
 //! /rustoverlay/v1/overlay/<overlay>/ep/<ep>       endpoint: address, MAC, host, VTEP
 //! /rustoverlay/v1/host/<host>/net/<docker-net>    this host's Docker network -> overlay
+//! /rustoverlay/v1/hosts/<host>                    live host registration (under a lease)
 //! ```
 //!
 //! `<pool>` and `<overlay>` are the subnet with `/` replaced by `_`
@@ -82,6 +83,14 @@ pub fn host_networks(host: &str) -> String {
 
 pub fn host_network(host: &str, docker_network: &str) -> String {
     format!("{ROOT}host/{host}/net/{docker_network}")
+}
+
+pub fn hosts() -> String {
+    format!("{ROOT}hosts/")
+}
+
+pub fn host_registration(host: &str) -> String {
+    format!("{ROOT}hosts/{host}")
 }
 
 #[cfg(test)]

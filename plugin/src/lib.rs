@@ -6,6 +6,7 @@ pub mod cli;
 pub mod dataplane;
 pub mod driver;
 pub mod error;
+pub mod hosts;
 pub mod ipam;
 pub mod keys;
 pub mod netns;
@@ -66,6 +67,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         peers,
         host.clone(),
     ));
+    if args.host_ttl == 0 {
+        anyhow::bail!("--host-ttl must be at least 1 second");
+    }
+    let registration = hosts::Registration::new(
+        store.clone(),
+        host.clone(),
+        std::net::IpAddr::V4(driver.dataplane.underlay().vtep),
+        Duration::from_secs(args.host_ttl),
+    );
+    tokio::spawn(registration.run());
     tokio::spawn(driver.clone().recover_until_done());
     let listener = socket::bind(&args.socket).await?;
     let app = server::router(driver, secs(args.request_timeout, "--request-timeout")?);

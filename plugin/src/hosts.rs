@@ -1,0 +1,87 @@
+//! Host registration: each plugin announces its host (ID, VTEP) under a lease
+//! that it keeps alive. Peers read VTEPs here, and a host whose lease expired
+//! is known to be gone.
+
+use crate::keys;
+use kvstore_backends::{KvStore, LeaseId, Op, StoreError, Txn};
+use serde::{Deserialize, Serialize};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HostRecord {
+    pub host: String,
+    pub vtep: IpAddr,
+    pub version: String,
+}
+
+pub struct Registration {
+    store: Arc<dyn KvStore>,
+    record: HostRecord,
+    ttl: Duration,
+}
+
+impl Registration {
+    pub fn new(store: Arc<dyn KvStore>, host: String, vtep: IpAddr, ttl: Duration) -> Self {
+        Registration {
+            store,
+            record: HostRecord {
+                host,
+                vtep,
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            },
+            ttl,
+        }
+    }
+
+    /// Write the registration under a fresh lease.
+    pub async fn register(&self) -> Result<LeaseId, StoreError> {
+        let lease = self.store.grant_lease(self.ttl).await?;
+        let value = serde_json::to_vec(&self.record).expect("plain data always serializes");
+        self.store
+            .txn(Txn::new().and_then(vec![Op::put_with_lease(
+                keys::host_registration(&self.record.host),
+                value,
+                lease.clone(),
+            )]))
+            .await?;
+        tracing::info!(host = %self.record.host, vtep = %self.record.vtep, lease = %lease, "host registered");
+        Ok(lease)
+    }
+
+    /// Register, then renew at a third of the TTL forever; register again
+    /// when the lease was lost (store outage longer than the TTL).
+    pub async fn run(self) {
+        let mut lease: Option<LeaseId> = None;
+        let tick = self.ttl / 3;
+        loop {
+            match &lease {
+                None => match self.register().await {
+                    Ok(l) => lease = Some(l),
+                    Err(e) => tracing::warn!(error = %e, "host registration failed; retrying"),
+                },
+                Some(l) => match self.store.keep_alive(l.clone()).await {
+                    Ok(()) => {}
+                    Err(StoreError::LeaseNotFound(_)) => {
+                        tracing::warn!("host lease expired; registering again");
+                        lease = None;
+                        continue;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "host lease renewal failed; retrying"),
+                },
+            }
+            tokio::time::sleep(tick).await;
+        }
+    }
+}
+
+/// The hosts registered now, by ID.
+pub async fn live_hosts(store: &dyn KvStore) -> Result<Vec<HostRecord>, StoreError> {
+    let resp = store.range(&keys::hosts()).await?;
+    Ok(resp
+        .kvs
+        .iter()
+        .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+        .collect())
+}
