@@ -33,7 +33,8 @@
 #   RUSTOVERLAY_BIN    plugin binary (default: target/release/rustoverlay of
 #                      this repo, or of $CARGO_TARGET_DIR)
 #   HARNESS_KEEP=1     keep the temp dir (logs) after the run
-#   HARNESS_RUST_LOG   RUST_LOG for the plugin (default: info,rustoverlay=debug)
+#   HARNESS_PLUGIN_LOG RUSTOVERLAY_LOG filter for the plugin (default:
+#                      info,rustoverlay=debug)
 #   HARNESS_BOOT_TIMEOUT  seconds to wait for plugin/dockerd sockets (default 60)
 
 if [[ -n "${_HARNESS_SOURCED:-}" ]]; then
@@ -85,6 +86,14 @@ harness_init() {
 
     harness_sweep_stale
 
+    # Say where a `set -e` abort came from (errtrace: also inside functions).
+    set -E
+    trap '_harness_on_err "$?" "$BASH_COMMAND" "${FUNCNAME[0]:-main}" "$LINENO"' ERR
+    trap '_harness_on_exit' EXIT
+    trap '_harness_on_signal INT 130' INT
+    trap '_harness_on_signal TERM 143' TERM
+    trap '_harness_on_signal HUP 129' HUP
+
     HARNESS_NAME="$(printf '%s' "$name" | tr -c 'a-zA-Z0-9' '-' | cut -c1-12)"
     HARNESS_TMP="$(mktemp -d "/tmp/rot-${HARNESS_NAME}.XXXXXX")"
     HARNESS_PREFIX="rot-${HARNESS_NAME}-${HARNESS_TMP##*.}"
@@ -98,11 +107,6 @@ harness_init() {
     mkdir -p "$DOCKER_CONFIG"
     printf '{}\n' >"$DOCKER_CONFIG/config.json"
 
-    trap '_harness_on_exit' EXIT
-    trap '_harness_on_signal INT 130' INT
-    trap '_harness_on_signal TERM 143' TERM
-    trap '_harness_on_signal HUP 129' HUP
-
     _hlog "run $HARNESS_PREFIX, temp dir $HARNESS_TMP"
     _harness_setup_underlay
 }
@@ -110,6 +114,13 @@ harness_init() {
 # harness_on_cleanup FUNC - run FUNC (no arguments) first thing at cleanup.
 harness_on_cleanup() {
     HARNESS_CLEANUP_HOOKS+=("$1")
+}
+
+_harness_on_err() {
+    # Only in the test's own shell: a failing command inside $(...) is often
+    # expected (grep without match) and does not abort the script.
+    [[ "$BASH_SUBSHELL" -eq 0 ]] || return 0
+    printf '[harness] command failed (exit %s) in %s, line %s: %s\n' "$1" "$3" "$4" "$2" >&2
 }
 
 _harness_on_signal() {
@@ -121,7 +132,7 @@ _harness_on_signal() {
 _harness_on_exit() {
     local rc=$?
     set +e
-    trap - INT TERM HUP
+    trap - INT TERM HUP ERR
     local hook
     for hook in "${HARNESS_CLEANUP_HOOKS[@]}"; do
         "$hook" || _hlog "cleanup hook $hook failed"
@@ -365,7 +376,7 @@ harness_add_host() {
     ip -n "$ns" link set ul0 up
     ip -n "$ns" route add default via "$HARNESS_WORLD_IP" dev ul0
     mkdir -p "$(harness_host_dir "$n")"
-    printf '%s\n' "$n" >>"$HARNESS_TMP/.hosts"
+    grep -qx "$n" "$HARNESS_TMP/.hosts" || printf '%s\n' "$n" >>"$HARNESS_TMP/.hosts"
 }
 
 # harness_host_link N up|down - cut or restore host N's underlay cable.
@@ -449,8 +460,8 @@ harness_start_host() {
     dir="$(harness_host_dir "$n")"
     ns="$(harness_host_ns "$n")"
     _harness_anchor_pid "$n" >/dev/null && _hdie "harness_start_host: host $n already started"
-    mkdir -p "$dir/data" "$dir/exec"
-    rm -f "$dir/anchor.pid"
+    mkdir -p "$dir/data"
+    rm -f "$dir/anchor.pid" "$dir/no-plugin"
 
     # The anchor holds the host's mount namespace: /run is a fresh tmpfs (only
     # this host's plugin socket in /run/docker/plugins, no system containerd
@@ -483,28 +494,43 @@ harness_start_host() {
     anchor="$(cat "$dir/anchor.pid")"
 
     if [[ "$with_plugin" -eq 1 ]]; then
-        printf '%s\0' "$@" >"$dir/plugin.args"
+        : >"$dir/plugin.args"
+        (($# == 0)) || printf '%s\0' "$@" >"$dir/plugin.args"
         harness_restart_plugin "$n"
     else
         : >"$dir/plugin.args"
         touch "$dir/no-plugin"
     fi
 
+    _harness_start_dockerd "$n"
+    local what
+    what="dockerd pid $(cat "$dir/dockerd.pid")"
+    [[ "$with_plugin" -eq 0 ]] || what+=", plugin pid $(cat "$dir/plugin.pid")"
+    _hlog "host $n up: netns $ns, ip $(harness_host_ip "$n"), $what"
+}
+
+# _harness_start_dockerd N - dockerd in host N's namespaces; waits until it
+# answers. Its exec-root is /run/docker of the host's private /run (gone with
+# the mount namespace, like /run after a reboot); data-root is on disk.
+_harness_start_dockerd() {
+    local n="$1" dir anchor dpid
+    dir="$(harness_host_dir "$n")"
+    anchor="$(_harness_anchor_pid "$n")" || _hdie "host $n is not started"
     # deprecated-key-path: dockerd 20.10 otherwise writes /etc/docker/key.json.
     printf '{"deprecated-key-path": "%s/key.json"}\n' "$dir" >"$dir/daemon.json"
+    printf '\n===== dockerd start %s =====\n' "$(date +%T)" >>"$dir/dockerd.log"
     _harness_spawn "$dir/dockerd.pid" "$dir/dockerd.log" \
         nsenter --target "$anchor" --mount --net -- \
         "${_HARNESS_PIDWRAP[@]}" "$dir/dockerd.pid" \
         dockerd \
         --data-root "$dir/data" \
-        --exec-root "$dir/exec" \
-        --pidfile "$dir/exec/dockerd.pid" \
+        --exec-root /run/docker \
+        --pidfile /run/docker.pid \
         -H "unix://$dir/docker.sock" \
         --config-file "$dir/daemon.json" \
         --cgroup-parent "/$HARNESS_PREFIX-h$n" \
         --exec-opt native.cgroupdriver=cgroupfs \
         --shutdown-timeout 2
-    local dpid
     dpid="$(cat "$dir/dockerd.pid")"
 
     local deadline=$((SECONDS + HARNESS_BOOT_TIMEOUT))
@@ -519,9 +545,37 @@ harness_start_host() {
         fi
         sleep 0.3
     done
-    local what="dockerd pid $dpid"
-    [[ "$with_plugin" -eq 0 ]] || what+=", plugin pid $(cat "$dir/plugin.pid")"
-    _hlog "host $n up: netns $ns, ip $(harness_host_ip "$n"), $what"
+}
+
+# harness_restart_dockerd N [--kill] - restart only host N's dockerd (SIGTERM,
+# or SIGKILL with --kill: containerd and the containers keep running then).
+# The plugin and the host's /run stay.
+harness_restart_dockerd() {
+    local n="${1:?usage: harness_restart_dockerd N [--kill]}" dir pid sig=TERM
+    [[ "${2:-}" != --kill ]] || sig=KILL
+    dir="$(harness_host_dir "$n")"
+    pid="$(cat "$dir/dockerd.pid" 2>/dev/null)" || pid=""
+    if [[ -n "$pid" ]] && _harness_pid_alive "$pid"; then
+        kill -s "$sig" "$pid" 2>/dev/null || true
+        _harness_wait 30 eval "! _harness_pid_alive $pid" || {
+            _hlog "host $n: dockerd ignored SIG$sig for 30s, killing it"
+            kill -9 "$pid" 2>/dev/null || true
+            _harness_wait 5 eval "! _harness_pid_alive $pid" || true
+        }
+    fi
+    [[ -z "$pid" ]] || _harness_wait 10 eval "[[ ! -e /proc/$pid ]]" || true
+    # dockerd's containerd gets SIGKILL when dockerd dies (pdeathsig); a new
+    # dockerd that still sees its pid (zombie, not reaped yet) takes it for
+    # a live containerd and times out on its socket. Wait for it to vanish;
+    # a containerd that really survives is adopted by the new dockerd.
+    local anchor cpid
+    anchor="$(_harness_anchor_pid "$n")" || _hdie "host $n is not started"
+    cpid="$(cat "/proc/$anchor/root/run/docker/containerd/containerd.pid" 2>/dev/null)" || cpid=""
+    if [[ "$cpid" =~ ^[0-9]+$ ]]; then
+        sleep 0.3
+        _harness_wait 10 eval "[[ ! -e /proc/$cpid ]] || _harness_pid_alive $cpid" || true
+    fi
+    _harness_start_dockerd "$n"
 }
 
 # harness_plugin_pid N - pid of host N's plugin (empty + failure if not running).
@@ -541,10 +595,7 @@ harness_store_url() {
 # wait until it is gone. The socket file stays, as after a real crash.
 harness_kill_plugin() {
     local n="${1:?usage: harness_kill_plugin N [SIGNAL]}" sig="${2:-KILL}" pid
-    pid="$(harness_plugin_pid "$n")" || {
-        _hlog "host $n: plugin not running"
-        return 0
-    }
+    pid="$(harness_plugin_pid "$n")" || return 0
     kill -s "$sig" "$pid" 2>/dev/null || true
     if ! _harness_wait 15 eval "! _harness_pid_alive $pid"; then
         _hlog "host $n: plugin pid $pid ignored SIG$sig for 15s, sending SIGKILL"
@@ -610,7 +661,7 @@ harness_restart_plugin() {
     _harness_spawn "$dir/plugin.pid" "$dir/plugin.log" \
         nsenter --target "$anchor" --mount --net -- \
         "${_HARNESS_PIDWRAP[@]}" "$dir/plugin.pid" \
-        env RUST_LOG="${HARNESS_RUST_LOG:-info,rustoverlay=debug}" RUST_BACKTRACE=1 \
+        env RUSTOVERLAY_LOG="${HARNESS_PLUGIN_LOG:-info,rustoverlay=debug}" RUST_BACKTRACE=1 NO_COLOR=1 \
         "$bin" serve "${args[@]}" "${extra[@]}"
     local pid
     pid="$(cat "$dir/plugin.pid")"
@@ -642,34 +693,85 @@ hdocker() {
     "$HARNESS_DOCKER_CLI" -H "unix://$(harness_host_dir "$n")/docker.sock" "$@"
 }
 
-# harness_stop_host N - stop host N's containers, dockerd and plugin, in that
-# order (the namespaces stay; harness_start_host N can start it again).
+# harness_stop_host N [--rm] - clean shutdown of host N: dockerd (SIGTERM:
+# it stops the containers, which stay defined), then the plugin, then what is
+# left (containerd, anchor). --rm removes all containers first. The namespace,
+# data-root and store stay: harness_start_host N starts the host again.
 harness_stop_host() {
-    local n="${1:?usage: harness_stop_host N}" dir pid
+    local n="${1:?usage: harness_stop_host N [--rm]}" dir pid
     dir="$(harness_host_dir "$n")"
-    local ids
-    ids="$(timeout 30 "$HARNESS_DOCKER_CLI" -H "unix://$dir/docker.sock" ps -aq 2>/dev/null)" || ids=""
-    # shellcheck disable=SC2086
-    [[ -z "$ids" ]] || timeout 60 "$HARNESS_DOCKER_CLI" -H "unix://$dir/docker.sock" rm -f $ids >/dev/null 2>&1 || true
+    if [[ "${2:-}" == --rm ]]; then
+        local ids
+        ids="$(timeout 30 "$HARNESS_DOCKER_CLI" -H "unix://$dir/docker.sock" ps -aq 2>/dev/null)" || ids=""
+        # shellcheck disable=SC2086
+        [[ -z "$ids" ]] || timeout 60 "$HARNESS_DOCKER_CLI" -H "unix://$dir/docker.sock" rm -f $ids >/dev/null 2>&1 || true
+    fi
     pid="$(cat "$dir/dockerd.pid" 2>/dev/null)" || pid=""
     if [[ -n "$pid" ]] && _harness_pid_alive "$pid"; then
         kill -TERM "$pid" 2>/dev/null || true
-        _harness_wait 20 eval "! _harness_pid_alive $pid" || kill -9 "$pid" 2>/dev/null || true
+        _harness_wait 30 eval "! _harness_pid_alive $pid" || {
+            _hlog "host $n: dockerd ignored SIGTERM for 30s, killing it"
+            kill -9 "$pid" 2>/dev/null || true
+        }
     fi
     [[ -f "$dir/no-plugin" ]] || harness_kill_plugin "$n" TERM
-    # containerd, shims and the anchor live in the host netns; containers in
-    # the host's cgroups: end whatever is left of them.
-    local p f
-    for p in $(ip netns pids "$(harness_host_ns "$n")" 2>/dev/null); do
-        kill -9 "$p" 2>/dev/null || true
+    _harness_kill_host_procs "$n"
+}
+
+# harness_crash_host N [--reboot] - power loss on host N: SIGKILL to its
+# plugin, dockerd, containerd, shims and containers at once. Its /run (plugin
+# state dir, socket) is gone with its mount namespace; data-root and store
+# stay. --reboot also replaces the host's network namespace with a fresh one
+# (no leftover bridges, veths, routes or firewall rules), as after a reboot.
+# harness_start_host N brings it back.
+harness_crash_host() {
+    local n="${1:?usage: harness_crash_host N [--reboot]}" ns
+    _harness_kill_host_procs "$n"
+    if [[ "${2:-}" == --reboot ]]; then
+        ns="$(harness_host_ns "$n")"
+        ip -n "$(harness_ul_ns)" link del "h$n" 2>/dev/null || true
+        ip netns del "$ns" 2>/dev/null || true
+        # The kernel dismantles a namespace asynchronously.
+        _harness_wait 10 eval "! ip -n $(harness_ul_ns) link show h$n" ||
+            _hdie "host $n: underlay link h$n still there after deleting $ns"
+        harness_add_host "$n"
+    fi
+}
+
+# _harness_kill_host_procs N - SIGKILL every process of host N (its netns:
+# anchor, plugin, dockerd, containerd, shims; its cgroups: containers) and
+# wait until they are gone.
+_harness_kill_host_procs() {
+    local n="$1" ns cg i pids p f killed=""
+    ns="$(harness_host_ns "$n")"
+    cg="$HARNESS_PREFIX-h$n"
+    for i in $(seq 1 50); do
+        pids="$(
+            ip netns pids "$ns" 2>/dev/null
+            for f in /sys/fs/cgroup/*/"$cg"/ /sys/fs/cgroup/"$cg"/; do
+                [[ ! -d "$f" ]] || find "$f" -name cgroup.procs -exec cat {} + 2>/dev/null
+            done
+            true
+        )"
+        pids="$(for p in $pids; do _harness_pid_alive "$p" && echo "$p"; done | sort -u)"
+        [[ -n "$pids" ]] || break
+        # shellcheck disable=SC2086
+        kill -9 $pids 2>/dev/null || true
+        killed+=" $pids"
+        sleep 0.1
     done
-    for f in /sys/fs/cgroup/*/"$HARNESS_PREFIX-h$n"/ /sys/fs/cgroup/"$HARNESS_PREFIX-h$n"/; do
-        [[ -d "$f" ]] || continue
-        find "$f" -name cgroup.procs -exec cat {} + 2>/dev/null | while read -r p; do
-            kill -9 "$p" 2>/dev/null || true
+    [[ -z "$pids" ]] || _hlog "host $n: processes survive SIGKILL: ${pids//$'\n'/ }"
+    # Wait until they are reaped too: a zombie containerd still "exists" for a
+    # dockerd started right after and would be taken for a running one.
+    for i in $(seq 1 50); do
+        pids=""
+        for p in $killed; do
+            [[ ! -e "/proc/$p" ]] || pids+=" $p"
         done
+        [[ -n "$pids" ]] || break
+        sleep 0.1
     done
-    rm -f "$dir/anchor.pid" "$dir/no-plugin"
+    rm -f "$(harness_host_dir "$n")/anchor.pid"
 }
 
 # ---------------------------------------------------------------------------
@@ -715,6 +817,54 @@ _harness_build_busybox_tar() {
 hcontainer_ip() {
     local n="$1" c="$2" net="$3"
     hdocker "$n" inspect -f "{{with index .NetworkSettings.Networks \"$net\"}}{{.IPAddress}}{{end}}" "$c"
+}
+
+# ---------------------------------------------------------------------------
+# the plugin's store
+# ---------------------------------------------------------------------------
+
+# Keys that mean "something is still allocated". What may stay after every
+# network is gone: cursors such as vni/next and the (empty) ipam/pools index.
+HARNESS_ALLOC_KEY_RE='^/rustoverlay/v1/(ipam/pool/|vni/[0-9]|overlay/|host/)'
+
+# harness_store_dump N - print host N's store ("key value" lines) with
+# `rustoverlay dump`. The embedded store is locked by a running plugin, so for
+# file:// stores the plugin is stopped (SIGTERM) first and started again after.
+harness_store_dump() {
+    local n="${1:?usage: harness_store_dump N}" url rc=0 restart=0
+    url="$(harness_store_url "$n")"
+    if [[ "$url" == memory:* ]]; then
+        echo "host $n uses a memory:// store: only its plugin can see it" >&2
+        return 1
+    fi
+    if [[ "$url" == file://* ]] && harness_plugin_pid "$n" >/dev/null; then
+        harness_kill_plugin "$n" TERM
+        restart=1
+    fi
+    # In the host's netns, so that a networked store is reached the same way.
+    hexec "$n" timeout 30 "$(harness_bin)" dump --store "$url" || rc=$?
+    if [[ "$restart" -eq 1 ]]; then
+        harness_restart_plugin "$n" >&2
+    fi
+    return "$rc"
+}
+
+# assert_store_empty N - HOOK: host N's store holds no allocation (no pool,
+# address, VNI claim, overlay, endpoint or host->network key).
+assert_store_empty() {
+    local n="${1:?usage: assert_store_empty N}" dump left
+    if ! dump="$(harness_store_dump "$n" 2>&1)"; then
+        harness_fail "host $n: store dump failed ($(harness_bin) dump --store $(harness_store_url "$n"))"
+        printf '%s\n' "$dump" | _harness_indent
+        return 0
+    fi
+    left="$(printf '%s\n' "$dump" | grep -E "$HARNESS_ALLOC_KEY_RE" || true)"
+    if [[ -z "$left" ]]; then
+        harness_pass "host $n: store holds no allocation"
+    else
+        harness_fail "host $n: store still holds allocations:"
+        printf '%s\n' "$left" | _harness_indent
+    fi
 }
 
 # ---------------------------------------------------------------------------
@@ -816,6 +966,15 @@ harness_dump_logs() {
         [[ -s "$dir/anchor.log" ]] && _harness_tail "$dir/anchor.log" 20
     done < <(sort -un "$HARNESS_TMP/.hosts")
     return 0
+}
+
+# harness_stop_if_failed [WHY] - end the test now (summary, exit 1) if any
+# assertion failed so far: for setup steps the rest depends on.
+harness_stop_if_failed() {
+    if [[ "$HARNESS_FAILED" -gt 0 ]]; then
+        printf 'stopping: %s\n' "${1:-setup failed, the remaining checks depend on it}"
+        harness_summary || exit 1
+    fi
 }
 
 # harness_summary - print "N passed, N failed"; returns 1 if anything failed.
