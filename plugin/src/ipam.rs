@@ -129,6 +129,9 @@ struct Cursor {
     subnet: IpNetwork,
     state: AllocState,
     revision: Revision,
+    /// Create revision of the cursor key: tells a re-claimed pool (whose
+    /// range may differ) from the one cached.
+    created: Revision,
 }
 
 /// Builds compares and ops that ride along in an allocating transaction.
@@ -607,6 +610,7 @@ impl Ipam {
                     subnet: rec.subnet,
                     state: decode(&alloc)?,
                     revision: alloc.mod_revision,
+                    created: alloc.create_revision,
                 })
             }
             _ => Err(unclaimed(&seg.replace('_', "/"))),
@@ -723,7 +727,11 @@ impl Ipam {
                 *guard = None;
                 return Err(pool_gone(seg));
             };
-            if alloc_now.mod_revision != cur.revision {
+            if alloc_now.create_revision != cur.created {
+                // The pool was released and claimed again: start over.
+                *guard = None;
+                skip = 0;
+            } else if alloc_now.mod_revision != cur.revision {
                 // Another host allocated: continue from its cursor.
                 *guard = Some(Cursor {
                     state: decode(&alloc_now)?,

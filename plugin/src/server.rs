@@ -109,13 +109,15 @@ async fn unknown_method(uri: Uri) -> Response {
         .into_response()
 }
 
-async fn activate() -> Json<ActivateResponse> {
+// Handlers without input still read the body: closing the connection while
+// the client is still writing would fail Docker's call with a broken pipe.
+async fn activate(_body: Bytes) -> Json<ActivateResponse> {
     Json(ActivateResponse {
         implements: vec![NETWORK_DRIVER, IPAM_DRIVER],
     })
 }
 
-async fn net_capabilities() -> Json<CapabilitiesResponse> {
+async fn net_capabilities(_body: Bytes) -> Json<CapabilitiesResponse> {
     // Local: Docker without Swarm refuses global-scope drivers. Connectivity
     // is global: the network spans hosts.
     Json(CapabilitiesResponse {
@@ -124,7 +126,7 @@ async fn net_capabilities() -> Json<CapabilitiesResponse> {
     })
 }
 
-async fn empty_ok() -> Json<Empty> {
+async fn empty_ok(_body: Bytes) -> Json<Empty> {
     Json(Empty {})
 }
 
@@ -193,7 +195,7 @@ async fn leave(
     Ok(Json(Empty {}))
 }
 
-async fn ipam_capabilities() -> Json<IpamCapabilitiesResponse> {
+async fn ipam_capabilities(_body: Bytes) -> Json<IpamCapabilitiesResponse> {
     // No replay: pools and addresses live in the store and survive Docker's
     // restarts; a replay would only count references twice.
     Json(IpamCapabilitiesResponse {
@@ -202,7 +204,7 @@ async fn ipam_capabilities() -> Json<IpamCapabilitiesResponse> {
     })
 }
 
-async fn address_spaces() -> Json<AddressSpacesResponse> {
+async fn address_spaces(_body: Bytes) -> Json<AddressSpacesResponse> {
     Json(AddressSpacesResponse {
         local_default_address_space: LOCAL_ADDRESS_SPACE,
         global_default_address_space: GLOBAL_ADDRESS_SPACE,

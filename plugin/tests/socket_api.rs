@@ -290,6 +290,42 @@ async fn bad_input_gets_a_clear_error_and_the_plugin_keeps_serving() {
         json!("10.78.0.3/29")
     );
 
+    // An unknown endpoint on a known network.
+    c.call(
+        "NetworkDriver.CreateNetwork",
+        json!({"NetworkID": "n78", "IPv4Data": [{"AddressSpace": "RustOverlayLocal", "Pool": "10.78.0.0/29"}]}),
+    )
+    .await
+    .ok();
+    for m in [
+        "NetworkDriver.Join",
+        "NetworkDriver.Leave",
+        "NetworkDriver.EndpointOperInfo",
+    ] {
+        let e = c
+            .call(
+                m,
+                json!({"NetworkID": "n78", "EndpointID": "nosuchendpoint", "SandboxKey": "/x"}),
+            )
+            .await
+            .err();
+        assert!(
+            e.contains("endpoint nosuchendpoint does not exist"),
+            "{m}: {e}"
+        );
+    }
+    // An endpoint address outside the network, a malformed MAC.
+    let e = c
+        .call("NetworkDriver.CreateEndpoint", json!({"NetworkID": "n78", "EndpointID": "e2", "Interface": {"Address": "10.1.1.1/24"}}))
+        .await
+        .err();
+    assert!(e.contains("outside the network"), "{e}");
+    let e = c
+        .call("NetworkDriver.CreateEndpoint", json!({"NetworkID": "n78", "EndpointID": "e2", "Interface": {"Address": "10.78.0.2/29", "MacAddress": "zz"}}))
+        .await
+        .err();
+    assert!(e.contains("not a MAC"), "{e}");
+
     // Still serving.
     c.call("Plugin.Activate", json!({})).await.ok();
 }

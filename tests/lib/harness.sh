@@ -825,7 +825,7 @@ hcontainer_ip() {
 
 # Keys that mean "something is still allocated". What may stay after every
 # network is gone: cursors such as vni/next and the (empty) ipam/pools index.
-HARNESS_ALLOC_KEY_RE='^/rustoverlay/v1/(ipam/pool/|vni/[0-9]|overlay/|host/)'
+HARNESS_ALLOC_KEY_RE='^/rustoverlay/v1/(ipam/pool/|vni/[0-9]|overlay/|host/|ipam/pools \{"pools":\[[^]])'
 
 # harness_store_dump N - print host N's store ("key value" lines) with
 # `rustoverlay dump`. The embedded store is locked by a running plugin, so for

@@ -159,7 +159,9 @@ impl Plugin {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let script = "mkdir -p /run/rustoverlay && mount -t tmpfs rustoverlay-test /run/rustoverlay && exec \"$0\" serve \"$@\"";
+        // The overlays' namespace mounts live in this private mount namespace
+        // and vanish with it; their files sit in the test's own directory.
+        let script = "exec \"$0\" serve \"$@\"";
         let mut args: Vec<String> = vec![
             "--mount".into(),
             "--propagation".into(),
@@ -178,6 +180,8 @@ impl Plugin {
             self.store_url.clone(),
             "--host-id".into(),
             self.host_id.clone(),
+            "--state-dir".into(),
+            self.dir.join("run").display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let child = Command::new("unshare")
