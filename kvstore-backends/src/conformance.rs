@@ -80,6 +80,7 @@ macro_rules! __kvstore_conformance_checks {
             txn_failure_applies_nothing
             txn_success_applies_all_at_one_revision
             txn_delete_prefix
+            txn_writing_a_key_twice_is_invalid
             watch_sees_every_change_in_order
             watch_concurrent_writers_and_late_start
             watch_replays_history
@@ -654,7 +655,7 @@ pub async fn txn_failure_applies_nothing(store: Arc<dyn KvStore>) {
                 .and_then(vec![
                     Op::put(&c, b"c".to_vec()),
                     Op::delete(&a),
-                    Op::delete_prefix(&p),
+                    Op::delete_prefix(&b),
                 ])
                 .or_else(vec![Op::put(&d, b"d".to_vec()), Op::get(&a), Op::get(&d)]),
         )
@@ -707,8 +708,13 @@ pub async fn txn_success_applies_all_at_one_revision(store: Arc<dyn KvStore>) {
         format!("{p}c"),
         format!("{p}gone"),
     );
+    let dir = format!("{p}dir/");
     let ra = store.put(&a, b"a1".to_vec()).await.expect("put");
     store.put(&gone, b"x".to_vec()).await.expect("put");
+    store
+        .put(&format!("{dir}1"), b"d".to_vec())
+        .await
+        .expect("put");
     let before = current_revision(&*store).await;
     let mut watch = store.watch(&p, before + 1).await.expect("watch");
 
@@ -721,9 +727,11 @@ pub async fn txn_success_applies_all_at_one_revision(store: Arc<dyn KvStore>) {
                     Op::put(&b, b"b1".to_vec()),
                     Op::get(&b),
                     Op::delete(&gone),
+                    Op::get(&gone),
                     Op::put(&c, b"c1".to_vec()),
-                    Op::delete(&c),
-                    Op::get(&c),
+                    Op::delete_prefix(&dir),
+                    // Deletes may overlap (only writes of one key twice are refused).
+                    Op::delete(format!("{dir}1")),
                 ])
                 .or_else(vec![Op::put(format!("{p}failure"), b"!".to_vec())]),
         )
@@ -746,9 +754,10 @@ pub async fn txn_success_applies_all_at_one_revision(store: Arc<dyn KvStore>) {
             OpResult::Put,
             OpResult::Get(Some(b_kv.clone())),
             OpResult::Delete { deleted: 1 },
+            OpResult::Get(None),
             OpResult::Put,
             OpResult::Delete { deleted: 1 },
-            OpResult::Get(None),
+            OpResult::Delete { deleted: 0 },
         ]
     );
     let a_kv = store.get(&a).await.expect("get").expect("a");
@@ -762,7 +771,11 @@ pub async fn txn_success_applies_all_at_one_revision(store: Arc<dyn KvStore>) {
     );
     assert_eq!(store.get(&b).await.expect("get"), Some(b_kv));
     assert_eq!(store.get(&gone).await.expect("get"), None);
-    assert_eq!(store.get(&c).await.expect("get"), None);
+    assert_eq!(
+        value_of(&store.get(&c).await.expect("get")),
+        Some(&b"c1"[..])
+    );
+    assert!(store.range(&dir).await.expect("range").kvs.is_empty());
     assert_eq!(store.get(&format!("{p}failure")).await.expect("get"), None);
     assert_eq!(current_revision(&*store).await, rev);
 
@@ -779,7 +792,7 @@ pub async fn txn_success_applies_all_at_one_revision(store: Arc<dyn KvStore>) {
             (b.clone(), EventKind::Put, rev),
             (gone.clone(), EventKind::Delete, rev),
             (c.clone(), EventKind::Put, rev),
-            (c.clone(), EventKind::Delete, rev),
+            (format!("{dir}1"), EventKind::Delete, rev),
         ]
     );
     expect_sentinel_next(&*store, &mut watch, &p).await;
@@ -826,6 +839,63 @@ pub async fn txn_delete_prefix(store: Arc<dyn KvStore>) {
     assert_eq!(resp.results, vec![OpResult::Delete { deleted: 0 }]);
     assert_eq!(resp.revision, start);
     expect_sentinel_next(&*store, &mut watch, &p).await;
+}
+
+pub async fn txn_writing_a_key_twice_is_invalid(store: Arc<dyn KvStore>) {
+    let p = unique_prefix("txn_write_twice");
+    let (k, other) = (format!("{p}k"), format!("{p}other"));
+    let rev = store.put(&k, b"v".to_vec()).await.expect("put");
+    let bad_branches = [
+        vec![Op::put(&k, b"1".to_vec()), Op::put(&k, b"2".to_vec())],
+        vec![Op::put(&k, b"1".to_vec()), Op::delete(&k)],
+        vec![Op::delete(&k), Op::put(&k, b"1".to_vec())],
+        vec![Op::delete_prefix(&p), Op::put(&k, b"1".to_vec())],
+        vec![Op::put(&k, b"1".to_vec()), Op::delete_prefix(&p)],
+    ];
+    for ops in bad_branches {
+        for (name, txn) in [
+            ("success", Txn::new().and_then(ops.clone())),
+            // Refused even in the branch that would not run.
+            (
+                "failure",
+                Txn::new()
+                    .and_then(vec![Op::put(&other, b"o".to_vec())])
+                    .or_else(ops.clone()),
+            ),
+        ] {
+            match store.txn(txn).await {
+                Err(StoreError::Invalid(_)) => {}
+                result => panic!("{ops:?} in the {name} branch: expected Invalid, got {result:?}"),
+            }
+        }
+    }
+    assert_eq!(current_revision(&*store).await, rev, "nothing was applied");
+    assert_eq!(store.get(&other).await.expect("get"), None);
+
+    // Allowed: one write per key, overlapping deletes, gets anywhere, and the
+    // same key in both branches (only one of them runs).
+    let resp = store
+        .txn(
+            Txn::new()
+                .when(vec![Compare::mod_revision(&k, rev)])
+                .and_then(vec![
+                    Op::get(&k),
+                    Op::delete(&k),
+                    Op::delete_prefix(&k),
+                    Op::get(&k),
+                    Op::put(&other, b"o".to_vec()),
+                ])
+                .or_else(vec![Op::put(&k, b"f".to_vec())]),
+        )
+        .await
+        .expect("txn with one write per key");
+    assert!(resp.succeeded);
+    assert_eq!(resp.results.len(), 5);
+    assert_eq!(resp.results[1], OpResult::Delete { deleted: 1 });
+    assert_eq!(resp.results[2], OpResult::Delete { deleted: 0 });
+    assert_eq!(resp.results[3], OpResult::Get(None));
+    assert_eq!(store.get(&k).await.expect("get"), None);
+    assert!(store.get(&other).await.expect("get").is_some());
 }
 
 pub async fn watch_sees_every_change_in_order(store: Arc<dyn KvStore>) {

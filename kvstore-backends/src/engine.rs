@@ -580,14 +580,16 @@ fn prefixed<'a, V>(
         .take_while(move |(k, _)| k.starts_with(prefix))
 }
 
-fn check_key(key: &str) -> Result<()> {
+pub(crate) fn check_key(key: &str) -> Result<()> {
     if key.is_empty() {
         return Err(StoreError::Invalid("empty key".into()));
     }
     Ok(())
 }
 
-fn validate_txn(txn: &Txn) -> Result<()> {
+/// The checks every backend makes before running a txn (shared so that they
+/// all reject the same requests).
+pub(crate) fn validate_txn(txn: &Txn) -> Result<()> {
     for c in &txn.compares {
         match c {
             Compare::ModRevision { key, .. } => check_key(key)?,
@@ -603,6 +605,37 @@ fn validate_txn(txn: &Txn) -> Result<()> {
                 ))
             }
             Op::DeletePrefix { .. } => {}
+        }
+    }
+    check_single_writes(&txn.success)?;
+    check_single_writes(&txn.failure)
+}
+
+/// etcd refuses a branch that writes one key twice (two puts, or a put and a
+/// delete or deleted prefix covering it, in any order). Every backend refuses
+/// it too, so that code tested on one backend does not fail on etcd.
+/// Overlapping deletes are fine, as in etcd.
+fn check_single_writes(ops: &[Op]) -> Result<()> {
+    let mut puts = BTreeSet::new();
+    for op in ops {
+        if let Op::Put { key, .. } = op {
+            if !puts.insert(key.as_str()) {
+                return Err(StoreError::Invalid(format!(
+                    "txn puts key {key:?} twice in one branch (etcd refuses that)"
+                )));
+            }
+        }
+    }
+    for op in ops {
+        let covered = |key: &str| match op {
+            Op::Delete { key: deleted } => key == deleted,
+            Op::DeletePrefix { prefix } => key.starts_with(prefix.as_str()),
+            Op::Put { .. } | Op::Get { .. } => false,
+        };
+        if let Some(key) = puts.iter().find(|key| covered(key)) {
+            return Err(StoreError::Invalid(format!(
+                "txn both puts and deletes key {key:?} in one branch (etcd refuses that)"
+            )));
         }
     }
     Ok(())

@@ -11,6 +11,7 @@
 mod counting;
 mod engine;
 mod error;
+mod etcd;
 mod memory;
 mod redb_store;
 mod timeout;
@@ -21,6 +22,7 @@ pub mod conformance;
 
 pub use counting::CountingStore;
 pub use error::{Result, StoreError};
+pub use etcd::{EtcdConfig, EtcdStore, EtcdTls};
 pub use memory::MemoryStore;
 pub use redb_store::RedbStore;
 pub use timeout::TimeoutStore;
@@ -54,7 +56,11 @@ pub trait KvStore: Send + Sync + 'static {
     async fn range(&self, prefix: &str) -> Result<RangeResponse>;
 
     /// Apply `success` ops if every compare holds, else `failure` ops, all or
-    /// nothing.
+    /// nothing, all at one revision. Ops run in order (a get sees the earlier
+    /// writes of its branch). A branch may write each key at most once: two
+    /// puts of a key, or a put and a delete (or deleted prefix) covering it,
+    /// are [`StoreError::Invalid`], as etcd refuses them. Remote backends cap
+    /// [`Txn::len`] (etcd at 128) and refuse bigger txns as invalid.
     async fn txn(&self, txn: Txn) -> Result<TxnResponse>;
 
     /// Every change under `prefix` with revision >= `start_revision`, in
