@@ -34,13 +34,30 @@ pub enum LogFormat {
 
 #[derive(Debug, Args)]
 pub struct StoreArgs {
-    /// The store: file:///path (embedded, one host), memory:// (tests).
+    /// The store: file:///path (embedded, one host), etcd://host:2379[,host:2379...]
+    /// (shared by many hosts), memory:// (tests).
     #[arg(
         long,
         env = "RUSTOVERLAY_STORE",
         default_value = "file:///var/lib/rustoverlay/state.redb"
     )]
     pub store: String,
+    /// CA certificate that signed the store's server certificate (turns TLS on).
+    #[arg(long, env = "RUSTOVERLAY_STORE_CA")]
+    pub store_ca: Option<PathBuf>,
+    /// Client certificate for the store (with --store-key).
+    #[arg(long, env = "RUSTOVERLAY_STORE_CERT")]
+    pub store_cert: Option<PathBuf>,
+    /// Client key for the store (with --store-cert).
+    #[arg(long, env = "RUSTOVERLAY_STORE_KEY")]
+    pub store_key: Option<PathBuf>,
+    /// User name for the store's authentication. Read from the environment
+    /// only (RUSTOVERLAY_STORE_USER), like the password, so neither shows in `ps`.
+    #[arg(skip = std::env::var("RUSTOVERLAY_STORE_USER").ok().filter(|u| !u.is_empty()))]
+    pub store_user: Option<String>,
+    /// Password (RUSTOVERLAY_STORE_PASSWORD, environment only).
+    #[arg(skip = std::env::var("RUSTOVERLAY_STORE_PASSWORD").ok())]
+    pub store_password: Option<String>,
     /// Time limit of every store call, in seconds.
     #[arg(long, env = "RUSTOVERLAY_STORE_TIMEOUT", default_value_t = 5.0)]
     pub store_timeout: f64,

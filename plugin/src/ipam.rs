@@ -265,7 +265,8 @@ impl Ipam {
     /// record as it stands after the call.
     #[tracing::instrument(skip(self), fields(host = %self.host))]
     pub async fn request_pool(&self, req: &PoolRequest) -> Result<PoolRecord> {
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
+            crate::backoff::contention_pause(attempt).await;
             let index_kv = self
                 .store
                 .get(&keys::pools_index())
@@ -332,7 +333,8 @@ impl Ipam {
     /// One more reference on an existing pool. `Ok(None)` when the pool went
     /// away in between (the caller starts over).
     async fn add_pool_ref(&self, seg: &str, req: &PoolRequest) -> Result<Option<PoolRecord>> {
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
+            crate::backoff::contention_pause(attempt).await;
             let Some((mut rec, rev)) = self.read_pool(seg).await? else {
                 return Ok(None);
             };
@@ -407,7 +409,8 @@ impl Ipam {
     /// everything allocated in it.
     #[tracing::instrument(skip(self), fields(host = %self.host))]
     pub async fn release_pool(&self, pool_id: &str) -> Result<()> {
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
+            crate::backoff::contention_pause(attempt).await;
             let (subnet, seg, mut rec, rev) = self.read_known_pool(pool_id).await?;
             match rec.refs.get_mut(&self.host) {
                 None | Some(0) => {
@@ -486,7 +489,8 @@ impl Ipam {
     }
 
     async fn request_gateway(&self, pool_id: &str, wanted: Option<IpAddr>) -> Result<IpAddr> {
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
+            crate::backoff::contention_pause(attempt).await;
             let (_, seg, rec, rev) = self.read_known_pool(pool_id).await?;
             if let Some(gw) = rec.gateway {
                 return match wanted {
@@ -525,7 +529,8 @@ impl Ipam {
     }
 
     async fn request_specific(&self, pool_id: &str, ip: IpAddr) -> Result<IpAddr> {
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
+            crate::backoff::contention_pause(attempt).await;
             let (_, seg, rec, rev) = self.read_known_pool(pool_id).await?;
             if rec.gateway == Some(ip) {
                 return Err(PluginError::Conflict(format!(
@@ -625,7 +630,8 @@ impl Ipam {
         let cell = self.cursor_cell(seg);
         let mut guard = cell.lock().await;
         let mut skip: u128 = 0;
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
+            crate::backoff::contention_pause(attempt).await;
             let cur = match *guard {
                 Some(c) => c,
                 None => {
@@ -790,7 +796,8 @@ impl Ipam {
     /// and freed with the pool, so releasing them is a no-op.
     #[tracing::instrument(skip(self), fields(host = %self.host))]
     pub async fn release_address(&self, pool_id: &str, ip: IpAddr) -> Result<()> {
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
+            crate::backoff::contention_pause(attempt).await;
             let (subnet, seg, rec, _) = self.read_known_pool(pool_id).await?;
             if !subnet.contains(ip) {
                 return Err(PluginError::BadRequest(format!(
@@ -870,7 +877,8 @@ impl Ipam {
         if aux.is_empty() {
             return Ok(());
         }
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
+            crate::backoff::contention_pause(attempt).await;
             let (_, seg, mut rec, rev) = self.read_known_pool(pool_id).await?;
             if aux.iter().all(|ip| rec.aux.contains(ip)) {
                 return Ok(());

@@ -2,6 +2,7 @@
 //! shared multi-host VXLAN overlays, with a key-value store as the single
 //! source of truth.
 
+pub mod backoff;
 pub mod cli;
 pub mod dataplane;
 pub mod driver;
@@ -44,7 +45,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let store = store::open(
-        &args.store.store,
+        &args.store,
         secs(args.store.store_timeout, "--store-timeout")?,
     )?;
     let dataplane = Arc::new(
@@ -98,7 +99,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 /// Print the store's keys and values, one per line.
 pub async fn dump(args: DumpArgs) -> anyhow::Result<()> {
     let store = store::open(
-        &args.store.store,
+        &args.store,
         secs(args.store.store_timeout, "--store-timeout")?,
     )?;
     let prefix = format!("{}{}", keys::ROOT, args.prefix);

@@ -104,7 +104,8 @@ impl Overlays {
         let overlay = keys::subnet_segment(first);
         let map_key = keys::host_network(&self.host, network_id);
         let rec_key = keys::overlay_record(&overlay);
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
+            crate::backoff::contention_pause(attempt).await;
             let resp = self
                 .store
                 .txn(Txn::new().and_then(vec![
@@ -266,7 +267,8 @@ impl Overlays {
     #[tracing::instrument(skip(self), fields(host = %self.host))]
     pub async fn delete_network(&self, network_id: &str) -> Result<Option<LocalNetwork>> {
         let map_key = keys::host_network(&self.host, network_id);
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
+            crate::backoff::contention_pause(attempt).await;
             let Some(kv) = self
                 .store
                 .get(&map_key)

@@ -1,61 +1,152 @@
 //! Opening the store named by `--store`.
 
-use kvstore_backends::{KvStore, MemoryStore, RedbStore, TimeoutStore};
+use crate::cli::StoreArgs;
+use kvstore_backends::{
+    EtcdConfig, EtcdStore, EtcdTls, KvStore, MemoryStore, RedbStore, TimeoutStore,
+};
 use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("--store {0:?} is not a store URL; use file:///path/state.redb or memory://")]
+    #[error("--store {0:?} is not a store URL; use file:///path/state.redb, etcd://host:2379[,host:2379] or memory://")]
     Malformed(String),
-    #[error("--store {0}: the {1} backend is not available in this version yet; use file:///path/state.redb")]
+    #[error(
+        "--store {0}: the {1} backend is not available in this version yet; use etcd:// or file://"
+    )]
     NotYet(String, &'static str),
-    #[error("open the embedded store {path}: {source}")]
-    File {
-        path: String,
+    #[error("{0}")]
+    Options(String),
+    #[error("open the store {url}: {source}")]
+    Backend {
+        url: String,
         #[source]
         source: kvstore_backends::StoreError,
     },
 }
 
 /// Open the store and bound every call on it by `timeout`.
-pub fn open(url: &str, timeout: Duration) -> Result<Arc<dyn KvStore>, OpenError> {
+pub fn open(args: &StoreArgs, timeout: Duration) -> Result<Arc<dyn KvStore>, OpenError> {
+    let url = args.store.as_str();
     let (scheme, rest) = url
         .split_once("://")
         .ok_or_else(|| OpenError::Malformed(url.to_string()))?;
+    let backend = |source| OpenError::Backend {
+        url: url.to_string(),
+        source,
+    };
+    let tls_given =
+        args.store_ca.is_some() || args.store_cert.is_some() || args.store_key.is_some();
+    if tls_given && scheme != "etcd" && scheme != "consul" {
+        return Err(OpenError::Options(format!(
+            "--store-ca/--store-cert/--store-key only apply to networked stores, not to {scheme}://"
+        )));
+    }
     let inner: Arc<dyn KvStore> = match scheme {
-        "memory" => Arc::new(MemoryStore::new()),
+        "memory" if rest.is_empty() => Arc::new(MemoryStore::new()),
         "file" => {
-            if rest.is_empty() || !rest.starts_with('/') {
+            if !rest.starts_with('/') {
                 return Err(OpenError::Malformed(url.to_string()));
             }
-            let store = RedbStore::open(rest).map_err(|source| OpenError::File {
-                path: rest.to_string(),
-                source,
-            })?;
-            Arc::new(store)
+            Arc::new(RedbStore::open(rest).map_err(backend)?)
         }
-        "etcd" => return Err(OpenError::NotYet(url.to_string(), "etcd")),
+        "etcd" => {
+            let endpoints: Vec<String> = rest
+                .trim_end_matches('/')
+                .split(',')
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+                .map(String::from)
+                .collect();
+            if endpoints.is_empty() {
+                return Err(OpenError::Malformed(url.to_string()));
+            }
+            let mut config = EtcdConfig::new(endpoints);
+            config.tls = tls(args)?;
+            config.user = args.store_user.clone();
+            config.password = args.store_password.clone();
+            // Stay inside the per-call bound so the store reports its own error.
+            config.request_timeout = timeout;
+            config.dial_timeout = timeout.min(Duration::from_secs(3));
+            Arc::new(EtcdStore::new(config).map_err(backend)?)
+        }
         "consul" => return Err(OpenError::NotYet(url.to_string(), "Consul")),
         _ => return Err(OpenError::Malformed(url.to_string())),
     };
     Ok(Arc::new(TimeoutStore::new(inner, timeout)))
 }
 
+fn tls(args: &StoreArgs) -> Result<Option<EtcdTls>, OpenError> {
+    match (&args.store_ca, &args.store_cert, &args.store_key) {
+        (None, None, None) => Ok(None),
+        (Some(ca), cert, key) => {
+            if cert.is_some() != key.is_some() {
+                return Err(OpenError::Options(
+                    "--store-cert and --store-key go together: give both or neither".into(),
+                ));
+            }
+            Ok(Some(EtcdTls {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            }))
+        }
+        (None, _, _) => Err(OpenError::Options(
+            "--store-cert/--store-key need --store-ca, the CA that signed the store's certificate"
+                .into(),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn args(url: &str) -> StoreArgs {
+        StoreArgs {
+            store: url.into(),
+            store_timeout: 1.0,
+            store_ca: None,
+            store_cert: None,
+            store_key: None,
+            store_user: None,
+            store_password: None,
+        }
+    }
+
     #[test]
     fn refuses_unknown_and_future_schemes() {
         let t = Duration::from_secs(1);
-        assert!(matches!(open("bogus", t), Err(OpenError::Malformed(_))));
-        assert!(matches!(open("redis://x", t), Err(OpenError::Malformed(_))));
         assert!(matches!(
-            open("file://relative", t),
+            open(&args("bogus"), t),
             Err(OpenError::Malformed(_))
         ));
-        let e = open("etcd://127.0.0.1:2379", t).err().unwrap();
+        assert!(matches!(
+            open(&args("redis://x"), t),
+            Err(OpenError::Malformed(_))
+        ));
+        assert!(matches!(
+            open(&args("file://relative"), t),
+            Err(OpenError::Malformed(_))
+        ));
+        assert!(matches!(
+            open(&args("etcd://"), t),
+            Err(OpenError::Malformed(_))
+        ));
+        let e = open(&args("consul://127.0.0.1:8500"), t).err().unwrap();
         assert!(e.to_string().contains("not available"));
+    }
+
+    #[test]
+    fn etcd_opens_lazily_and_checks_tls_options() {
+        let t = Duration::from_secs(1);
+        // Nothing listens there: opening must still succeed (lazy connect).
+        assert!(open(&args("etcd://127.0.0.1:1,127.0.0.1:2"), t).is_ok());
+        let mut a = args("etcd://127.0.0.1:2379");
+        a.store_cert = Some("/x.pem".into());
+        assert!(matches!(open(&a, t), Err(OpenError::Options(_))));
+        let mut a = args("file:///tmp/x.redb");
+        a.store_ca = Some("/ca.pem".into());
+        assert!(matches!(open(&a, t), Err(OpenError::Options(_))));
     }
 }
