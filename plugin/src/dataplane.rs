@@ -403,15 +403,20 @@ impl Dataplane {
     /// Remove a remote endpoint's entries; "already gone" is success.
     pub async fn remove_peer(&self, vni: u32, mac: [u8; 6], ip: Option<IpAddr>) -> Result<()> {
         let (ns, vx) = self.vxlan_index(vni).await?;
-        let mut fdb = NeighbourMessage::default();
-        fdb.header.family = AddressFamily::Bridge;
-        fdb.header.ifindex = vx;
-        fdb.header.flags = NeighbourFlags::Own;
-        fdb.attributes
-            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
-        ignore_gone(ns.neighbours().del(fdb).execute().await, || {
-            format!("delete FDB entry {}", format_mac(&mac))
-        })?;
+        // The VXLAN device's own entry (self), then what the bridge learned on
+        // the VXLAN port from the peer's traffic (master): a stale learned
+        // entry would misdirect frames if the MAC shows up on another port.
+        for flags in [NeighbourFlags::Own, NeighbourFlags::Controller] {
+            let mut fdb = NeighbourMessage::default();
+            fdb.header.family = AddressFamily::Bridge;
+            fdb.header.ifindex = vx;
+            fdb.header.flags = flags;
+            fdb.attributes
+                .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+            ignore_gone(ns.neighbours().del(fdb).execute().await, || {
+                format!("delete FDB entry {}", format_mac(&mac))
+            })?;
+        }
         if let Some(ip) = ip {
             self.remove_neighbour(vni, ip).await?;
         }
@@ -462,12 +467,7 @@ impl Dataplane {
                         NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
                             mac = <[u8; 6]>::try_from(l.as_slice()).ok()
                         }
-                        NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
-                            dst = Some(IpAddr::V4(*v4))
-                        }
-                        NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
-                            dst = Some(IpAddr::V6(*v6))
-                        }
+                        NeighbourAttribute::Destination(addr) => dst = neighbour_ip(addr),
                         _ => {}
                     }
                 }
@@ -483,6 +483,21 @@ impl Dataplane {
             }
         }
         Ok(out)
+    }
+}
+
+/// The IP in a neighbour or FDB destination. FDB dumps (family AF_BRIDGE)
+/// carry the VTEP as raw bytes, since the family does not say which IP version.
+fn neighbour_ip(addr: &NeighbourAddress) -> Option<IpAddr> {
+    match addr {
+        NeighbourAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        NeighbourAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        NeighbourAddress::Other(b) => match b.len() {
+            4 => <[u8; 4]>::try_from(b.as_slice()).ok().map(IpAddr::from),
+            16 => <[u8; 16]>::try_from(b.as_slice()).ok().map(IpAddr::from),
+            _ => None,
+        },
+        _ => None,
     }
 }
 

@@ -53,7 +53,8 @@ impl PeerSync {
             overlay: overlay.to_string(),
             vni,
         };
-        let span = tracing::info_span!("peer_sync", overlay = %overlay, vni);
+        // A root span: the task outlives the request that started it.
+        let span = tracing::info_span!(parent: None, "peer_sync", overlay = %overlay, vni);
         tasks.insert(
             overlay.to_string(),
             tokio::spawn(worker.run().instrument(span)),

@@ -111,6 +111,9 @@ impl Drop for Netns {
 /// namespace with its own tmpfs for runtime state.
 pub struct Plugin {
     child: Option<Child>,
+    /// Owns the private mount namespace the plugin runs in, so that the
+    /// overlays' namespace mounts outlive a plugin restart, as on a real host.
+    holder: Option<Child>,
     pub socket: PathBuf,
     pub store_url: String,
     pub host_id: String,
@@ -142,6 +145,7 @@ impl Plugin {
     ) -> Plugin {
         let mut p = Plugin {
             child: None,
+            holder: None,
             socket: dir.join("plugin.sock"),
             store_url: store_url.to_string(),
             host_id: host_id.to_string(),
@@ -159,21 +163,41 @@ impl Plugin {
             .append(true)
             .open(&self.log)
             .unwrap();
-        // The overlays' namespace mounts live in this private mount namespace
-        // and vanish with it; their files sit in the test's own directory.
-        let script = "exec \"$0\" serve \"$@\"";
+        if self.holder.is_none() {
+            let holder = Command::new("unshare")
+                .args([
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "--",
+                    "sleep",
+                    "1000000",
+                ])
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("start the mount namespace holder");
+            let ns = format!("/proc/{}/ns/mnt", holder.id());
+            self.holder = Some(holder);
+            // Wait until the holder has entered its own mount namespace.
+            let own = std::fs::read_link("/proc/self/ns/mnt").ok();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while std::fs::read_link(&ns).ok() == own {
+                assert!(
+                    Instant::now() < deadline,
+                    "mount namespace holder did not start"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let holder = self.holder.as_ref().unwrap().id();
         let mut args: Vec<String> = vec![
-            "--mount".into(),
-            "--propagation".into(),
-            "private".into(),
-            "--".into(),
-            "nsenter".into(),
+            "-t".into(),
+            holder.to_string(),
+            "-m".into(),
             format!("--net=/run/netns/{}", self.netns),
             "--".into(),
-            "sh".into(),
-            "-c".into(),
-            script.into(),
             env!("CARGO_BIN_EXE_rustoverlay").into(),
+            "serve".into(),
             "--socket".into(),
             self.socket.display().to_string(),
             "--store".into(),
@@ -184,9 +208,12 @@ impl Plugin {
             self.dir.join("run").display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let child = Command::new("unshare")
+        let child = Command::new("nsenter")
             .args(&args)
-            .env("RUSTOVERLAY_LOG", "info")
+            .env(
+                "RUSTOVERLAY_LOG",
+                std::env::var("ROTEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -261,6 +288,10 @@ impl Plugin {
 impl Drop for Plugin {
     fn drop(&mut self) {
         self.kill();
+        if let Some(mut h) = self.holder.take() {
+            let _ = h.kill();
+            let _ = h.wait();
+        }
         if std::thread::panicking() {
             eprintln!("--- plugin log ({}) ---\n{}", self.host_id, self.log_text());
         }
@@ -388,4 +419,269 @@ pub async fn store_keys(dir: &Path) -> Vec<String> {
         .into_iter()
         .map(|kv| kv.key)
         .collect()
+}
+
+/// A LAN: a namespace holding a bridge (10.251.0.254/24) that simulated
+/// hosts join, with a real etcd listening on the bridge address.
+pub struct Lan {
+    pub name: String,
+    dir: PathBuf,
+    etcd: Option<Child>,
+}
+
+pub const LAN_GATEWAY: &str = "10.251.0.254";
+
+impl Lan {
+    pub fn new() -> Lan {
+        require_root();
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("rolan-{}-{n}", std::process::id());
+        run("ip", &["netns", "add", &name]);
+        let lan = Lan {
+            dir: Plugin::dir_for("lan"),
+            name,
+            etcd: None,
+        };
+        run("ip", &["-n", &lan.name, "link", "set", "lo", "up"]);
+        run(
+            "ip",
+            &["-n", &lan.name, "link", "add", "br0", "type", "bridge"],
+        );
+        run(
+            "ip",
+            &[
+                "-n",
+                &lan.name,
+                "addr",
+                "add",
+                &format!("{LAN_GATEWAY}/24"),
+                "dev",
+                "br0",
+            ],
+        );
+        run("ip", &["-n", &lan.name, "link", "set", "br0", "up"]);
+        lan
+    }
+
+    pub fn etcd_url(&self) -> String {
+        format!("etcd://{LAN_GATEWAY}:2379")
+    }
+
+    /// Start (or restart, on the same data) etcd on the LAN.
+    pub async fn start_etcd(&mut self) {
+        assert!(self.etcd.is_none(), "etcd already runs");
+        let bin = std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".into());
+        let client = format!("http://{LAN_GATEWAY}:2379");
+        let peer = format!("http://{LAN_GATEWAY}:2380");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("etcd.log"))
+            .unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.name, &bin])
+            .args(["--name", "lan", "--data-dir"])
+            .arg(self.dir.join("etcd-data"))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("lan={peer}")])
+            .args(["--logger", "zap", "--log-level", "error"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {bin} (install Debian's etcd-server): {e}"));
+        self.etcd = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let probe = format!("exec 3<>/dev/tcp/{LAN_GATEWAY}/2379");
+        loop {
+            let ok = Command::new("ip")
+                .args(["netns", "exec", &self.name, "bash", "-c", &probe])
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ok {
+                return;
+            }
+            if let Some(status) = self.etcd.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "etcd exited with {status}:\n{}",
+                    std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "etcd did not listen within 20 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn stop_etcd(&mut self) {
+        if let Some(mut c) = self.etcd.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A host namespace on this LAN at 10.251.0.<n>/24 (MTU 1500).
+    pub fn host(&self, n: u8) -> Netns {
+        let name = format!(
+            "rohost-{}-{n}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        run("ip", &["netns", "add", &name]);
+        let ns = Netns {
+            name: name.clone(),
+            vtep: format!("10.251.0.{n}"),
+        };
+        let peer = format!("rl{n}-{}", COUNTER.fetch_add(1, Ordering::SeqCst));
+        run("ip", &["-n", &name, "link", "set", "lo", "up"]);
+        run(
+            "ip",
+            &[
+                "-n", &name, "link", "add", "ul0", "mtu", "1500", "type", "veth", "peer", "name",
+                &peer,
+            ],
+        );
+        run(
+            "ip",
+            &["-n", &name, "link", "set", &peer, "netns", &self.name],
+        );
+        run(
+            "ip",
+            &[
+                "-n", &self.name, "link", "set", &peer, "master", "br0", "up",
+            ],
+        );
+        run(
+            "ip",
+            &[
+                "-n",
+                &name,
+                "addr",
+                "add",
+                &format!("{}/24", ns.vtep),
+                "dev",
+                "ul0",
+            ],
+        );
+        run("ip", &["-n", &name, "link", "set", "ul0", "up"]);
+        run(
+            "ip",
+            &["-n", &name, "route", "add", "default", "via", LAN_GATEWAY],
+        );
+        ns
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        self.stop_etcd();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A bare namespace standing in for a container's sandbox.
+pub struct Sandbox {
+    pub name: String,
+}
+
+impl Sandbox {
+    pub fn new() -> Sandbox {
+        let name = format!(
+            "rosbx-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        run("ip", &["netns", "add", &name]);
+        run("ip", &["-n", &name, "link", "set", "lo", "up"]);
+        Sandbox { name }
+    }
+
+    /// Do what Docker does after Join: move the interface in, name it eth0,
+    /// give it its address.
+    pub fn take(&self, host: &Netns, src: &str, cidr: &str) {
+        run(
+            "ip",
+            &["-n", &host.name, "link", "set", src, "netns", &self.name],
+        );
+        run(
+            "ip",
+            &["-n", &self.name, "link", "set", src, "name", "eth0"],
+        );
+        run(
+            "ip",
+            &["-n", &self.name, "addr", "add", cidr, "dev", "eth0"],
+        );
+        run("ip", &["-n", &self.name, "link", "set", "eth0", "up"]);
+    }
+
+    pub fn ping(&self, ip: &str) -> bool {
+        Command::new("ip")
+            .args([
+                "netns", "exec", &self.name, "busybox", "ping", "-c", "1", "-W", "2", ip,
+            ])
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+impl Plugin {
+    /// Run a command inside the overlay namespace this plugin made for `vni`
+    /// (the namespace's mount is only visible in the plugin's mount namespace).
+    pub fn in_overlay(&self, vni: u32, cmd: &[&str]) -> String {
+        let ns = self.dir.join("run").join("netns").join(format!("ro-{vni}"));
+        let out = Command::new("nsenter")
+            .arg("-t")
+            .arg(self.holder.as_ref().expect("started").id().to_string())
+            .arg("-m")
+            .arg("--")
+            .arg("nsenter")
+            .arg(format!("--net={}", ns.display()))
+            .arg("--")
+            .args(cmd)
+            .output()
+            .expect("nsenter");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Whether this plugin has devices for `vni`.
+    pub fn has_overlay(&self, vni: u32) -> bool {
+        let ns = self.dir.join("run").join("netns").join(format!("ro-{vni}"));
+        Command::new("nsenter")
+            .arg("-t")
+            .arg(self.holder.as_ref().expect("started").id().to_string())
+            .arg("-m")
+            .arg("--")
+            .arg("nsenter")
+            .arg(format!("--net={}", ns.display()))
+            .arg("true")
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
 }

@@ -1,0 +1,226 @@
+//! Several simulated hosts sharing a real etcd, driven through their plugin
+//! sockets the way Docker drives them, with the test playing Docker's part of
+//! moving interfaces into sandboxes. Proves peer sync and the data plane
+//! across hosts without Docker in the loop.
+
+mod support;
+
+use serde_json::json;
+use std::time::{Duration, Instant};
+use support::{Client, Lan, Netns, Plugin, Sandbox};
+
+const POOL: &str = "10.77.0.0/24";
+
+async fn create_network(c: &Client, network_id: &str) {
+    c.request_pool(POOL).await.ok();
+    c.request_gateway(POOL).await.ok();
+    c.call(
+        "NetworkDriver.CreateNetwork",
+        json!({"NetworkID": network_id, "IPv4Data": [{"AddressSpace": "RustOverlayLocal", "Pool": POOL}]}),
+    )
+    .await
+    .ok();
+}
+
+/// RequestAddress + CreateEndpoint + Join; returns (address/24, SrcName, MAC).
+async fn join(c: &Client, network_id: &str, endpoint_id: &str) -> (String, String, String) {
+    let addr = c.request_address(POOL, "").await.ok()["Address"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let created = c
+        .call(
+            "NetworkDriver.CreateEndpoint",
+            json!({"NetworkID": network_id, "EndpointID": endpoint_id, "Interface": {"Address": addr}}),
+        )
+        .await
+        .ok();
+    let mac = created["Interface"]["MacAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let joined = c
+        .call(
+            "NetworkDriver.Join",
+            json!({"NetworkID": network_id, "EndpointID": endpoint_id, "SandboxKey": "/x"}),
+        )
+        .await
+        .ok();
+    let src = joined["InterfaceName"]["SrcName"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (addr, src, mac)
+}
+
+async fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if check() {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: scripts/test runs this tier"]
+async fn two_hosts_learn_each_other_and_containers_talk() {
+    let mut lan = Lan::new();
+    lan.start_etcd().await;
+    let (ns1, ns2): (Netns, Netns) = (lan.host(1), lan.host(2));
+    let url = lan.etcd_url();
+    let p1 = Plugin::start_with(&ns1, &Plugin::dir_for("mh1"), "h1", &url, &[]).await;
+    let p2 = Plugin::start_with(&ns2, &Plugin::dir_for("mh2"), "h2", &url, &[]).await;
+    let (c1, c2) = (p1.client(), p2.client());
+    create_network(&c1, "net-on-h1").await;
+    create_network(&c2, "net-on-h2").await;
+
+    let (a1, src1, mac1) = join(&c1, "net-on-h1", "ep1aaaaaaaaaaaa").await;
+    let (a2, src2, mac2) = join(&c2, "net-on-h2", "ep2bbbbbbbbbbbb").await;
+    assert_ne!(a1, a2, "the two hosts got the same address");
+    let (s1, s2) = (Sandbox::new(), Sandbox::new());
+    s1.take(&ns1, &src1, &a1);
+    s2.take(&ns2, &src2, &a2);
+
+    // Each host holds the other's endpoint: FDB to its VTEP, neighbour to its MAC.
+    let vni = 256;
+    wait_until("h2 learns h1's endpoint", Duration::from_secs(5), || {
+        let fdb = p2.in_overlay(
+            vni,
+            &["bridge", "fdb", "show", "dev", &format!("ro-vx-{vni}")],
+        );
+        fdb.contains(&mac1) && fdb.contains("dst 10.251.0.1")
+    })
+    .await;
+    wait_until("h1 learns h2's endpoint", Duration::from_secs(5), || {
+        let neigh = p1.in_overlay(
+            vni,
+            &["ip", "neigh", "show", "dev", &format!("ro-vx-{vni}")],
+        );
+        neigh.contains(&mac2) && neigh.contains(a2.split('/').next().unwrap())
+    })
+    .await;
+    let ip2 = a2.split('/').next().unwrap();
+    let ip1 = a1.split('/').next().unwrap();
+    if !s1.ping(ip2) {
+        for (name, p) in [("h1", &p1), ("h2", &p2)] {
+            eprintln!(
+                "--- {name} overlay links\n{}",
+                p.in_overlay(vni, &["ip", "-d", "link"])
+            );
+            eprintln!(
+                "--- {name} fdb\n{}",
+                p.in_overlay(vni, &["bridge", "fdb", "show"])
+            );
+            eprintln!(
+                "--- {name} neigh\n{}",
+                p.in_overlay(vni, &["ip", "neigh", "show"])
+            );
+        }
+        let out = std::process::Command::new("ip")
+            .args(["-n", &s1.name, "-d", "addr"])
+            .output()
+            .unwrap();
+        eprintln!("--- sandbox 1\n{}", String::from_utf8_lossy(&out.stdout));
+        let out = std::process::Command::new("ip")
+            .args(["-n", &ns1.name, "-d", "link"])
+            .output()
+            .unwrap();
+        eprintln!("--- host 1\n{}", String::from_utf8_lossy(&out.stdout));
+        if std::env::var("ROTEST_PAUSE").is_ok() {
+            eprintln!("PAUSED: sandboxes {} {}", s1.name, s2.name);
+            std::thread::sleep(Duration::from_secs(240));
+        }
+        panic!("h1's container cannot reach h2's");
+    }
+    assert!(s2.ping(ip1), "h2's container cannot reach h1's");
+
+    // An endpoint removed on h1 disappears from h2's kernel.
+    c1.call(
+        "NetworkDriver.Leave",
+        json!({"NetworkID": "net-on-h1", "EndpointID": "ep1aaaaaaaaaaaa"}),
+    )
+    .await
+    .ok();
+    c1.call(
+        "NetworkDriver.DeleteEndpoint",
+        json!({"NetworkID": "net-on-h1", "EndpointID": "ep1aaaaaaaaaaaa"}),
+    )
+    .await
+    .ok();
+    let took = wait_until("h2 forgets h1's endpoint", Duration::from_secs(2), || {
+        let fdb = p2.in_overlay(
+            vni,
+            &["bridge", "fdb", "show", "dev", &format!("ro-vx-{vni}")],
+        );
+        let neigh = p2.in_overlay(
+            vni,
+            &["ip", "neigh", "show", "dev", &format!("ro-vx-{vni}")],
+        );
+        let gone = !fdb.contains(&mac1) && !neigh.contains(ip1);
+        if !gone {
+            eprintln!("still there: fdb={fdb:?} neigh={neigh:?}");
+        }
+        gone
+    })
+    .await;
+    eprintln!("peer removal reached the other host in {took:?}");
+    // h1 has no endpoint left: no devices for the network.
+    assert!(
+        !p1.has_overlay(vni),
+        "h1 keeps devices without a local endpoint"
+    );
+    assert!(p2.has_overlay(vni));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: scripts/test runs this tier"]
+async fn a_restarted_plugin_reconciles_stale_and_missing_entries() {
+    let mut lan = Lan::new();
+    lan.start_etcd().await;
+    let (ns1, ns2) = (lan.host(1), lan.host(2));
+    let url = lan.etcd_url();
+    let p1 = Plugin::start_with(&ns1, &Plugin::dir_for("rc1"), "h1", &url, &[]).await;
+    let mut p2 = Plugin::start_with(&ns2, &Plugin::dir_for("rc2"), "h2", &url, &[]).await;
+    let (c1, c2) = (p1.client(), p2.client());
+    create_network(&c1, "n1").await;
+    create_network(&c2, "n2").await;
+    let (_, _, mac_keep) = join(&c1, "n1", "keepkeepkeepkeep").await;
+    let (_, _, mac_gone) = join(&c1, "n1", "gonegonegonegone").await;
+    join(&c2, "n2", "h2h2h2h2h2h2h2h2").await;
+    let vni = 256;
+    let fdb = |p: &Plugin| {
+        p.in_overlay(
+            vni,
+            &["bridge", "fdb", "show", "dev", &format!("ro-vx-{vni}")],
+        )
+    };
+    wait_until("h2 learns both", Duration::from_secs(5), || {
+        let f = fdb(&p2);
+        f.contains(&mac_keep) && f.contains(&mac_gone)
+    })
+    .await;
+
+    // While h2's plugin is down, one endpoint goes and another comes.
+    p2.kill();
+    c1.call(
+        "NetworkDriver.DeleteEndpoint",
+        json!({"NetworkID": "n1", "EndpointID": "gonegonegonegone"}),
+    )
+    .await
+    .ok();
+    let (_, _, mac_new) = join(&c1, "n1", "newnewnewnewnewn").await;
+    p2.restart(&ns2).await;
+    wait_until("h2 reconciles", Duration::from_secs(5), || {
+        let f = fdb(&p2);
+        let ok = f.contains(&mac_keep) && f.contains(&mac_new) && !f.contains(&mac_gone);
+        if !ok {
+            eprintln!("h2 fdb now: {f:?} (keep {mac_keep}, new {mac_new}, gone {mac_gone})");
+        }
+        ok
+    })
+    .await;
+    assert!(p2.log_text().contains("peers reconciled"));
+}
