@@ -668,6 +668,14 @@ impl Plugin {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The overlay namespace for `vni` as a path any process can open: seen
+    /// through the mount namespace that holds its bind mount.
+    pub fn overlay_ns_path(&self, vni: u32) -> PathBuf {
+        let holder = self.holder.as_ref().expect("started").id();
+        let inner = self.dir.join("run").join("netns").join(format!("ro-{vni}"));
+        PathBuf::from(format!("/proc/{holder}/root{}", inner.display()))
+    }
+
     /// Whether this plugin has devices for `vni`.
     pub fn has_overlay(&self, vni: u32) -> bool {
         let ns = self.dir.join("run").join("netns").join(format!("ro-{vni}"));
