@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct HostRecord {
@@ -84,4 +85,60 @@ pub async fn live_hosts(store: &dyn KvStore) -> Result<Vec<HostRecord>, StoreErr
         .iter()
         .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
         .collect())
+}
+
+/// Which hosts are registered now, kept current by watching the
+/// registrations. `None` until the first read succeeded: until then nobody
+/// is treated as gone.
+pub type LiveSet = Option<Arc<std::collections::HashSet<String>>>;
+
+/// Watch the registrations and publish the live set on a channel.
+pub fn watch_live_hosts(store: Arc<dyn KvStore>) -> tokio::sync::watch::Receiver<LiveSet> {
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let span = tracing::info_span!(parent: None, "live_hosts");
+    tokio::spawn(
+        async move {
+            use futures::StreamExt;
+            let prefix = keys::hosts();
+            loop {
+                let resp = match store.range(&prefix).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not read host registrations; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                let mut live: std::collections::HashSet<String> = resp
+                    .kvs
+                    .iter()
+                    .map(|kv| kv.key.trim_start_matches(&prefix).to_string())
+                    .collect();
+                tx.send_replace(Some(Arc::new(live.clone())));
+                let mut stream = match store.watch(&prefix, resp.revision + 1).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not watch host registrations; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                while let Some(Ok(ev)) = stream.next().await {
+                    let host = ev.kv.key.trim_start_matches(&prefix).to_string();
+                    let changed = match ev.kind {
+                        kvstore_backends::EventKind::Put => live.insert(host.clone()),
+                        kvstore_backends::EventKind::Delete => live.remove(&host),
+                    };
+                    if changed {
+                        tracing::info!(host = %host, alive = matches!(ev.kind, kvstore_backends::EventKind::Put), "host liveness changed");
+                        tx.send_replace(Some(Arc::new(live.clone())));
+                    }
+                }
+                // The watch ended (store outage, compaction): read again.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        .instrument(span),
+    );
+    rx
 }

@@ -60,7 +60,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.default_pool_size,
     );
     let overlays = overlay::Overlays::new(store.clone(), &host);
-    let peers = peers::PeerSync::new(store.clone(), dataplane.clone(), host.clone());
+    let live = hosts::watch_live_hosts(store.clone());
+    let peers = peers::PeerSync::new(store.clone(), dataplane.clone(), host.clone(), live);
     let driver = Arc::new(driver::Driver::new(
         ipam,
         overlays,

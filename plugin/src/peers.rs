@@ -9,6 +9,7 @@
 //! and removing what is stale, instead of trusting what it remembered.
 
 use crate::dataplane::{parse_mac, Dataplane, PeerEntry};
+use crate::hosts::LiveSet;
 use crate::keys;
 use crate::overlay::EndpointRecord;
 use futures::StreamExt;
@@ -27,15 +28,22 @@ pub struct PeerSync {
     store: Arc<dyn KvStore>,
     dataplane: Arc<Dataplane>,
     host: String,
+    live: tokio::sync::watch::Receiver<LiveSet>,
     tasks: Mutex<HashMap<String, JoinHandle<()>>>,
 }
 
 impl PeerSync {
-    pub fn new(store: Arc<dyn KvStore>, dataplane: Arc<Dataplane>, host: String) -> Self {
+    pub fn new(
+        store: Arc<dyn KvStore>,
+        dataplane: Arc<Dataplane>,
+        host: String,
+        live: tokio::sync::watch::Receiver<LiveSet>,
+    ) -> Self {
         PeerSync {
             store,
             dataplane,
             host,
+            live,
             tasks: Mutex::new(HashMap::new()),
         }
     }
@@ -50,6 +58,7 @@ impl PeerSync {
             store: self.store.clone(),
             dataplane: self.dataplane.clone(),
             host: self.host.clone(),
+            live: self.live.clone(),
             overlay: overlay.to_string(),
             vni,
         };
@@ -97,12 +106,15 @@ struct Worker {
     store: Arc<dyn KvStore>,
     dataplane: Arc<Dataplane>,
     host: String,
+    /// Registered hosts: a remote endpoint's entries exist only while its
+    /// host is registered, so a dead host's entries go with its lease.
+    live: tokio::sync::watch::Receiver<LiveSet>,
     overlay: String,
     vni: u32,
 }
 
 impl Worker {
-    async fn run(self) {
+    async fn run(mut self) {
         let prefix = keys::overlay_endpoints(&self.overlay);
         let mut backoff = RETRY_MIN;
         loop {
@@ -124,13 +136,25 @@ impl Worker {
                     continue;
                 }
             };
-            while let Some(item) = stream.next().await {
+            self.live.mark_unchanged();
+            loop {
+                let item = tokio::select! {
+                    item = stream.next() => item,
+                    changed = self.live.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        // A host came or went: the wanted entries changed.
+                        break;
+                    }
+                };
                 let event = match item {
-                    Ok(ev) => ev,
-                    Err(e) => {
+                    Some(Ok(ev)) => ev,
+                    Some(Err(e)) => {
                         tracing::info!(error = %e, "endpoint watch ended; resyncing");
                         break;
                     }
+                    None => break,
                 };
                 let id = event.kv.key.trim_start_matches(&prefix).to_string();
                 let result = match event.kind {
@@ -162,8 +186,14 @@ impl Worker {
         }
     }
 
+    /// Entries are wanted for endpoints of other hosts that are registered
+    /// (all of them until the registrations have been read once).
     fn is_remote(&self, ep: &EndpointRecord) -> bool {
         ep.host != self.host
+            && match &*self.live.borrow() {
+                Some(live) => live.contains(&ep.host),
+                None => true,
+            }
     }
 
     async fn apply_put(
@@ -172,7 +202,7 @@ impl Worker {
         ep: &EndpointRecord,
     ) -> anyhow::Result<()> {
         if let Some(old) = old {
-            if self.is_remote(old)
+            if old.host != self.host
                 && (old.mac != ep.mac || old.ipv4 != ep.ipv4 || !self.is_remote(ep))
             {
                 self.apply_delete(old).await?;
@@ -189,7 +219,9 @@ impl Worker {
     }
 
     async fn apply_delete(&self, ep: &EndpointRecord) -> anyhow::Result<()> {
-        if !self.is_remote(ep) {
+        // Whatever the host's liveness: a local endpoint has no entries, a
+        // remote one's must go.
+        if ep.host == self.host {
             return Ok(());
         }
         for entry in entries(ep) {

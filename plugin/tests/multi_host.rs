@@ -224,3 +224,49 @@ async fn a_restarted_plugin_reconciles_stale_and_missing_entries() {
     .await;
     assert!(p2.log_text().contains("peers reconciled"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: scripts/test runs this tier"]
+async fn a_dead_hosts_entries_go_with_its_lease_and_come_back_with_it() {
+    let mut lan = Lan::new();
+    lan.start_etcd().await;
+    let (ns1, ns2) = (lan.host(1), lan.host(2));
+    let url = lan.etcd_url();
+    let ttl = ["--host-ttl", "2"];
+    let mut p1 = Plugin::start_with(&ns1, &Plugin::dir_for("lv1"), "h1", &url, &ttl).await;
+    let p2 = Plugin::start_with(&ns2, &Plugin::dir_for("lv2"), "h2", &url, &ttl).await;
+    let (c1, c2) = (p1.client(), p2.client());
+    create_network(&c1, "n1").await;
+    create_network(&c2, "n2").await;
+    let (_, _, mac1) = join(&c1, "n1", "deaddeaddeaddead").await;
+    join(&c2, "n2", "alivealivealive1").await;
+    let vni = 256;
+    let fdb = |p: &Plugin| {
+        p.in_overlay(
+            vni,
+            &["bridge", "fdb", "show", "dev", &format!("ro-vx-{vni}")],
+        )
+    };
+    wait_until("h2 learns h1's endpoint", Duration::from_secs(5), || {
+        fdb(&p2).contains(&mac1)
+    })
+    .await;
+
+    // h1 stops renewing: within TTL + 2 s h2 drops its entries.
+    p1.kill();
+    let took = wait_until(
+        "h2 drops the dead host's entries",
+        Duration::from_secs(2 + 2 + 2),
+        || !fdb(&p2).contains(&mac1),
+    )
+    .await;
+    eprintln!("dead host's entries dropped {took:?} after the kill (TTL 2 s)");
+    // The endpoint itself is not reclaimed: the host may come back.
+    p1.restart(&ns1).await;
+    wait_until(
+        "h2 re-adds the host's entries when it registers again",
+        Duration::from_secs(5),
+        || fdb(&p2).contains(&mac1),
+    )
+    .await;
+}
