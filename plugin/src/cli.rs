@@ -24,6 +24,23 @@ pub enum Command {
     /// operators and tests). The embedded store can only be read while the
     /// plugin that owns it is stopped.
     Dump(DumpArgs),
+    /// List addresses bound to no endpoint and everything held by hosts that
+    /// are gone (unregistered); free them with --apply. Safe at any time:
+    /// nothing of a registered host is touched, and young addresses are left
+    /// alone.
+    Gc(GcArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Free what is listed.
+    #[arg(long)]
+    pub apply: bool,
+    /// Only addresses handed out at least this many seconds ago.
+    #[arg(long, default_value_t = 600)]
+    pub min_age: u64,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -94,6 +111,10 @@ pub struct ServeArgs {
     /// Seconds a host stays registered after its plugin stops renewing.
     #[arg(long, env = "RUSTOVERLAY_HOST_TTL", default_value_t = 10)]
     pub host_ttl: u64,
+    /// Seconds a gone host's endpoints and addresses are kept before another
+    /// host reclaims them.
+    #[arg(long, env = "RUSTOVERLAY_RECLAIM_GRACE", default_value_t = 300)]
+    pub reclaim_grace: u64,
     /// Runtime state (the overlays' network namespaces).
     #[arg(
         long,

@@ -99,7 +99,7 @@ pub fn vxlan_name(vni: u32) -> String {
     format!("ro-vx-{vni}")
 }
 
-fn short_id(endpoint_id: &str) -> &str {
+pub fn short_id(endpoint_id: &str) -> &str {
     &endpoint_id[..endpoint_id.len().min(12)]
 }
 
@@ -327,6 +327,30 @@ impl Dataplane {
             return Err(e);
         }
         Ok(cont)
+    }
+
+    /// Short IDs of the endpoints that have a bridge port in the overlay's
+    /// namespace (reconciliation removes those the store no longer has).
+    pub async fn endpoint_ports(&self, vni: u32) -> Result<Vec<String>> {
+        let ns = self.handle_in(vni)?;
+        let mut links = ns.link().get().execute();
+        let mut out = vec![];
+        while let Some(link) = links
+            .try_next()
+            .await
+            .map_err(|e| DataplaneError::netlink("list links", e))?
+        {
+            for attr in &link.attributes {
+                if let LinkAttribute::IfName(name) = attr {
+                    if let Some(id) = name.strip_prefix("ro-") {
+                        if !id.starts_with("br-") && !id.starts_with("vx-") {
+                            out.push(id.to_string());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Remove the endpoint's veth pair wherever it still is.

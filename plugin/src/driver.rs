@@ -25,6 +25,9 @@ pub struct Driver {
     /// Join never races the removal of the last other endpoint's devices.
     /// Store state is never guarded by it.
     overlay_locks: Mutex<HashMap<u32, Arc<tokio::sync::Mutex<()>>>>,
+    /// False while this host re-registers after losing its lease: it must
+    /// not act on ownership it may have lost until it has reconciled.
+    ready: std::sync::atomic::AtomicBool,
 }
 
 /// The one command that makes a network every host can share.
@@ -46,7 +49,17 @@ impl Driver {
             peers,
             host,
             overlay_locks: Mutex::new(HashMap::new()),
+            ready: std::sync::atomic::AtomicBool::new(true),
         }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready
+            .store(ready, std::sync::atomic::Ordering::Release);
     }
 
     pub fn host(&self) -> &str {
@@ -316,7 +329,10 @@ impl Driver {
         }
         for vni in self.dataplane.local_vnis() {
             match wanted.get(&vni) {
-                Some(overlay) => self.peers.ensure(overlay, vni),
+                Some(overlay) => {
+                    self.remove_stale_ports(vni, overlay).await?;
+                    self.peers.ensure(overlay, vni)
+                }
                 None => {
                     // Re-check under the overlay's lock: a Join may be adding
                     // the first endpoint right now.
@@ -327,6 +343,27 @@ impl Driver {
                         self.dataplane.remove_network(vni).await?;
                     }
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove bridge ports of endpoints the store no longer holds for this
+    /// host (reclaimed while this host was cut off): their addresses may
+    /// belong to someone else now.
+    async fn remove_stale_ports(&self, vni: u32, overlay: &str) -> Result<()> {
+        let (eps, _) = self.overlays.endpoints(overlay).await?;
+        let mine: std::collections::HashSet<String> = eps
+            .iter()
+            .filter(|e| e.host == self.host)
+            .map(|e| crate::dataplane::short_id(&e.endpoint_id).to_string())
+            .collect();
+        let lock = self.overlay_lock(vni);
+        let _guard = lock.lock().await;
+        for port in self.dataplane.endpoint_ports(vni).await? {
+            if !mine.contains(&port) {
+                tracing::warn!(vni, endpoint = %port, "removing an endpoint this host no longer owns");
+                self.dataplane.remove_endpoint_link(vni, &port).await?;
             }
         }
         Ok(())

@@ -51,21 +51,43 @@ impl Registration {
         Ok(lease)
     }
 
-    /// Register, then renew at a third of the TTL forever; register again
-    /// when the lease was lost (store outage longer than the TTL).
-    pub async fn run(self) {
+    /// Register, then renew at a third of the TTL forever. When the lease was
+    /// lost (cut off from the store longer than the TTL), stop answering
+    /// Docker, register again and reconcile before answering again: other
+    /// hosts may have reclaimed what this host held.
+    pub async fn run(self, driver: Arc<crate::driver::Driver>) {
         let mut lease: Option<LeaseId> = None;
+        let mut lost = false;
         let tick = self.ttl / 3;
         loop {
             match &lease {
                 None => match self.register().await {
-                    Ok(l) => lease = Some(l),
+                    Ok(l) => {
+                        lease = Some(l);
+                        if lost {
+                            match driver.recover().await {
+                                Ok(()) => {
+                                    lost = false;
+                                    driver.set_ready(true);
+                                    tracing::info!(
+                                        "reconciled after the lease loss; serving again"
+                                    );
+                                }
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "reconciliation after the lease loss failed; retrying");
+                                    lease = None;
+                                }
+                            }
+                        }
+                    }
                     Err(e) => tracing::warn!(error = %e, "host registration failed; retrying"),
                 },
                 Some(l) => match self.store.keep_alive(l.clone()).await {
                     Ok(()) => {}
                     Err(StoreError::LeaseNotFound(_)) => {
-                        tracing::warn!("host lease expired; registering again");
+                        tracing::warn!("host lease expired; refusing Docker until re-registered and reconciled");
+                        driver.set_ready(false);
+                        lost = true;
                         lease = None;
                         continue;
                     }

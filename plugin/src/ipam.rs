@@ -16,6 +16,7 @@
 
 use crate::error::{PluginError, Result, StoreContext};
 use crate::keys;
+use crate::reclaim::Guard;
 use ipnetwork::{IpNetwork, Ipv4Network};
 use kvstore_backends::{Compare, KeyValue, KvStore, Op, OpResult, Revision, Txn};
 use serde::{Deserialize, Serialize};
@@ -69,6 +70,10 @@ struct AllocState {
 pub struct AddressRecord {
     pub host: String,
     pub kind: AddressKind,
+    /// When it was handed out (Unix seconds), so `gc` can leave young
+    /// allocations alone: their endpoint may be being created right now.
+    #[serde(default)]
+    pub at: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -145,6 +150,9 @@ pub struct Ipam {
     default_pool: Ipv4Network,
     default_pool_size: u8,
     cursors: Mutex<HashMap<String, CursorCell>>,
+    /// Set when acting for a gone host (reclaim): its releases only happen
+    /// while the host is still unregistered.
+    guard: Option<Guard>,
 }
 
 /// The canonical pool ID of a subnet: its CIDR with host bits cleared.
@@ -180,7 +188,23 @@ impl Ipam {
             default_pool,
             default_pool_size,
             cursors: Mutex::new(HashMap::new()),
+            guard: None,
         }
+    }
+
+    /// An IPAM that releases on behalf of `host`, a host that is gone: every
+    /// write it makes requires that `host` is still unregistered.
+    pub fn acting_for_gone_host(store: Arc<dyn KvStore>, host: &str) -> Self {
+        let mut ipam = Ipam::releasing_for(store, host);
+        ipam.guard = Some(Guard::host_gone(host));
+        ipam
+    }
+
+    /// An IPAM used only to release on behalf of `host` (gc, reclaim): it
+    /// never hands out subnets, so it needs no default pool.
+    pub fn releasing_for(store: Arc<dyn KvStore>, host: &str) -> Self {
+        let unused = Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).expect("0.0.0.0/0 is valid");
+        Ipam::new(store, host, unused, 24)
     }
 
     pub fn host(&self) -> &str {
@@ -411,6 +435,7 @@ impl Ipam {
     pub async fn release_pool(&self, pool_id: &str) -> Result<()> {
         for attempt in 0..MAX_ATTEMPTS {
             crate::backoff::contention_pause(attempt).await;
+            Guard::check(&self.guard, self.store.as_ref()).await?;
             let (subnet, seg, mut rec, rev) = self.read_known_pool(pool_id).await?;
             match rec.refs.get_mut(&self.host) {
                 None | Some(0) => {
@@ -448,7 +473,7 @@ impl Ipam {
             };
             let resp = self
                 .store
-                .txn(txn)
+                .txn(Guard::apply(&self.guard, txn))
                 .await
                 .ctx(|| format!("release pool {pool_id}"))?;
             if resp.succeeded {
@@ -594,6 +619,7 @@ impl Ipam {
         encode(&AddressRecord {
             host: self.host.clone(),
             kind,
+            at: crate::reclaim::unix_now(),
         })
     }
 
@@ -798,6 +824,7 @@ impl Ipam {
     pub async fn release_address(&self, pool_id: &str, ip: IpAddr) -> Result<()> {
         for attempt in 0..MAX_ATTEMPTS {
             crate::backoff::contention_pause(attempt).await;
+            Guard::check(&self.guard, self.store.as_ref()).await?;
             let (subnet, seg, rec, _) = self.read_known_pool(pool_id).await?;
             if !subnet.contains(ip) {
                 return Err(PluginError::BadRequest(format!(
@@ -850,7 +877,7 @@ impl Ipam {
             };
             let resp = self
                 .store
-                .txn(txn)
+                .txn(Guard::apply(&self.guard, txn))
                 .await
                 .ctx(|| format!("release address {ip}"))?;
             if resp.succeeded {

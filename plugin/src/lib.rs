@@ -14,6 +14,7 @@ pub mod netns;
 pub mod overlay;
 pub mod peers;
 pub mod protocol;
+pub mod reclaim;
 pub mod server;
 pub mod socket;
 pub mod store;
@@ -78,7 +79,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         std::net::IpAddr::V4(driver.dataplane.underlay().vtep),
         Duration::from_secs(args.host_ttl),
     );
-    tokio::spawn(registration.run());
+    tokio::spawn(registration.run(driver.clone()));
+    tokio::spawn(reclaim::reaper(
+        store.clone(),
+        host.clone(),
+        Duration::from_secs(args.host_ttl.max(5)),
+        Duration::from_secs(args.reclaim_grace),
+    ));
     tokio::spawn(driver.clone().recover_until_done());
     let listener = socket::bind(&args.socket).await?;
     let app = server::router(driver, secs(args.request_timeout, "--request-timeout")?);
@@ -95,6 +102,17 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&args.socket);
     tracing::info!("stopped");
     result
+}
+
+/// `rustoverlay gc`.
+pub async fn gc(args: cli::GcArgs) -> anyhow::Result<()> {
+    let store = store::open(
+        &args.store,
+        secs(args.store.store_timeout, "--store-timeout")?,
+    )?;
+    let report = reclaim::gc(store, args.apply, Duration::from_secs(args.min_age)).await?;
+    print!("{report}");
+    Ok(())
 }
 
 /// Print the store's keys and values, one per line.

@@ -7,7 +7,7 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let format = match &cli.command {
         Command::Serve(a) => a.log_format,
-        Command::Dump(_) => LogFormat::Text,
+        Command::Dump(_) | Command::Gc(_) => LogFormat::Text,
     };
     let filter =
         EnvFilter::try_from_env("RUSTOVERLAY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
@@ -21,6 +21,7 @@ async fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve(args) => rustoverlay::serve(args).await,
         Command::Dump(args) => rustoverlay::dump(args).await,
+        Command::Gc(args) => rustoverlay::gc(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -9,6 +9,7 @@
 use crate::error::{PluginError, Result, StoreContext};
 use crate::ipam::{decode, encode};
 use crate::keys;
+use crate::reclaim::Guard;
 use ipnetwork::IpNetwork;
 use kvstore_backends::{Compare, KvStore, Op, OpResult, Revision, Txn};
 use serde::{Deserialize, Serialize};
@@ -57,6 +58,8 @@ pub struct Overlays {
     host: String,
     /// Docker NetworkID -> overlay, filled from the store on a miss.
     cache: Mutex<HashMap<String, LocalNetwork>>,
+    /// Set when acting for a gone host (reclaim).
+    guard: Option<Guard>,
 }
 
 impl Overlays {
@@ -65,7 +68,16 @@ impl Overlays {
             store,
             host: host.into(),
             cache: Mutex::new(HashMap::new()),
+            guard: None,
         }
+    }
+
+    /// Overlays as seen by `host`, a host that is gone: every removal it makes
+    /// requires that `host` is still unregistered.
+    pub fn acting_for_gone_host(store: Arc<dyn KvStore>, host: &str) -> Self {
+        let mut o = Overlays::new(store, host);
+        o.guard = Some(Guard::host_gone(host));
+        o
     }
 
     fn cached(&self, network_id: &str) -> Option<LocalNetwork> {
@@ -269,6 +281,7 @@ impl Overlays {
         let map_key = keys::host_network(&self.host, network_id);
         for attempt in 0..MAX_ATTEMPTS {
             crate::backoff::contention_pause(attempt).await;
+            Guard::check(&self.guard, self.store.as_ref()).await?;
             let Some(kv) = self
                 .store
                 .get(&map_key)
@@ -306,7 +319,10 @@ impl Overlays {
             }
             let resp = self
                 .store
-                .txn(Txn::new().when(compares).and_then(ops))
+                .txn(Guard::apply(
+                    &self.guard,
+                    Txn::new().when(compares).and_then(ops),
+                ))
                 .await
                 .ctx(|| format!("delete network {network_id}"))?;
             if resp.succeeded {
@@ -362,10 +378,20 @@ impl Overlays {
 
     /// Delete an endpoint; true when it existed.
     pub async fn delete_endpoint(&self, net: &LocalNetwork, endpoint_id: &str) -> Result<bool> {
-        self.store
-            .delete(&keys::endpoint(&net.overlay, endpoint_id))
+        Guard::check(&self.guard, self.store.as_ref()).await?;
+        let txn = Txn::new().and_then(vec![Op::delete(keys::endpoint(&net.overlay, endpoint_id))]);
+        let resp = self
+            .store
+            .txn(Guard::apply(&self.guard, txn))
             .await
-            .ctx(|| format!("delete endpoint {endpoint_id}"))
+            .ctx(|| format!("delete endpoint {endpoint_id}"))?;
+        if !resp.succeeded {
+            return Err(PluginError::Conflict(format!(
+                "host {} registered again; endpoint {endpoint_id} is its own again",
+                self.host
+            )));
+        }
+        Ok(matches!(resp.results.first(), Some(OpResult::Delete { deleted }) if *deleted > 0))
     }
 
     /// Every endpoint of an overlay, on all hosts.

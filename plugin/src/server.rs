@@ -67,18 +67,33 @@ pub fn router(driver: Arc<Driver>, request_timeout: Duration) -> Router {
         .route("/IpamDriver.RequestAddress", post(request_address))
         .route("/IpamDriver.ReleaseAddress", post(release_address))
         .fallback(unknown_method)
-        .layer(middleware::from_fn(move |req, next| {
-            bounded(req, next, request_timeout)
-        }))
+        .layer(middleware::from_fn_with_state(
+            driver.clone(),
+            move |state, req, next| bounded(state, req, next, request_timeout),
+        ))
         .with_state(driver)
 }
 
 /// A span per request, and a time limit: a request that cannot finish (a
 /// store that hangs past its own timeouts, a stuck kernel call) answers with
 /// an error instead of hanging `docker run`.
-async fn bounded(req: Request, next: Next, limit: Duration) -> Response {
+async fn bounded(
+    State(driver): State<AppState>,
+    req: Request,
+    next: Next,
+    limit: Duration,
+) -> Response {
     let method = req.uri().path().trim_start_matches('/').to_string();
     let span = tracing::info_span!("request", method = %method);
+    if !driver.is_ready() && !method.starts_with("Plugin.") && !method.ends_with("Capabilities") {
+        return PluginError::Store {
+            context: "this host lost its store registration".into(),
+            source: kvstore_backends::StoreError::Unavailable(
+                "re-registering and reconciling before serving again".into(),
+            ),
+        }
+        .into_response();
+    }
     async move {
         let started = std::time::Instant::now();
         let resp = match tokio::time::timeout(limit, next.run(req)).await {

@@ -270,3 +270,139 @@ async fn a_dead_hosts_entries_go_with_its_lease_and_come_back_with_it() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: scripts/test runs this tier"]
+async fn a_gone_hosts_addresses_come_back_after_the_grace_and_never_a_live_hosts() {
+    let mut lan = Lan::new();
+    lan.start_etcd().await;
+    let (ns1, ns2) = (lan.host(1), lan.host(2));
+    let url = lan.etcd_url();
+    let fast = ["--host-ttl", "2", "--reclaim-grace", "2"];
+    let mut p1 = Plugin::start_with(&ns1, &Plugin::dir_for("gr1"), "h1", &url, &fast).await;
+    let p2 = Plugin::start_with(&ns2, &Plugin::dir_for("gr2"), "h2", &url, &fast).await;
+    let (c1, c2) = (p1.client(), p2.client());
+    create_network(&c1, "n1").await;
+    create_network(&c2, "n2").await;
+    let (a1, _, _) = join(&c1, "n1", "gonehostendpoint").await;
+    join(&c2, "n2", "livehostendpoint").await;
+    let ip1 = a1.split('/').next().unwrap().to_string();
+
+    // While h1 lives, its address stays its own.
+    let e = c2.request_address(POOL, &ip1).await.err();
+    assert!(e.contains("already in use"), "{e}");
+
+    p1.kill();
+    let start = Instant::now();
+    loop {
+        let r = c2.request_address(POOL, &ip1).await;
+        if r.status == 200 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "h1's address never came back: {}",
+            r.err()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!(
+        "gone host's address free again {:?} after the kill (TTL 2 s + grace 2 s)",
+        start.elapsed()
+    );
+    // The live host lost nothing.
+    c2.call(
+        "NetworkDriver.EndpointOperInfo",
+        json!({"NetworkID": "n2", "EndpointID": "livehostendpoint"}),
+    )
+    .await
+    .ok();
+
+    // h1 comes back: it re-registers, and its reclaimed endpoint's devices go.
+    p1.restart(&ns1).await;
+    let vni = 256;
+    wait_until(
+        "h1 removes devices of its reclaimed endpoint",
+        Duration::from_secs(10),
+        || !p1.has_overlay(vni),
+    )
+    .await;
+    let e = c1
+        .call(
+            "NetworkDriver.EndpointOperInfo",
+            json!({"NetworkID": "n1", "EndpointID": "gonehostendpoint"}),
+        )
+        .await
+        .err();
+    assert!(
+        e.contains("not a rustoverlay network") || e.contains("does not exist"),
+        "{e}"
+    );
+}
+
+fn gc(ns: &Netns, url: &str, extra: &[&str]) -> String {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            env!("CARGO_BIN_EXE_rustoverlay"),
+            "gc",
+            "--store",
+            url,
+        ])
+        .args(extra)
+        .output()
+        .expect("run rustoverlay gc");
+    assert!(
+        out.status.success(),
+        "gc failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: scripts/test runs this tier"]
+async fn gc_lists_and_frees_unbound_addresses_and_spares_young_ones() {
+    let mut lan = Lan::new();
+    lan.start_etcd().await;
+    let ns1 = lan.host(1);
+    let url = lan.etcd_url();
+    let p1 = Plugin::start_with(&ns1, &Plugin::dir_for("gc1"), "h1", &url, &[]).await;
+    let c1 = p1.client();
+    create_network(&c1, "n1").await;
+    join(&c1, "n1", "boundboundbound1").await;
+    // An address whose endpoint never came (a crash between the two calls).
+    let leaked = c1.request_address(POOL, "").await.ok()["Address"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let leaked_ip = leaked.split('/').next().unwrap();
+
+    let young = gc(&ns1, &url, &[]);
+    assert!(
+        young.contains("nothing to collect"),
+        "young addresses are spared: {young}"
+    );
+    let listed = gc(&ns1, &url, &["--min-age", "0"]);
+    assert!(
+        listed.contains(&format!("address {leaked_ip} ")),
+        "{listed}"
+    );
+    assert_eq!(
+        listed.matches("bound to no endpoint").count(),
+        1,
+        "only the leaked one: {listed}"
+    );
+    assert!(listed.contains("--apply"));
+    // Listing changed nothing.
+    let e = c1.request_address(POOL, leaked_ip).await.err();
+    assert!(e.contains("already in use"), "{e}");
+    let applied = gc(&ns1, &url, &["--min-age", "0", "--apply"]);
+    assert!(applied.contains(&format!("freed {leaked_ip}")), "{applied}");
+    c1.request_address(POOL, leaked_ip).await.ok();
+    c1.release_address(POOL, leaked_ip).await.ok();
+    let after = gc(&ns1, &url, &["--min-age", "0"]);
+    assert!(after.contains("nothing to collect"), "{after}");
+}

@@ -1,0 +1,308 @@
+//! Reclaiming what gone hosts held, and `rustoverlay gc`.
+//!
+//! A host is gone when its registration (under a lease) has expired. After a
+//! grace period, any live host removes the gone host's endpoints, frees their
+//! addresses, detaches its networks and drops its pool references. Every one
+//! of those writes carries a compare that the gone host is still
+//! unregistered, so nothing is ever reclaimed from a host that came back: the
+//! store, not a clock or a process-local view, decides.
+
+use crate::error::{PluginError, Result, StoreContext};
+use crate::ipam::{decode, AddressKind, AddressRecord, Ipam, PoolRecord};
+use crate::keys;
+use crate::overlay::{EndpointRecord, LocalNetwork, Overlays};
+use kvstore_backends::{Compare, KvStore, Txn};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The condition of every write made on behalf of a gone host: its
+/// registration is still absent.
+#[derive(Debug, Clone)]
+pub struct Guard {
+    registration: String,
+    host: String,
+}
+
+impl Guard {
+    pub fn host_gone(host: &str) -> Guard {
+        Guard {
+            registration: keys::host_registration(host),
+            host: host.to_string(),
+        }
+    }
+
+    /// Add the guard's compare to a transaction.
+    pub fn apply(guard: &Option<Guard>, mut txn: Txn) -> Txn {
+        if let Some(g) = guard {
+            txn.compares.push(Compare::absent(&g.registration));
+        }
+        txn
+    }
+
+    /// Fail fast when the host is registered again.
+    pub async fn check(guard: &Option<Guard>, store: &dyn KvStore) -> Result<()> {
+        let Some(g) = guard else { return Ok(()) };
+        let reg = store
+            .get(&g.registration)
+            .await
+            .ctx(|| format!("read the registration of host {}", g.host))?;
+        if reg.is_some() {
+            return Err(PluginError::Conflict(format!(
+                "host {} is registered again; nothing of it is reclaimed",
+                g.host
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What a host holds in the store.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Holdings {
+    pub networks: Vec<String>,
+    pub endpoints: Vec<(LocalNetwork, String)>,
+    /// (PoolID, address) of plain addresses (not gateways or aux).
+    pub addresses: Vec<(String, IpAddr)>,
+    /// PoolID -> references.
+    pub pool_refs: BTreeMap<String, u32>,
+}
+
+impl Holdings {
+    pub fn is_empty(&self) -> bool {
+        self.networks.is_empty()
+            && self.endpoints.is_empty()
+            && self.addresses.is_empty()
+            && self.pool_refs.is_empty()
+    }
+}
+
+/// A full read of what every host holds (gc and reclaim are rare; this scans).
+pub struct Census {
+    pub holdings: HashMap<String, Holdings>,
+    /// Addresses handed out but bound to no endpoint: (PoolID, ip, holder, at).
+    pub unbound: Vec<(String, IpAddr, String, u64)>,
+    pub registered: HashSet<String>,
+}
+
+pub async fn census(store: &dyn KvStore) -> Result<Census> {
+    let root = keys::ROOT;
+    let all = store
+        .range(root)
+        .await
+        .ctx(|| "read the whole rustoverlay state".into())?;
+    let mut holdings: HashMap<String, Holdings> = HashMap::new();
+    let mut registered = HashSet::new();
+    let mut bound: HashSet<(String, IpAddr)> = HashSet::new();
+    let mut addresses = vec![];
+    let mut overlays: HashMap<String, Vec<EndpointRecord>> = HashMap::new();
+    let mut nets_by_overlay: HashMap<(String, String), LocalNetwork> = HashMap::new();
+    for kv in &all.kvs {
+        let rest = &kv.key[root.len()..];
+        let parts: Vec<&str> = rest.split('/').collect();
+        match parts.as_slice() {
+            ["hosts", host] => {
+                registered.insert(host.to_string());
+            }
+            ["host", host, "net", net_id] => {
+                let net: LocalNetwork = decode(kv)?;
+                nets_by_overlay.insert((host.to_string(), net.network_id.clone()), net);
+                holdings
+                    .entry(host.to_string())
+                    .or_default()
+                    .networks
+                    .push(net_id.to_string());
+            }
+            ["overlay", overlay, "ep", _] => {
+                let ep: EndpointRecord = decode(kv)?;
+                overlays.entry(overlay.to_string()).or_default().push(ep);
+            }
+            ["ipam", "pool", _, "record"] => {
+                let rec: PoolRecord = decode(kv)?;
+                let id = crate::ipam::pool_id(&rec.subnet);
+                for (host, n) in rec.refs {
+                    holdings
+                        .entry(host)
+                        .or_default()
+                        .pool_refs
+                        .insert(id.clone(), n);
+                }
+            }
+            ["ipam", "pool", seg, "addr", ip] => {
+                let rec: AddressRecord = decode(kv)?;
+                if rec.kind == AddressKind::Address {
+                    if let Ok(ip) = ip.parse::<IpAddr>() {
+                        addresses.push((seg.replace('_', "/"), ip, rec));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    for eps in overlays.values() {
+        for ep in eps {
+            for a in [ep.ipv4, ep.ipv6].into_iter().flatten() {
+                let pool = ipnetwork::IpNetwork::new(a.network(), a.prefix())
+                    .map(|n| crate::ipam::pool_id(&n))
+                    .unwrap_or_default();
+                bound.insert((pool, a.ip()));
+            }
+            if let Some(net) = nets_by_overlay.get(&(ep.host.clone(), ep.network_id.clone())) {
+                holdings
+                    .entry(ep.host.clone())
+                    .or_default()
+                    .endpoints
+                    .push((net.clone(), ep.endpoint_id.clone()));
+            }
+        }
+    }
+    let mut unbound = vec![];
+    for (pool, ip, rec) in addresses {
+        if !bound.contains(&(pool.clone(), ip)) {
+            unbound.push((pool.clone(), ip, rec.host.clone(), rec.at));
+        }
+        holdings
+            .entry(rec.host)
+            .or_default()
+            .addresses
+            .push((pool, ip));
+    }
+    Ok(Census {
+        holdings,
+        unbound,
+        registered,
+    })
+}
+
+/// Remove everything a gone host holds. Every write requires that the host is
+/// still unregistered; the first failure of that kind stops the reclaim.
+#[tracing::instrument(skip(store, held))]
+pub async fn reclaim_host(store: Arc<dyn KvStore>, host: &str, held: &Holdings) -> Result<()> {
+    let overlays = Overlays::acting_for_gone_host(store.clone(), host);
+    let ipam = Ipam::acting_for_gone_host(store, host);
+    for (net, ep) in &held.endpoints {
+        overlays.delete_endpoint(net, ep).await?;
+    }
+    for (pool, ip) in &held.addresses {
+        match ipam.release_address(pool, *ip).await {
+            // Already released or its pool already gone: nothing to free.
+            Ok(()) | Err(PluginError::Unknown(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    for net in &held.networks {
+        overlays.delete_network(net).await?;
+    }
+    for (pool, refs) in &held.pool_refs {
+        for _ in 0..*refs {
+            match ipam.release_pool(pool).await {
+                Ok(()) | Err(PluginError::Unknown(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    tracing::info!(
+        endpoints = held.endpoints.len(),
+        addresses = held.addresses.len(),
+        networks = held.networks.len(),
+        "reclaimed a gone host"
+    );
+    Ok(())
+}
+
+/// Every `period`, notice hosts that hold state but are not registered, and
+/// reclaim each once it has been gone for `grace` without a break.
+pub async fn reaper(store: Arc<dyn KvStore>, me: String, period: Duration, grace: Duration) {
+    let mut gone_since: HashMap<String, Instant> = HashMap::new();
+    loop {
+        tokio::time::sleep(period).await;
+        let census = match census(store.as_ref()).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "reaper could not read the store");
+                continue;
+            }
+        };
+        gone_since.retain(|h, _| !census.registered.contains(h));
+        for (host, held) in &census.holdings {
+            if *host == me || census.registered.contains(host) || held.is_empty() {
+                continue;
+            }
+            let since = *gone_since.entry(host.clone()).or_insert_with(|| {
+                tracing::warn!(host = %host, grace = ?grace, "host is gone; reclaiming after the grace period");
+                Instant::now()
+            });
+            if since.elapsed() < grace {
+                continue;
+            }
+            match reclaim_host(store.clone(), host, held).await {
+                Ok(()) => {
+                    gone_since.remove(host);
+                }
+                Err(e) => tracing::warn!(host = %host, error = %e, "reclaim stopped"),
+            }
+        }
+    }
+}
+
+/// `rustoverlay gc`: list (and with `apply` free) addresses bound to no
+/// endpoint and older than `min_age`, and everything of hosts that are gone.
+pub async fn gc(store: Arc<dyn KvStore>, apply: bool, min_age: Duration) -> Result<String> {
+    let census = census(store.as_ref()).await?;
+    let now = unix_now();
+    let mut out = String::new();
+    let mut gone: Vec<(&String, &Holdings)> = census
+        .holdings
+        .iter()
+        .filter(|(h, held)| !census.registered.contains(*h) && !held.is_empty())
+        .collect();
+    gone.sort_by(|a, b| a.0.cmp(b.0));
+    for (host, held) in &gone {
+        out.push_str(&format!(
+            "host {host} is gone (not registered): {} networks, {} endpoints, {} addresses, {} pool references\n",
+            held.networks.len(),
+            held.endpoints.len(),
+            held.addresses.len(),
+            held.pool_refs.values().sum::<u32>()
+        ));
+        if apply {
+            reclaim_host(store.clone(), host, held).await?;
+            out.push_str(&format!("  reclaimed host {host}\n"));
+        }
+    }
+    let gone_hosts: HashSet<&String> = gone.iter().map(|(h, _)| *h).collect();
+    for (pool, ip, holder, at) in &census.unbound {
+        if gone_hosts.contains(holder) {
+            continue; // freed with its host above
+        }
+        let age = now.saturating_sub(*at);
+        if age < min_age.as_secs() {
+            continue;
+        }
+        out.push_str(&format!(
+            "address {ip} in pool {pool} (held by {holder}, {age} s old) is bound to no endpoint\n"
+        ));
+        if apply {
+            // Releases only if the address record is unchanged since the read.
+            let ipam = Ipam::releasing_for(store.clone(), holder);
+            match ipam.release_address(pool, *ip).await {
+                Ok(()) | Err(PluginError::Unknown(_)) => out.push_str(&format!("  freed {ip}\n")),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    if out.is_empty() {
+        out.push_str("nothing to collect\n");
+    } else if !apply {
+        out.push_str("run again with --apply to free these\n");
+    }
+    Ok(out)
+}
