@@ -17,6 +17,7 @@
 #   ${prefix}-ul     bridge br0; one veth per host (hN) and one to the world
 #   ${prefix}-world  ul0 = 10.250.0.254/24; answers ping; runs helpers (httpd, nc)
 #   ${prefix}-hN     ul0 = 10.250.0.N/24 (MTU 1500), default route via the world
+#   ${prefix}-etcd   ul0 = 10.250.0.200/24: etcd on :2379/:2380 (harness_start_etcd)
 #
 # Each started host runs the plugin and a dockerd inside its network namespace
 # and inside one private mount namespace (tmpfs on /run, so that dockerd only
@@ -36,6 +37,7 @@
 #   HARNESS_PLUGIN_LOG RUSTOVERLAY_LOG filter for the plugin (default:
 #                      info,rustoverlay=debug)
 #   HARNESS_BOOT_TIMEOUT  seconds to wait for plugin/dockerd sockets (default 60)
+#   HARNESS_ETCD_TIMEOUT  seconds to wait for etcd to become healthy (default 30)
 
 if [[ -n "${_HARNESS_SOURCED:-}" ]]; then
     return 0
@@ -827,11 +829,19 @@ hcontainer_ip() {
 # network is gone: cursors such as vni/next and the (empty) ipam/pools index.
 HARNESS_ALLOC_KEY_RE='^/rustoverlay/v1/(ipam/pool/|vni/[0-9]|overlay/|host/|ipam/pools \{"pools":\[[^]])'
 
-# harness_store_dump N - print host N's store ("key value" lines) with
-# `rustoverlay dump`. The embedded store is locked by a running plugin, so for
-# file:// stores the plugin is stopped (SIGTERM) first and started again after.
+# harness_store_dump N|etcd - print a store ("key value" lines) with
+# `rustoverlay dump`: host N's store, or with "etcd" the run's etcd (see
+# harness_start_etcd). The embedded store is locked by a running plugin, so for
+# file:// stores the plugin is stopped (SIGTERM) first and started again after;
+# an etcd store is read while the plugins run.
 harness_store_dump() {
-    local n="${1:?usage: harness_store_dump N}" url rc=0 restart=0
+    local n="${1:?usage: harness_store_dump N|etcd}" url rc=0 restart=0
+    if [[ "$n" == etcd ]]; then
+        # From the etcd's own namespace: no host needs to be up.
+        nsenter --net="/run/netns/$(harness_etcd_ns)" -- \
+            timeout 30 "$(harness_bin)" dump --store "$(harness_etcd_url)" || rc=$?
+        return "$rc"
+    fi
     url="$(harness_store_url "$n")"
     if [[ "$url" == memory:* ]]; then
         echo "host $n uses a memory:// store: only its plugin can see it" >&2
@@ -849,22 +859,160 @@ harness_store_dump() {
     return "$rc"
 }
 
-# assert_store_empty N - HOOK: host N's store holds no allocation (no pool,
-# address, VNI claim, overlay, endpoint or host->network key).
+# assert_store_empty N|etcd - HOOK: the store holds no allocation (no pool,
+# address, VNI claim, overlay, endpoint or host->network key). Hosts sharing
+# one etcd share one store: check it once (`assert_store_empty etcd`, or with
+# any one of those hosts). Live host registrations (hosts/<id>) may stay.
 assert_store_empty() {
-    local n="${1:?usage: assert_store_empty N}" dump left
+    local n="${1:?usage: assert_store_empty N|etcd}" dump left what url
+    if [[ "$n" == etcd ]]; then
+        url="$(harness_etcd_url)"
+        what="shared store $url"
+    else
+        url="$(harness_store_url "$n")"
+        what="host $n's store"
+        [[ "$url" != etcd://* ]] || what="shared store $url (via host $n)"
+    fi
     if ! dump="$(harness_store_dump "$n" 2>&1)"; then
-        harness_fail "host $n: store dump failed ($(harness_bin) dump --store $(harness_store_url "$n"))"
+        harness_fail "$what: store dump failed ($(harness_bin) dump --store $url)"
         printf '%s\n' "$dump" | _harness_indent
         return 0
     fi
     left="$(printf '%s\n' "$dump" | grep -E "$HARNESS_ALLOC_KEY_RE" || true)"
     if [[ -z "$left" ]]; then
-        harness_pass "host $n: store holds no allocation"
+        harness_pass "$what holds no allocation"
     else
-        harness_fail "host $n: store still holds allocations:"
+        harness_fail "$what still holds allocations:"
         printf '%s\n' "$left" | _harness_indent
     fi
+}
+
+# ---------------------------------------------------------------------------
+# a shared etcd store
+# ---------------------------------------------------------------------------
+#
+# One etcd member in its own namespace ${prefix}-etcd, cabled to the underlay
+# bridge like a host (ul0 = 10.250.0.200/24), listening only on that address
+# (client 2379, peer 2380). Data dir $HARNESS_TMP/etcd/data, log
+# $HARNESS_TMP/etcd/etcd.log. Its namespace is recorded like a host's, so the
+# cleanup trap kills it and removes the namespace.
+
+HARNESS_ETCD_IP="${HARNESS_UL_NET}.200"
+HARNESS_ETCD_CLIENT_PORT=2379
+HARNESS_ETCD_PEER_PORT=2380
+HARNESS_ETCD_TIMEOUT="${HARNESS_ETCD_TIMEOUT:-30}"
+
+harness_etcd_ns() { printf '%s-etcd' "$HARNESS_PREFIX"; }
+harness_etcd_dir() { printf '%s/etcd' "$HARNESS_TMP"; }
+# harness_etcd_url - the store URL for the plugins: etcd://10.250.0.200:2379
+harness_etcd_url() { printf 'etcd://%s:%s' "$HARNESS_ETCD_IP" "$HARNESS_ETCD_CLIENT_PORT"; }
+
+# harness_etcd_pid - pid of the run's etcd (failure if it is not running).
+harness_etcd_pid() {
+    local pid
+    pid="$(cat "$(harness_etcd_dir)/etcd.pid" 2>/dev/null)" || return 1
+    [[ -n "$pid" ]] && _harness_pid_alive "$pid" || return 1
+    printf '%s\n' "$pid"
+}
+
+# hetcdctl ARGS... - etcdctl (API v3, bounded timeouts) against the run's etcd,
+# from its namespace. Needs etcdctl (Debian package etcd-client); the harness
+# itself does not.
+hetcdctl() {
+    command -v etcdctl >/dev/null 2>&1 || _hdie "hetcdctl: 'etcdctl' not found (Debian package etcd-client)"
+    nsenter --net="/run/netns/$(harness_etcd_ns)" -- \
+        env ETCDCTL_API=3 etcdctl --endpoints="http://$HARNESS_ETCD_IP:$HARNESS_ETCD_CLIENT_PORT" \
+        --dial-timeout=2s --command-timeout=5s "$@"
+}
+
+# _harness_etcd_healthy - etcd answers GET /health with "health":"true" (it has
+# a leader and serves). Plain HTTP over bash's /dev/tcp: no etcdctl needed.
+_harness_etcd_healthy() {
+    # shellcheck disable=SC2016 # expanded by the inner bash
+    nsenter --net="/run/netns/$(harness_etcd_ns)" -- timeout 3 bash -c '
+        exec 3<>"/dev/tcp/$0/$1" || exit 1
+        printf "GET /health HTTP/1.0\r\nHost: %s\r\n\r\n" "$0" >&3
+        cat <&3' "$HARNESS_ETCD_IP" "$HARNESS_ETCD_CLIENT_PORT" 2>/dev/null | grep -q '"health":"true"'
+}
+
+# harness_start_etcd - start the run's etcd (its namespace on first use) and
+# wait until it reports healthy (HARNESS_ETCD_TIMEOUT s, default 30). Started
+# again after harness_stop_etcd it keeps its data dir.
+harness_start_etcd() {
+    local ns ul dir pid client peer
+    command -v etcd >/dev/null 2>&1 || _hdie "harness_start_etcd: 'etcd' not found (Debian package etcd-server)"
+    harness_etcd_pid >/dev/null && _hdie "harness_start_etcd: etcd already running"
+    ns="$(harness_etcd_ns)"
+    ul="$(harness_ul_ns)"
+    dir="$(harness_etcd_dir)"
+    if [[ ! -e "/run/netns/$ns" ]]; then
+        _harness_netns_add "$ns"
+        ip -n "$ul" link add etcd mtu "$HARNESS_UL_MTU" type veth peer name ul0 mtu "$HARNESS_UL_MTU" netns "$ns"
+        ip -n "$ul" link set etcd master br0 up
+        ip -n "$ns" addr add "$HARNESS_ETCD_IP/$HARNESS_UL_PREFIXLEN" dev ul0
+        ip -n "$ns" link set ul0 up
+    fi
+    mkdir -p "$dir"
+    client="http://$HARNESS_ETCD_IP:$HARNESS_ETCD_CLIENT_PORT"
+    peer="http://$HARNESS_ETCD_IP:$HARNESS_ETCD_PEER_PORT"
+    printf '\n===== etcd start %s =====\n' "$(date +%T)" >>"$dir/etcd.log"
+    # env -i: ETCD_* variables of the caller would override the flags.
+    _harness_spawn "$dir/etcd.pid" "$dir/etcd.log" \
+        nsenter --net="/run/netns/$ns" -- \
+        "${_HARNESS_PIDWRAP[@]}" "$dir/etcd.pid" \
+        env -i PATH="$PATH" \
+        etcd --name rotest \
+        --data-dir "$dir/data" \
+        --listen-client-urls "$client" --advertise-client-urls "$client" \
+        --listen-peer-urls "$peer" --initial-advertise-peer-urls "$peer" \
+        --initial-cluster "rotest=$peer" --initial-cluster-state new \
+        --initial-cluster-token "$HARNESS_PREFIX" \
+        --logger zap --log-outputs stderr
+    pid="$(cat "$dir/etcd.pid")"
+
+    local deadline=$((SECONDS + HARNESS_ETCD_TIMEOUT))
+    until _harness_etcd_healthy; do
+        if ! _harness_pid_alive "$pid"; then
+            _harness_tail "$dir/etcd.log" >&2
+            _hdie "etcd exited during startup (log: $dir/etcd.log)"
+        fi
+        if ((SECONDS >= deadline)); then
+            _harness_tail "$dir/etcd.log" >&2
+            _hdie "etcd not healthy at $client after ${HARNESS_ETCD_TIMEOUT}s (log: $dir/etcd.log)"
+        fi
+        sleep 0.2
+    done
+    _hlog "etcd up: netns $ns, $client, pid $pid"
+}
+
+# harness_stop_etcd [--kill] - stop the run's etcd: SIGTERM (SIGKILL after
+# 15 s), or SIGKILL at once with --kill; waits until it is gone. Its namespace
+# and data dir stay (harness_start_etcd / harness_restart_etcd).
+harness_stop_etcd() {
+    local sig=TERM pid
+    [[ "${1:-}" != --kill ]] || sig=KILL
+    pid="$(harness_etcd_pid)" || return 0
+    kill -s "$sig" "$pid" 2>/dev/null || true
+    if ! _harness_wait 15 eval "! _harness_pid_alive $pid"; then
+        _hlog "etcd pid $pid ignored SIG$sig for 15s, sending SIGKILL"
+        kill -9 "$pid" 2>/dev/null || true
+        _harness_wait 5 eval "! _harness_pid_alive $pid" || _hdie "etcd pid $pid does not die"
+    fi
+    _harness_wait 5 eval "[[ ! -e /proc/$pid ]]" || true
+    printf '===== etcd stopped (SIG%s) %s =====\n' "$sig" "$(date +%T)" >>"$(harness_etcd_dir)/etcd.log"
+}
+
+# harness_etcd_link up|down - cut or restore the etcd's underlay cable (etcd
+# keeps running but nobody reaches it: packets are dropped, not refused).
+harness_etcd_link() {
+    ip -n "$(harness_ul_ns)" link set etcd "${1:?up|down}"
+}
+
+# harness_restart_etcd [--kill] - stop (SIGTERM, or SIGKILL with --kill) and
+# start the run's etcd again on the same data dir; waits until healthy.
+harness_restart_etcd() {
+    harness_stop_etcd "$@"
+    harness_start_etcd
 }
 
 # ---------------------------------------------------------------------------
@@ -965,6 +1113,7 @@ harness_dump_logs() {
         [[ -f "$dir/dockerd.log" ]] && _harness_tail "$dir/dockerd.log" 40
         [[ -s "$dir/anchor.log" ]] && _harness_tail "$dir/anchor.log" 20
     done < <(sort -un "$HARNESS_TMP/.hosts")
+    [[ ! -f "$HARNESS_TMP/etcd/etcd.log" ]] || _harness_tail "$HARNESS_TMP/etcd/etcd.log" 30
     return 0
 }
 
