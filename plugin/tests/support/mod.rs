@@ -693,3 +693,31 @@ impl Plugin {
             .unwrap_or(false)
     }
 }
+
+/// Keys under `prefix` (relative to rustoverlay's root) in a networked store,
+/// read with `rustoverlay dump` from inside a host namespace.
+pub fn dump_keys(ns: &Netns, store_url: &str, prefix: &str) -> Vec<String> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            env!("CARGO_BIN_EXE_rustoverlay"),
+            "dump",
+            "--store",
+            store_url,
+            "--prefix",
+            prefix,
+        ])
+        .output()
+        .expect("run rustoverlay dump");
+    assert!(
+        out.status.success(),
+        "dump failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(String::from))
+        .collect()
+}
