@@ -28,10 +28,6 @@ use std::sync::{Arc, Mutex};
 pub const LOCAL_ADDRESS_SPACE: &str = "RustOverlayLocal";
 pub const GLOBAL_ADDRESS_SPACE: &str = "RustOverlayGlobal";
 
-/// Optimistic-concurrency retries before giving up with a clear error. Each
-/// try is a bounded store call, so the whole request stays bounded.
-const MAX_ATTEMPTS: usize = 64;
-
 /// The subnets claimed cluster-wide, changed only by compare-and-swap so that
 /// two hosts can never claim overlapping subnets at once.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -289,8 +285,8 @@ impl Ipam {
     /// record as it stands after the call.
     #[tracing::instrument(skip(self), fields(host = %self.host))]
     pub async fn request_pool(&self, req: &PoolRequest) -> Result<PoolRecord> {
-        for attempt in 0..MAX_ATTEMPTS {
-            crate::backoff::contention_pause(attempt).await;
+        let mut retry = crate::backoff::Retry::new();
+        while retry.next().await {
             let index_kv = self
                 .store
                 .get(&keys::pools_index())
@@ -357,8 +353,8 @@ impl Ipam {
     /// One more reference on an existing pool. `Ok(None)` when the pool went
     /// away in between (the caller starts over).
     async fn add_pool_ref(&self, seg: &str, req: &PoolRequest) -> Result<Option<PoolRecord>> {
-        for attempt in 0..MAX_ATTEMPTS {
-            crate::backoff::contention_pause(attempt).await;
+        let mut retry = crate::backoff::Retry::new();
+        while retry.next().await {
             let Some((mut rec, rev)) = self.read_pool(seg).await? else {
                 return Ok(None);
             };
@@ -433,8 +429,8 @@ impl Ipam {
     /// everything allocated in it.
     #[tracing::instrument(skip(self), fields(host = %self.host))]
     pub async fn release_pool(&self, pool_id: &str) -> Result<()> {
-        for attempt in 0..MAX_ATTEMPTS {
-            crate::backoff::contention_pause(attempt).await;
+        let mut retry = crate::backoff::Retry::new();
+        while retry.next().await {
             Guard::check(&self.guard, self.store.as_ref()).await?;
             let (subnet, seg, mut rec, rev) = self.read_known_pool(pool_id).await?;
             match rec.refs.get_mut(&self.host) {
@@ -514,8 +510,8 @@ impl Ipam {
     }
 
     async fn request_gateway(&self, pool_id: &str, wanted: Option<IpAddr>) -> Result<IpAddr> {
-        for attempt in 0..MAX_ATTEMPTS {
-            crate::backoff::contention_pause(attempt).await;
+        let mut retry = crate::backoff::Retry::new();
+        while retry.next().await {
             let (_, seg, rec, rev) = self.read_known_pool(pool_id).await?;
             if let Some(gw) = rec.gateway {
                 return match wanted {
@@ -554,8 +550,8 @@ impl Ipam {
     }
 
     async fn request_specific(&self, pool_id: &str, ip: IpAddr) -> Result<IpAddr> {
-        for attempt in 0..MAX_ATTEMPTS {
-            crate::backoff::contention_pause(attempt).await;
+        let mut retry = crate::backoff::Retry::new();
+        while retry.next().await {
             let (_, seg, rec, rev) = self.read_known_pool(pool_id).await?;
             if rec.gateway == Some(ip) {
                 return Err(PluginError::Conflict(format!(
@@ -656,8 +652,8 @@ impl Ipam {
         let cell = self.cursor_cell(seg);
         let mut guard = cell.lock().await;
         let mut skip: u128 = 0;
-        for attempt in 0..MAX_ATTEMPTS {
-            crate::backoff::contention_pause(attempt).await;
+        let mut retry = crate::backoff::Retry::new();
+        while retry.next().await {
             let cur = match *guard {
                 Some(c) => c,
                 None => {
@@ -822,8 +818,8 @@ impl Ipam {
     /// and freed with the pool, so releasing them is a no-op.
     #[tracing::instrument(skip(self), fields(host = %self.host))]
     pub async fn release_address(&self, pool_id: &str, ip: IpAddr) -> Result<()> {
-        for attempt in 0..MAX_ATTEMPTS {
-            crate::backoff::contention_pause(attempt).await;
+        let mut retry = crate::backoff::Retry::new();
+        while retry.next().await {
             Guard::check(&self.guard, self.store.as_ref()).await?;
             let (subnet, seg, rec, _) = self.read_known_pool(pool_id).await?;
             if !subnet.contains(ip) {
@@ -904,8 +900,8 @@ impl Ipam {
         if aux.is_empty() {
             return Ok(());
         }
-        for attempt in 0..MAX_ATTEMPTS {
-            crate::backoff::contention_pause(attempt).await;
+        let mut retry = crate::backoff::Retry::new();
+        while retry.next().await {
             let (_, seg, mut rec, rev) = self.read_known_pool(pool_id).await?;
             if aux.iter().all(|ip| rec.aux.contains(ip)) {
                 return Ok(());

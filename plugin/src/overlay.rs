@@ -21,8 +21,6 @@ use std::sync::{Arc, Mutex};
 pub const VNI_MIN: u32 = 256;
 pub const VNI_MAX: u32 = (1 << 24) - 1;
 
-const MAX_ATTEMPTS: usize = 64;
-
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct OverlayRecord {
     pub vni: u32,
@@ -116,8 +114,8 @@ impl Overlays {
         let overlay = keys::subnet_segment(first);
         let map_key = keys::host_network(&self.host, network_id);
         let rec_key = keys::overlay_record(&overlay);
-        for attempt in 0..MAX_ATTEMPTS {
-            crate::backoff::contention_pause(attempt).await;
+        let mut retry = crate::backoff::Retry::new();
+        while retry.next().await {
             let resp = self
                 .store
                 .txn(Txn::new().and_then(vec![
@@ -279,8 +277,8 @@ impl Overlays {
     #[tracing::instrument(skip(self), fields(host = %self.host))]
     pub async fn delete_network(&self, network_id: &str) -> Result<Option<LocalNetwork>> {
         let map_key = keys::host_network(&self.host, network_id);
-        for attempt in 0..MAX_ATTEMPTS {
-            crate::backoff::contention_pause(attempt).await;
+        let mut retry = crate::backoff::Retry::new();
+        while retry.next().await {
             Guard::check(&self.guard, self.store.as_ref()).await?;
             let Some(kv) = self
                 .store
