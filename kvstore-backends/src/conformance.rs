@@ -11,7 +11,14 @@
 //! every check also keeps to its own unique key prefix.
 //!
 //! Waits are bounded so that a broken backend fails instead of hanging, and
-//! nothing asserts how fast anything is. Lease TTLs are whole seconds (2 s) so
+//! nothing asserts how fast anything is.
+//!
+//! Revisions are only promised to increase, not to be consecutive (Consul's
+//! raft index also counts sessions and catalog writes), so no check expects
+//! the next write at `current + 1`. Watch checks follow the backend's
+//! [`WatchFidelity`]: exact event sequences for `EveryChange`, and for
+//! `LatestState` (Consul) what that promises: ordered, never repeated,
+//! converging on the store's state, past starts refused as compacted. Lease TTLs are whole seconds (2 s) so
 //! that etcd and Consul, which count in seconds, can pass too.
 
 use std::collections::BTreeSet;
@@ -26,7 +33,7 @@ use tokio::sync::Barrier;
 
 use crate::{
     Compare, EventKind, KeyValue, KvStore, Op, OpResult, Revision, StoreError, Txn, WatchEvent,
-    WatchStream,
+    WatchFidelity, WatchStream,
 };
 
 /// Upper bound for anything that should happen "soon" (events, expiries).
@@ -244,6 +251,110 @@ async fn current_revision(store: &dyn KvStore) -> Revision {
         .revision
 }
 
+/// Keeps no history and reports latest states (Consul).
+fn latest_state(store: &dyn KvStore) -> bool {
+    store.watch_fidelity() == WatchFidelity::LatestState
+}
+
+/// A watch from `start` must fail with Compacted, at the call or as the
+/// stream's first item.
+async fn expect_compacted(store: &dyn KvStore, prefix: &str, start: Revision, what: &str) {
+    match store.watch(prefix, start).await {
+        Err(StoreError::Compacted { requested, .. }) => assert_eq!(requested, start, "{what}"),
+        Err(e) => panic!("{what}: expected Compacted, got {e}"),
+        Ok(mut watch) => match tokio::time::timeout(PATIENCE, watch.next()).await {
+            Ok(Some(Err(StoreError::Compacted { requested, .. }))) => {
+                assert_eq!(requested, start, "{what}")
+            }
+            other => panic!("{what}: expected Compacted, got {other:?}"),
+        },
+    }
+}
+
+/// For [`WatchFidelity::LatestState`]: writes a sentinel under
+/// `sentinel_prefix` (inside every watched prefix) and follows each watch,
+/// all started at `start` on a prefix that was empty then, until the
+/// sentinel's put. Every event must be in revision order, at or after
+/// `start`, and never repeated; a put must be one of `writes` exactly, a
+/// delete must follow a delete of its key in `writes`. Then the state the
+/// events build must be the store's.
+async fn expect_convergence(
+    store: &dyn KvStore,
+    watches: &mut [(&mut WatchStream, &str)],
+    writes: &[Seen],
+    start: Revision,
+    sentinel_prefix: &str,
+) {
+    let sentinel = format!("{sentinel_prefix}~sentinel");
+    let sentinel_rev = store
+        .put(&sentinel, b"end".to_vec())
+        .await
+        .expect("put sentinel");
+    for (stream, prefix) in watches.iter_mut() {
+        let what = format!("latest-state watch on {prefix}");
+        let mut state: std::collections::BTreeMap<String, (Vec<u8>, Revision)> = Default::default();
+        let mut seen_puts = BTreeSet::new();
+        let mut last = start;
+        loop {
+            let ev = next_event(stream, &what).await;
+            let (key, rev) = (ev.kv.key.clone(), ev.revision());
+            assert!(
+                key.starts_with(*prefix),
+                "{what}: event for {key} outside the prefix"
+            );
+            assert!(
+                rev >= last,
+                "{what}: {key} at revision {rev} after revision {last}"
+            );
+            last = rev;
+            if key == sentinel {
+                assert_eq!(
+                    (ev.kind, rev),
+                    (EventKind::Put, sentinel_rev),
+                    "{what}: sentinel"
+                );
+                break;
+            }
+            match ev.kind {
+                EventKind::Put => {
+                    assert!(
+                        writes.contains(&seen(&ev)),
+                        "{what}: put {:?} is not a write that happened",
+                        seen(&ev)
+                    );
+                    assert!(
+                        seen_puts.insert((key.clone(), rev)),
+                        "{what}: {key} at {rev} twice"
+                    );
+                    state.insert(key, (ev.kv.value, rev));
+                }
+                EventKind::Delete => {
+                    assert!(
+                        writes
+                            .iter()
+                            .any(|w| w.0 == key && w.1 == EventKind::Delete && w.2 <= rev),
+                        "{what}: delete of {key} at {rev} before any delete of it"
+                    );
+                    state.remove(&key);
+                }
+            }
+        }
+        let now: std::collections::BTreeMap<String, (Vec<u8>, Revision)> = store
+            .range(prefix)
+            .await
+            .expect("range")
+            .kvs
+            .into_iter()
+            .filter(|kv| kv.key != sentinel)
+            .map(|kv| (kv.key, (kv.value, kv.mod_revision)))
+            .collect();
+        assert_eq!(
+            state, now,
+            "{what}: the events must add up to the store's state"
+        );
+    }
+}
+
 fn value_of(kv: &Option<KeyValue>) -> Option<&[u8]> {
     kv.as_ref().map(|kv| kv.value.as_slice())
 }
@@ -406,6 +517,7 @@ pub async fn range_by_prefix(store: Arc<dyn KvStore>) {
             .await
             .expect("put");
     }
+    let last_inside = last;
     for key in &outside {
         last = store.put(key, b"out".to_vec()).await.expect("put");
     }
@@ -425,7 +537,14 @@ pub async fn range_by_prefix(store: Arc<dyn KvStore>) {
         );
         assert!(kv.mod_revision > 0 && kv.create_revision == kv.mod_revision);
     }
-    assert_eq!(resp.revision, last, "range reports the store revision");
+    if latest_state(&*store) {
+        assert_eq!(
+            resp.revision, last_inside,
+            "range reports the latest change under the prefix"
+        );
+    } else {
+        assert_eq!(resp.revision, last, "range reports the store revision");
+    }
     assert!(store
         .range(&format!("{p}nothing-here/"))
         .await
@@ -739,7 +858,7 @@ pub async fn txn_success_applies_all_at_one_revision(store: Arc<dyn KvStore>) {
         .expect("txn");
     assert!(resp.succeeded);
     let rev = resp.revision;
-    assert_eq!(rev, before + 1, "one revision for the whole txn");
+    assert!(rev > before, "revision {rev} after {before}");
     let b_kv = KeyValue {
         key: b.clone(),
         value: b"b1".to_vec(),
@@ -779,22 +898,24 @@ pub async fn txn_success_applies_all_at_one_revision(store: Arc<dyn KvStore>) {
     assert_eq!(store.get(&format!("{p}failure")).await.expect("get"), None);
     assert_eq!(current_revision(&*store).await, rev);
 
-    // Watchers see the txn's changes in op order, all at its revision.
+    // Watchers see the txn's changes in op order (key order for latest-state
+    // backends, which cannot know the op order), all at its revision.
     let events: Vec<(String, EventKind, Revision)> = collect(&mut watch, 5, "txn events")
         .await
         .iter()
         .map(|e| (e.kv.key.clone(), e.kind, e.revision()))
         .collect();
-    assert_eq!(
-        events,
-        vec![
-            (a.clone(), EventKind::Put, rev),
-            (b.clone(), EventKind::Put, rev),
-            (gone.clone(), EventKind::Delete, rev),
-            (c.clone(), EventKind::Put, rev),
-            (format!("{dir}1"), EventKind::Delete, rev),
-        ]
-    );
+    let mut want = vec![
+        (a.clone(), EventKind::Put, rev),
+        (b.clone(), EventKind::Put, rev),
+        (gone.clone(), EventKind::Delete, rev),
+        (c.clone(), EventKind::Put, rev),
+        (format!("{dir}1"), EventKind::Delete, rev),
+    ];
+    if latest_state(&*store) {
+        want.sort_by(|x, y| (x.2, &x.0).cmp(&(y.2, &y.0)));
+    }
+    assert_eq!(events, want);
     expect_sentinel_next(&*store, &mut watch, &p).await;
 }
 
@@ -814,7 +935,11 @@ pub async fn txn_delete_prefix(store: Arc<dyn KvStore>) {
         .await
         .expect("delete prefix");
     assert_eq!(resp.results, vec![OpResult::Delete { deleted: 3 }]);
-    assert_eq!(resp.revision, start, "all deletions at one revision");
+    let rev = resp.revision;
+    assert!(
+        rev >= start,
+        "revision {rev} before the watch's start {start}"
+    );
     assert!(store.range(&dir).await.expect("range").kvs.is_empty());
     for key in &kept {
         assert!(store.get(key).await.expect("get").is_some(), "{key} kept");
@@ -827,9 +952,9 @@ pub async fn txn_delete_prefix(store: Arc<dyn KvStore>) {
     events.sort_by(|x, y| x.0.cmp(&y.0));
     let want: Vec<_> = doomed
         .iter()
-        .map(|k| (k.clone(), EventKind::Delete, start))
+        .map(|k| (k.clone(), EventKind::Delete, rev))
         .collect();
-    assert_eq!(events, want);
+    assert_eq!(events, want, "all deletions at the txn's revision");
 
     // Nothing left to delete: no change, no revision.
     let resp = store
@@ -837,7 +962,7 @@ pub async fn txn_delete_prefix(store: Arc<dyn KvStore>) {
         .await
         .expect("delete prefix");
     assert_eq!(resp.results, vec![OpResult::Delete { deleted: 0 }]);
-    assert_eq!(resp.revision, start);
+    assert_eq!(resp.revision, rev);
     expect_sentinel_next(&*store, &mut watch, &p).await;
 }
 
@@ -944,6 +1069,11 @@ pub async fn watch_sees_every_change_in_order(store: Arc<dyn KvStore>) {
         last = resp.revision;
     }
 
+    if latest_state(&*store) {
+        let watches = &mut [(&mut from_rev, p.as_str()), (&mut from_now, p.as_str())];
+        expect_convergence(&*store, watches, &expected, start, &p).await;
+        return;
+    }
     for (name, watch) in [
         ("from revision", &mut from_rev),
         ("from now", &mut from_now),
@@ -988,13 +1118,24 @@ pub async fn watch_concurrent_writers_and_late_start(store: Arc<dyn KvStore>) {
         assert!(tokio::time::Instant::now() < deadline, "writers stalled");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let mut late = store.watch(&p, start).await.expect("late watch");
+    // A latest-state store has no history to replay: it refuses the late
+    // start, and a caller resyncs with a range instead.
+    let mut late = if latest_state(&*store) {
+        expect_compacted(&*store, &p, start, "late watch without history").await;
+        None
+    } else {
+        Some(store.watch(&p, start).await.expect("late watch"))
+    };
     let mut expected = Vec::new();
     for writer in writers {
         expected.extend(writer.await.expect("writer"));
     }
     expected.sort_by_key(|(_, rev)| *rev);
-    for (name, watch) in [("early", &mut early), ("late", &mut late)] {
+    let mut watches: Vec<(&str, &mut WatchStream)> = vec![("early", &mut early)];
+    if let Some(late) = late.as_mut() {
+        watches.push(("late", late));
+    }
+    for (name, watch) in watches {
         let got: Vec<(String, Revision)> = collect(watch, expected.len(), name)
             .await
             .into_iter()
@@ -1008,7 +1149,10 @@ pub async fn watch_concurrent_writers_and_late_start(store: Arc<dyn KvStore>) {
             "{name} watch: every put once, in revision order"
         );
     }
-    expect_sentinel_next_all(&*store, &mut [&mut early, &mut late], &p).await;
+    match late.as_mut() {
+        Some(late) => expect_sentinel_next_all(&*store, &mut [&mut early, late], &p).await,
+        None => expect_sentinel_next(&*store, &mut early, &p).await,
+    }
 }
 
 pub async fn watch_replays_history(store: Arc<dyn KvStore>) {
@@ -1025,9 +1169,46 @@ pub async fn watch_replays_history(store: Arc<dyn KvStore>) {
             writes.push((key, EventKind::Put, rev, vec![i]));
         }
     }
+    if latest_state(&*store) {
+        // No history: starts in the past are refused, "from now" works.
+        expect_compacted(&*store, &p, writes[2].2, "watch from the past").await;
+        expect_compacted(&*store, &p, writes[9].2, "watch from the last write").await;
+        let mut future_only = store.watch(&p, 0).await.expect("watch from now");
+        expect_sentinel_next(&*store, &mut future_only, &p).await;
+    } else {
+        replay_from_history(&*store, &p, &writes).await;
+    }
+
+    // Every backend: a watch from a range's revision + 1 sees exactly what
+    // changed after the read (what a consumer does after a resync).
+    let read = store.range(&p).await.expect("range");
+    let (added, removed) = (format!("{p}after-range"), format!("{p}k0"));
+    let put_rev = store.put(&added, b"a".to_vec()).await.expect("put");
+    assert!(store.delete(&removed).await.expect("delete"), "k0 exists");
+    let del_rev = current_revision(&*store).await;
+    let mut resumed = store
+        .watch(&p, read.revision + 1)
+        .await
+        .expect("watch from a range's revision + 1");
+    let got: Vec<Seen> = collect(&mut resumed, 2, "after the range")
+        .await
+        .iter()
+        .map(seen)
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (added, EventKind::Put, put_rev, b"a".to_vec()),
+            (removed, EventKind::Delete, del_rev, vec![]),
+        ]
+    );
+    expect_sentinel_next(&*store, &mut resumed, &p).await;
+}
+
+async fn replay_from_history(store: &dyn KvStore, p: &str, writes: &[Seen]) {
     // From the third write: history, then live, nothing twice.
     let from = writes[2].2;
-    let mut watch = store.watch(&p, from).await.expect("watch from the past");
+    let mut watch = store.watch(p, from).await.expect("watch from the past");
     let got: Vec<Seen> = collect(&mut watch, 8, "replay")
         .await
         .iter()
@@ -1045,11 +1226,11 @@ pub async fn watch_replays_history(store: Arc<dyn KvStore>) {
     );
 
     // From revision 0: only what happens after the call.
-    let mut future_only = store.watch(&p, 0).await.expect("watch from now");
-    expect_sentinel_next(&*store, &mut future_only, &p).await;
+    let mut future_only = store.watch(p, 0).await.expect("watch from now");
+    expect_sentinel_next(store, &mut future_only, p).await;
 
     // A start between two writes of the prefix replays from the next one.
-    let mut mid = store.watch(&p, writes[9].2).await.expect("watch");
+    let mut mid = store.watch(p, writes[9].2).await.expect("watch");
     let ev = next_event(&mut mid, "replay of the last write").await;
     assert_eq!(seen(&ev), writes[9]);
 }
@@ -1069,17 +1250,29 @@ pub async fn watch_filters_by_prefix(store: Arc<dyn KvStore>) {
         format!("{p}a/"),
     ];
     let mut want = Vec::new();
+    let mut writes: Vec<Seen> = Vec::new();
     for key in &keys {
         let rev = store.put(key, b"v".to_vec()).await.expect("put");
+        writes.push((key.clone(), EventKind::Put, rev, b"v".to_vec()));
         if key.starts_with(&dir) {
             want.push((key.clone(), rev));
         }
     }
     store.delete(&format!("{p}ab")).await.expect("delete");
     let del_rev = current_revision(&*store).await;
+    writes.push((format!("{p}ab"), EventKind::Delete, del_rev, vec![]));
     let dir_del = store.delete(&format!("{dir}1")).await.expect("delete");
     assert!(dir_del);
-    want.push((format!("{dir}1"), current_revision(&*store).await));
+    let dir_del_rev = current_revision(&*store).await;
+    want.push((format!("{dir}1"), dir_del_rev));
+    writes.push((format!("{dir}1"), EventKind::Delete, dir_del_rev, vec![]));
+
+    if latest_state(&*store) {
+        // Each watch converges on its own prefix; the sentinel is in both.
+        let watches = &mut [(&mut watch, dir.as_str()), (&mut everything, p.as_str())];
+        expect_convergence(&*store, watches, &writes, start, &dir).await;
+        return;
+    }
 
     let got: Vec<(String, Revision)> = collect(&mut watch, want.len(), "prefix watch")
         .await
@@ -1210,9 +1403,14 @@ pub async fn lease_revoke_deletes_at_once(store: Arc<dyn KvStore>) {
         .map(|e| (e.kv.key, e.kind, e.kv.mod_revision))
         .collect();
     events.sort_by(|x, y| x.0.cmp(&y.0));
+    let rev = events[0].2;
+    assert!(
+        rev >= start,
+        "revision {rev} before the watch's start {start}"
+    );
     let want: Vec<_> = leased
         .iter()
-        .map(|k| (k.clone(), EventKind::Delete, start))
+        .map(|k| (k.clone(), EventKind::Delete, rev))
         .collect();
     assert_eq!(events, want, "one delete per key, all at one revision");
     expect_sentinel_next(&*store, &mut watch, &p).await;

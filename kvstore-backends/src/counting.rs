@@ -47,6 +47,10 @@ impl<S: KvStore> KvStore for CountingStore<S> {
         self.inner.backend_name()
     }
 
+    fn watch_fidelity(&self) -> crate::WatchFidelity {
+        self.inner.watch_fidelity()
+    }
+
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
         self.tick();
         self.inner.get(key).await

@@ -4,10 +4,13 @@
 //! The trait is deliberately narrow (get, range by prefix, an all-or-nothing
 //! transaction with compares on a key's modification revision, watches from a
 //! revision, leases) so that etcd v3, Consul and the embedded file store can all
-//! keep the same promises. Everything richer (create-if-absent, compare-and-swap)
-//! is a provided method built on `txn`. The conformance suite (feature
-//! `conformance`) proves each backend keeps those promises.
+//! keep the same promises. Watches are the one place where Consul, which keeps
+//! no history, promises less: see [`WatchFidelity`]. Everything richer
+//! (create-if-absent, compare-and-swap) is a provided method built on `txn`.
+//! The conformance suite (feature `conformance`) proves each backend keeps
+//! those promises.
 
+mod consul;
 mod counting;
 mod engine;
 mod error;
@@ -20,6 +23,7 @@ mod types;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+pub use consul::{ConsulConfig, ConsulStore, ConsulTls};
 pub use counting::CountingStore;
 pub use error::{Result, StoreError};
 pub use etcd::{EtcdConfig, EtcdStore, EtcdTls};
@@ -28,7 +32,7 @@ pub use redb_store::RedbStore;
 pub use timeout::TimeoutStore;
 pub use types::{
     Compare, EventKind, KeyValue, LeaseId, Op, OpResult, RangeResponse, Revision, Txn, TxnResponse,
-    WatchEvent, WatchStream,
+    WatchEvent, WatchFidelity, WatchStream,
 };
 
 use async_trait::async_trait;
@@ -50,9 +54,11 @@ pub trait KvStore: Send + Sync + 'static {
     /// One key, read with linearizable consistency.
     async fn get(&self, key: &str) -> Result<Option<KeyValue>>;
 
-    /// Every key that starts with `prefix`, sorted by key, and the store
-    /// revision the read was taken at (the revision to start a watch from,
-    /// plus one).
+    /// Every key that starts with `prefix`, sorted by key, and the revision
+    /// the read was taken at: the read holds every change under `prefix` up
+    /// to it and none after (the revision to start a watch from, plus one).
+    /// That is the store revision, except for [`WatchFidelity::LatestState`]
+    /// backends, which report the latest change under the prefix.
     async fn range(&self, prefix: &str) -> Result<RangeResponse>;
 
     /// Apply `success` ops if every compare holds, else `failure` ops, all or
@@ -67,8 +73,17 @@ pub trait KvStore: Send + Sync + 'static {
     /// revision order, without gaps. `start_revision` 0 means "from now".
     /// When `start_revision` is older than the history the backend keeps,
     /// the call (or the stream's first item) is [`StoreError::Compacted`]
-    /// and the caller must resync with `range`.
+    /// and the caller must resync with `range`. Backends with
+    /// [`WatchFidelity::LatestState`] deliver each changed key's latest state
+    /// instead of every change; a consumer that keeps a map of key to value
+    /// works the same on both.
     async fn watch(&self, prefix: &str, start_revision: Revision) -> Result<WatchStream>;
+
+    /// What [`KvStore::watch`] promises on this backend. Decorators forward
+    /// it.
+    fn watch_fidelity(&self) -> WatchFidelity {
+        WatchFidelity::EveryChange
+    }
 
     /// A lease that expires `ttl` after its last renewal. Keys put with it are
     /// deleted when it expires or is revoked.
@@ -170,6 +185,10 @@ impl<S: KvStore + ?Sized> KvStore for Arc<S> {
 
     async fn watch(&self, prefix: &str, start_revision: Revision) -> Result<WatchStream> {
         (**self).watch(prefix, start_revision).await
+    }
+
+    fn watch_fidelity(&self) -> WatchFidelity {
+        (**self).watch_fidelity()
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {

@@ -51,6 +51,10 @@ impl<S: KvStore> KvStore for TimeoutStore<S> {
         self.inner.backend_name()
     }
 
+    fn watch_fidelity(&self) -> crate::WatchFidelity {
+        self.inner.watch_fidelity()
+    }
+
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
         self.bounded(self.inner.get(key)).await
     }

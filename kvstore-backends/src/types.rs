@@ -190,5 +190,31 @@ impl WatchEvent {
     }
 }
 
+/// How faithfully a backend's watches report changes (see
+/// [`KvStore::watch`](crate::KvStore::watch)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WatchFidelity {
+    /// Every change once, with its own revision, in revision order and,
+    /// within one revision, in op order; a watch can start at any revision
+    /// the backend still keeps. etcd, the file store and memory.
+    EveryChange,
+    /// The backend keeps no history and watches by comparing snapshots
+    /// (Consul's blocking queries). Its watches deliver the *latest state* of
+    /// each key that changed, in revision order, never twice, and converge:
+    /// applied to the state at `start_revision - 1`, the events give the
+    /// store's current state. But they may skip intermediate states (a key
+    /// written twice between two looks shows only its last write; one
+    /// created and deleted in between may not show at all), a delete carries
+    /// the revision at which the backend found the key gone (at or after the
+    /// delete's own), and the events of one revision come in key order.
+    ///
+    /// A watch can start in the past only where nothing under the prefix
+    /// changed since, or exactly at a recent `range(prefix).revision + 1` of
+    /// the same store; elsewhere it is [`StoreError::Compacted`] and the
+    /// caller resyncs with `range`. And `range` reports the revision of the
+    /// latest change under the prefix rather than the store's revision.
+    LatestState,
+}
+
 /// The changes a watch sees, in revision order. An `Err` item ends the stream.
 pub type WatchStream = BoxStream<'static, Result<WatchEvent, StoreError>>;

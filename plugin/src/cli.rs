@@ -52,7 +52,7 @@ pub enum LogFormat {
 #[derive(Debug, Args)]
 pub struct StoreArgs {
     /// The store: file:///path (embedded, one host), etcd://host:2379[,host:2379...]
-    /// (shared by many hosts), memory:// (tests).
+    /// or consul://host:8500 (shared by many hosts), memory:// (tests).
     #[arg(
         long,
         env = "RUSTOVERLAY_STORE",
@@ -75,6 +75,13 @@ pub struct StoreArgs {
     /// Password (RUSTOVERLAY_STORE_PASSWORD, environment only).
     #[arg(skip = std::env::var("RUSTOVERLAY_STORE_PASSWORD").ok())]
     pub store_password: Option<String>,
+    /// Consul ACL token (RUSTOVERLAY_CONSUL_TOKEN, environment only).
+    #[arg(skip = std::env::var("RUSTOVERLAY_CONSUL_TOKEN").ok().filter(|t| !t.is_empty()))]
+    pub consul_token: Option<String>,
+    /// The Consul servers' session_ttl_min, in seconds: shorter lease TTLs
+    /// are raised to it.
+    #[arg(long, env = "RUSTOVERLAY_CONSUL_SESSION_TTL_MIN", default_value_t = 10)]
+    pub consul_session_ttl_min: u64,
     /// Time limit of every store call, in seconds.
     #[arg(long, env = "RUSTOVERLAY_STORE_TIMEOUT", default_value_t = 5.0)]
     pub store_timeout: f64,

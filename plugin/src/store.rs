@@ -2,19 +2,16 @@
 
 use crate::cli::StoreArgs;
 use kvstore_backends::{
-    EtcdConfig, EtcdStore, EtcdTls, KvStore, MemoryStore, RedbStore, TimeoutStore,
+    ConsulConfig, ConsulStore, ConsulTls, EtcdConfig, EtcdStore, EtcdTls, KvStore, MemoryStore,
+    RedbStore, TimeoutStore,
 };
 use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("--store {0:?} is not a store URL; use file:///path/state.redb, etcd://host:2379[,host:2379] or memory://")]
+    #[error("--store {0:?} is not a store URL; use file:///path/state.redb, etcd://host:2379[,host:2379], consul://host:8500 or memory://")]
     Malformed(String),
-    #[error(
-        "--store {0}: the {1} backend is not available in this version yet; use etcd:// or file://"
-    )]
-    NotYet(String, &'static str),
     #[error("{0}")]
     Options(String),
     #[error("open the store {url}: {source}")]
@@ -70,7 +67,27 @@ pub fn open(args: &StoreArgs, timeout: Duration) -> Result<Arc<dyn KvStore>, Ope
             config.dial_timeout = timeout.min(Duration::from_secs(3));
             Arc::new(EtcdStore::new(config).map_err(backend)?)
         }
-        "consul" => return Err(OpenError::NotYet(url.to_string(), "Consul")),
+        "consul" => {
+            let address = rest.trim_end_matches('/');
+            if address.is_empty() || address.contains(',') {
+                return Err(OpenError::Options(format!(
+                    "--store {url}: give one Consul agent address (the local agent, which forwards to the servers)"
+                )));
+            }
+            let mut config = ConsulConfig::new(address);
+            config.token = args.consul_token.clone();
+            config.tls = tls(args)?.map(|t| ConsulTls {
+                ca: t.ca,
+                cert: t.cert,
+                key: t.key,
+            });
+            config.request_timeout = timeout;
+            config.dial_timeout = timeout.min(Duration::from_secs(3));
+            config.session_ttl_min = Duration::from_secs(args.consul_session_ttl_min.max(1));
+            // Blocking queries must come back well inside the call bound.
+            config.watch_wait = Duration::from_secs(60);
+            Arc::new(ConsulStore::new(config).map_err(backend)?)
+        }
         _ => return Err(OpenError::Malformed(url.to_string())),
     };
     Ok(Arc::new(TimeoutStore::new(inner, timeout)))
@@ -111,6 +128,8 @@ mod tests {
             store_key: None,
             store_user: None,
             store_password: None,
+            consul_token: None,
+            consul_session_ttl_min: 10,
         }
     }
 
@@ -133,8 +152,14 @@ mod tests {
             open(&args("etcd://"), t),
             Err(OpenError::Malformed(_))
         ));
-        let e = open(&args("consul://127.0.0.1:8500"), t).err().unwrap();
-        assert!(e.to_string().contains("not available"));
+        assert!(
+            open(&args("consul://127.0.0.1:8500"), t).is_ok(),
+            "lazy connect"
+        );
+        assert!(matches!(
+            open(&args("consul://a:1,b:2"), t),
+            Err(OpenError::Options(_))
+        ));
     }
 
     #[test]

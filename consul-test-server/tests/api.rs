@@ -1,0 +1,310 @@
+//! The test server against Consul's documented HTTP behaviour, over raw
+//! HTTP (the backend's own tests cover it through `ConsulStore`).
+
+use std::time::{Duration, Instant};
+
+use consul_test_server::{Config, TestServer};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+
+struct Reply {
+    status: u16,
+    index: Option<u64>,
+    body: Value,
+    text: String,
+}
+
+async fn call(
+    server: &TestServer,
+    method: &str,
+    path: &str,
+    body: &str,
+    token: Option<&str>,
+) -> Reply {
+    let tcp = tokio::net::TcpStream::connect(server.addr())
+        .await
+        .expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("Host", server.address());
+    if let Some(t) = token {
+        req = req.header("X-Consul-Token", t);
+    }
+    let resp = sender
+        .send_request(
+            req.body(Full::new(Bytes::from(body.to_owned())))
+                .expect("request"),
+        )
+        .await
+        .expect("send");
+    let status = resp.status().as_u16();
+    let index = resp
+        .headers()
+        .get("X-Consul-Index")
+        .map(|v| v.to_str().expect("ascii").parse().expect("number"));
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    Reply {
+        status,
+        index,
+        body: serde_json::from_str(&text).unwrap_or(Value::Null),
+        text,
+    }
+}
+
+async fn server(config: Config) -> TestServer {
+    TestServer::start(config).await.expect("start")
+}
+
+#[tokio::test]
+async fn kv_reads_writes_and_indexes() {
+    let s = server(Config::default()).await;
+    assert_eq!(
+        call(&s, "PUT", "/v1/kv/a/1", "one", None).await.body,
+        json!(true)
+    );
+    let r = call(&s, "GET", "/v1/kv/a/1", "", None).await;
+    assert_eq!(r.status, 200);
+    let e = &r.body[0];
+    assert_eq!(e["Key"], "a/1");
+    assert_eq!(e["Value"], "b25l"); // base64("one")
+    assert_eq!(
+        r.index,
+        e["ModifyIndex"].as_u64(),
+        "a key's index is its ModifyIndex"
+    );
+    let modify = r.index.expect("index");
+
+    // Absent: 404 with the table's index; a list of an unused prefix too.
+    call(&s, "PUT", "/v1/kv/b", "", None).await;
+    let absent = call(&s, "GET", "/v1/kv/zzz", "", None).await;
+    assert_eq!(absent.status, 404);
+    assert!(absent.index.expect("index") > modify);
+    assert_eq!(
+        call(&s, "GET", "/v1/kv/nothing/?recurse", "", None)
+            .await
+            .index,
+        absent.index
+    );
+    // An empty value is null.
+    assert_eq!(
+        call(&s, "GET", "/v1/kv/b", "", None).await.body[0]["Value"],
+        Value::Null
+    );
+
+    call(&s, "PUT", "/v1/kv/a/2/x", "two", None).await;
+    let r = call(&s, "GET", "/v1/kv/a/?recurse", "", None).await;
+    assert_eq!(r.body.as_array().map(Vec::len), Some(2));
+    let r = call(&s, "GET", "/v1/kv/a/?keys&separator=/", "", None).await;
+    assert_eq!(r.body, json!(["a/1", "a/2/"]));
+
+    // cas: 0 only creates, a stale index loses.
+    assert_eq!(
+        call(&s, "PUT", "/v1/kv/a/1?cas=0", "x", None).await.body,
+        json!(false)
+    );
+    let stale = format!("/v1/kv/a/1?cas={}", modify + 100);
+    assert_eq!(call(&s, "PUT", &stale, "x", None).await.body, json!(false));
+    let fresh = format!("/v1/kv/a/1?cas={modify}");
+    assert_eq!(call(&s, "PUT", &fresh, "x", None).await.body, json!(true));
+
+    // A delete leaves a tombstone: the prefix's index moves to it.
+    let before = call(&s, "GET", "/v1/kv/a/?recurse", "", None)
+        .await
+        .index
+        .expect("index");
+    assert_eq!(
+        call(&s, "DELETE", "/v1/kv/a/2/x", "", None).await.body,
+        json!(true)
+    );
+    let after = call(&s, "GET", "/v1/kv/a/?recurse", "", None)
+        .await
+        .index
+        .expect("index");
+    assert!(after > before);
+    assert_eq!(s.reap_tombstones(), 1);
+    let reaped = call(&s, "GET", "/v1/kv/a/?recurse", "", None)
+        .await
+        .index
+        .expect("index");
+    assert!(reaped < after, "reaping moves a prefix's index back");
+    assert_eq!(
+        call(&s, "DELETE", "/v1/kv/a?recurse", "", None).await.body,
+        json!(true)
+    );
+    assert_eq!(
+        call(&s, "GET", "/v1/kv/a/?recurse", "", None).await.status,
+        404
+    );
+
+    // What a real Consul's router would fold is refused.
+    assert_eq!(call(&s, "GET", "/v1/kv//a", "", None).await.status, 400);
+    assert_eq!(call(&s, "GET", "/v1/kv/a/../b", "", None).await.status, 400);
+}
+
+#[tokio::test]
+async fn txn_is_all_or_nothing_with_409_errors_and_413_beyond_64_ops() {
+    let s = server(Config::default()).await;
+    call(&s, "PUT", "/v1/kv/k", "v", None).await;
+    let index = s.raft_index();
+    let ops = json!([
+        {"KV": {"Verb": "set", "Key": "new", "Value": "bmV3"}},
+        {"KV": {"Verb": "check-index", "Key": "k", "Index": 1}},
+        {"KV": {"Verb": "check-not-exists", "Key": "k"}},
+    ]);
+    let r = call(&s, "PUT", "/v1/txn", &ops.to_string(), None).await;
+    assert_eq!(r.status, 409);
+    assert_eq!(r.body["Results"], Value::Null);
+    let failed: Vec<u64> = r.body["Errors"]
+        .as_array()
+        .expect("errors")
+        .iter()
+        .map(|e| e["OpIndex"].as_u64().expect("index"))
+        .collect();
+    assert_eq!(failed, vec![1, 2], "every failing op is reported");
+    assert_eq!(call(&s, "GET", "/v1/kv/new", "", None).await.status, 404);
+    assert_eq!(
+        s.raft_index(),
+        index + 1,
+        "a failed write txn still takes an index"
+    );
+
+    let ops = json!([
+        {"KV": {"Verb": "get-or-empty", "Key": "absent"}},
+        {"KV": {"Verb": "set", "Key": "new", "Value": "bmV3"}},
+        {"KV": {"Verb": "get", "Key": "new"}},
+        {"KV": {"Verb": "get-tree", "Key": ""}},
+    ]);
+    let r = call(&s, "PUT", "/v1/txn", &ops.to_string(), None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let results = r.body["Results"].as_array().expect("results");
+    assert_eq!(results.len(), 1 + 1 + 1 + 2);
+    assert_eq!(results[0]["KV"]["ModifyIndex"], 0);
+    assert_eq!(
+        results[1]["KV"]["Value"],
+        Value::Null,
+        "a set's result has no value"
+    );
+    assert_eq!(results[2]["KV"]["Value"], "bmV3");
+
+    let many: Vec<Value> = (0..65)
+        .map(|i| json!({"KV": {"Verb": "get-or-empty", "Key": format!("k{i}")}}))
+        .collect();
+    let r = call(&s, "PUT", "/v1/txn", &Value::Array(many).to_string(), None).await;
+    assert_eq!(r.status, 413);
+    assert!(r.text.contains("65 > 64"), "{}", r.text);
+}
+
+#[tokio::test]
+async fn blocking_queries_wait_for_a_change_or_the_wait() {
+    let s = server(Config::default()).await;
+    call(&s, "PUT", "/v1/kv/w/a", "1", None).await;
+    let index = call(&s, "GET", "/v1/kv/w/?recurse", "", None)
+        .await
+        .index
+        .expect("index");
+
+    let started = Instant::now();
+    let r = call(
+        &s,
+        "GET",
+        &format!("/v1/kv/w/?recurse&index={index}&wait=300ms"),
+        "",
+        None,
+    )
+    .await;
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(
+        r.index,
+        Some(index),
+        "no change: the same index after the wait"
+    );
+
+    let path = format!("/v1/kv/w/?recurse&index={index}&wait=30s");
+    let write = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        call(&s, "PUT", "/v1/kv/w/b", "2", None).await;
+    };
+    let (r, ()) = tokio::join!(call(&s, "GET", &path, "", None), write);
+    assert!(r.index.expect("index") > index);
+    assert_eq!(r.body.as_array().map(Vec::len), Some(2));
+}
+
+#[tokio::test]
+async fn sessions_expire_between_ttl_and_twice_ttl_and_delete_their_keys() {
+    let s = server(Config {
+        session_ttl_min: Duration::from_secs(1),
+        ..Config::default()
+    })
+    .await;
+    let r = call(&s, "PUT", "/v1/session/create", r#"{"TTL": "500ms"}"#, None).await;
+    assert_eq!(r.status, 500);
+    assert!(r.text.contains("Invalid Session TTL"), "{}", r.text);
+
+    let body = r#"{"TTL": "1s", "Behavior": "delete", "LockDelay": "0s"}"#;
+    let id = call(&s, "PUT", "/v1/session/create", body, None).await.body["ID"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let created = Instant::now();
+    let acquire = format!("/v1/kv/held?acquire={id}");
+    assert_eq!(call(&s, "PUT", &acquire, "v", None).await.body, json!(true));
+    let info = call(&s, "GET", &format!("/v1/session/info/{id}"), "", None).await;
+    assert_eq!(info.body[0]["Behavior"], "delete");
+    while call(&s, "GET", "/v1/kv/held", "", None).await.status == 200 {
+        assert!(created.elapsed() < Duration::from_secs(5), "never expired");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let lived = created.elapsed();
+    assert!(
+        lived >= Duration::from_secs(1) && lived < Duration::from_millis(2300),
+        "{lived:?}"
+    );
+    let r = call(&s, "PUT", &format!("/v1/session/renew/{id}"), "", None).await;
+    assert_eq!(r.status, 404);
+    assert!(r.text.contains("not found"));
+    assert_eq!(
+        call(&s, "GET", &format!("/v1/session/info/{id}"), "", None)
+            .await
+            .body,
+        json!([])
+    );
+    assert_eq!(
+        call(&s, "PUT", &format!("/v1/session/destroy/{id}"), "", None)
+            .await
+            .body,
+        json!(true)
+    );
+}
+
+#[tokio::test]
+async fn the_acl_token_is_checked() {
+    let s = server(Config {
+        acl_token: Some("t0ken".into()),
+        ..Config::default()
+    })
+    .await;
+    assert_eq!(call(&s, "GET", "/v1/kv/x", "", None).await.status, 403);
+    assert_eq!(
+        call(&s, "GET", "/v1/kv/x", "", Some("wrong")).await.status,
+        403
+    );
+    assert_eq!(
+        call(&s, "GET", "/v1/kv/x", "", Some("t0ken")).await.status,
+        404
+    );
+    assert_eq!(
+        call(&s, "GET", "/v1/kv/x?token=t0ken", "", None)
+            .await
+            .status,
+        404
+    );
+    assert_eq!(call(&s, "PUT", "/v1/txn", "[]", None).await.status, 403);
+}
