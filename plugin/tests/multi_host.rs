@@ -7,7 +7,7 @@ mod support;
 
 use serde_json::json;
 use std::time::{Duration, Instant};
-use support::{Client, Lan, Netns, Plugin, Sandbox};
+use support::{Client, Lan, Netns, Plugin, Sandbox, Store};
 
 const POOL: &str = "10.77.0.0/24";
 
@@ -66,13 +66,23 @@ async fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: scripts/test runs this tier"]
-async fn two_hosts_learn_each_other_and_containers_talk() {
+async fn two_hosts_learn_each_other_and_containers_talk_on_etcd() {
+    two_hosts_learn_each_other_and_containers_talk(Store::Etcd).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: scripts/test runs this tier"]
+async fn two_hosts_learn_each_other_and_containers_talk_on_consul() {
+    two_hosts_learn_each_other_and_containers_talk(Store::Consul).await;
+}
+
+async fn two_hosts_learn_each_other_and_containers_talk(store: Store) {
     let mut lan = Lan::new();
-    lan.start_etcd().await;
+    let url = lan.start_store(store).await;
+    let extra = Lan::plugin_args(store);
     let (ns1, ns2): (Netns, Netns) = (lan.host(1), lan.host(2));
-    let url = lan.etcd_url();
-    let p1 = Plugin::start_with(&ns1, &Plugin::dir_for("mh1"), "h1", &url, &[]).await;
-    let p2 = Plugin::start_with(&ns2, &Plugin::dir_for("mh2"), "h2", &url, &[]).await;
+    let p1 = Plugin::start_with(&ns1, &Plugin::dir_for("mh1"), "h1", &url, &extra).await;
+    let p2 = Plugin::start_with(&ns2, &Plugin::dir_for("mh2"), "h2", &url, &extra).await;
     let (c1, c2) = (p1.client(), p2.client());
     create_network(&c1, "net-on-h1").await;
     create_network(&c2, "net-on-h2").await;
@@ -177,13 +187,23 @@ async fn two_hosts_learn_each_other_and_containers_talk() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: scripts/test runs this tier"]
-async fn a_restarted_plugin_reconciles_stale_and_missing_entries() {
+async fn a_restarted_plugin_reconciles_stale_and_missing_entries_on_etcd() {
+    a_restarted_plugin_reconciles_stale_and_missing_entries(Store::Etcd).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: scripts/test runs this tier"]
+async fn a_restarted_plugin_reconciles_stale_and_missing_entries_on_consul() {
+    a_restarted_plugin_reconciles_stale_and_missing_entries(Store::Consul).await;
+}
+
+async fn a_restarted_plugin_reconciles_stale_and_missing_entries(store: Store) {
     let mut lan = Lan::new();
-    lan.start_etcd().await;
+    let url = lan.start_store(store).await;
+    let extra = Lan::plugin_args(store);
     let (ns1, ns2) = (lan.host(1), lan.host(2));
-    let url = lan.etcd_url();
-    let p1 = Plugin::start_with(&ns1, &Plugin::dir_for("rc1"), "h1", &url, &[]).await;
-    let mut p2 = Plugin::start_with(&ns2, &Plugin::dir_for("rc2"), "h2", &url, &[]).await;
+    let p1 = Plugin::start_with(&ns1, &Plugin::dir_for("rc1"), "h1", &url, &extra).await;
+    let mut p2 = Plugin::start_with(&ns2, &Plugin::dir_for("rc2"), "h2", &url, &extra).await;
     let (c1, c2) = (p1.client(), p2.client());
     create_network(&c1, "n1").await;
     create_network(&c2, "n2").await;
@@ -227,12 +247,25 @@ async fn a_restarted_plugin_reconciles_stale_and_missing_entries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: scripts/test runs this tier"]
-async fn a_dead_hosts_entries_go_with_its_lease_and_come_back_with_it() {
+async fn a_dead_hosts_entries_go_with_its_lease_and_come_back_with_it_on_etcd() {
+    a_dead_hosts_entries_go_with_its_lease_and_come_back_with_it(Store::Etcd).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: scripts/test runs this tier"]
+async fn a_dead_hosts_entries_go_with_its_lease_and_come_back_with_it_on_consul() {
+    a_dead_hosts_entries_go_with_its_lease_and_come_back_with_it(Store::Consul).await;
+}
+
+async fn a_dead_hosts_entries_go_with_its_lease_and_come_back_with_it(store: Store) {
     let mut lan = Lan::new();
-    lan.start_etcd().await;
+    let url = lan.start_store(store).await;
+    let extra = Lan::plugin_args(store);
     let (ns1, ns2) = (lan.host(1), lan.host(2));
-    let url = lan.etcd_url();
-    let ttl = ["--host-ttl", "2"];
+    let ttl: Vec<&str> = ["--host-ttl", "2"]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
     let mut p1 = Plugin::start_with(&ns1, &Plugin::dir_for("lv1"), "h1", &url, &ttl).await;
     let p2 = Plugin::start_with(&ns2, &Plugin::dir_for("lv2"), "h2", &url, &ttl).await;
     let (c1, c2) = (p1.client(), p2.client());
@@ -273,12 +306,25 @@ async fn a_dead_hosts_entries_go_with_its_lease_and_come_back_with_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: scripts/test runs this tier"]
-async fn a_gone_hosts_addresses_come_back_after_the_grace_and_never_a_live_hosts() {
+async fn a_gone_hosts_addresses_come_back_after_the_grace_and_never_a_live_hosts_on_etcd() {
+    a_gone_hosts_addresses_come_back_after_the_grace_and_never_a_live_hosts(Store::Etcd).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: scripts/test runs this tier"]
+async fn a_gone_hosts_addresses_come_back_after_the_grace_and_never_a_live_hosts_on_consul() {
+    a_gone_hosts_addresses_come_back_after_the_grace_and_never_a_live_hosts(Store::Consul).await;
+}
+
+async fn a_gone_hosts_addresses_come_back_after_the_grace_and_never_a_live_hosts(store: Store) {
     let mut lan = Lan::new();
-    lan.start_etcd().await;
+    let url = lan.start_store(store).await;
+    let extra = Lan::plugin_args(store);
     let (ns1, ns2) = (lan.host(1), lan.host(2));
-    let url = lan.etcd_url();
-    let fast = ["--host-ttl", "2", "--reclaim-grace", "2"];
+    let fast: Vec<&str> = ["--host-ttl", "2", "--reclaim-grace", "2"]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
     let mut p1 = Plugin::start_with(&ns1, &Plugin::dir_for("gr1"), "h1", &url, &fast).await;
     let p2 = Plugin::start_with(&ns2, &Plugin::dir_for("gr2"), "h2", &url, &fast).await;
     let (c1, c2) = (p1.client(), p2.client());
@@ -364,12 +410,22 @@ fn gc(ns: &Netns, url: &str, extra: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: scripts/test runs this tier"]
-async fn gc_lists_and_frees_unbound_addresses_and_spares_young_ones() {
+async fn gc_lists_and_frees_unbound_addresses_and_spares_young_ones_on_etcd() {
+    gc_lists_and_frees_unbound_addresses_and_spares_young_ones(Store::Etcd).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: scripts/test runs this tier"]
+async fn gc_lists_and_frees_unbound_addresses_and_spares_young_ones_on_consul() {
+    gc_lists_and_frees_unbound_addresses_and_spares_young_ones(Store::Consul).await;
+}
+
+async fn gc_lists_and_frees_unbound_addresses_and_spares_young_ones(store: Store) {
     let mut lan = Lan::new();
-    lan.start_etcd().await;
+    let url = lan.start_store(store).await;
+    let extra = Lan::plugin_args(store);
     let ns1 = lan.host(1);
-    let url = lan.etcd_url();
-    let p1 = Plugin::start_with(&ns1, &Plugin::dir_for("gc1"), "h1", &url, &[]).await;
+    let p1 = Plugin::start_with(&ns1, &Plugin::dir_for("gc1"), "h1", &url, &extra).await;
     let c1 = p1.client();
     create_network(&c1, "n1").await;
     join(&c1, "n1", "boundboundbound1").await;
@@ -380,7 +436,7 @@ async fn gc_lists_and_frees_unbound_addresses_and_spares_young_ones() {
         .to_string();
     let leaked_ip = leaked.split('/').next().unwrap();
 
-    let young = gc(&ns1, &url, &[]);
+    let young = gc(&ns1, &url, &extra);
     assert!(
         young.contains("nothing to collect"),
         "young addresses are spared: {young}"

@@ -5,7 +5,7 @@
 mod support;
 
 use std::collections::HashSet;
-use support::{Lan, Plugin};
+use support::{Lan, Plugin, Store};
 
 const POOL: &str = "10.66.0.0/20";
 const HOSTS: u8 = 8;
@@ -14,23 +14,27 @@ const CLIENTS_PER_HOST: usize = 5;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs root: scripts/test runs this tier"]
-async fn eight_plugins_allocate_two_thousand_addresses_at_once_without_duplicates_or_leaks() {
+async fn storm_on_etcd() {
+    storm(Store::Etcd).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs root: scripts/test runs this tier"]
+async fn storm_on_consul() {
+    storm(Store::Consul).await;
+}
+
+/// Eight plugins allocate two thousand addresses at once: no duplicates, no
+/// leaks.
+async fn storm(store: Store) {
     let mut lan = Lan::new();
-    lan.start_etcd().await;
-    let url = lan.etcd_url();
+    let url = lan.start_store(store).await;
     let hosts: Vec<_> = (1..=HOSTS).map(|n| lan.host(n)).collect();
     let mut plugins = vec![];
     for (i, ns) in hosts.iter().enumerate() {
-        plugins.push(
-            Plugin::start_with(
-                ns,
-                &Plugin::dir_for(&format!("storm{i}")),
-                &format!("h{}", i + 1),
-                &url,
-                &[],
-            )
-            .await,
-        );
+        let dir = Plugin::dir_for(&format!("storm{i}"));
+        let id = format!("h{}", i + 1);
+        plugins.push(Plugin::start_with(ns, &dir, &id, &url, &Lan::plugin_args(store)).await);
     }
     // Every host claims the pool (one reference each) and asks for the gateway.
     for p in &plugins {

@@ -427,6 +427,16 @@ pub struct Lan {
     pub name: String,
     dir: PathBuf,
     etcd: Option<Child>,
+    consul: Option<Child>,
+}
+
+/// Which shared store a multi-host test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    Etcd,
+    /// The test-only Consul server (consul-test-server), following Consul's
+    /// documented HTTP API.
+    Consul,
 }
 
 pub const LAN_GATEWAY: &str = "10.251.0.254";
@@ -441,6 +451,7 @@ impl Lan {
             dir: Plugin::dir_for("lan"),
             name,
             etcd: None,
+            consul: None,
         };
         run("ip", &["-n", &lan.name, "link", "set", "lo", "up"]);
         run(
@@ -465,6 +476,82 @@ impl Lan {
 
     pub fn etcd_url(&self) -> String {
         format!("etcd://{LAN_GATEWAY}:2379")
+    }
+
+    /// Start the given store on the LAN and return its URL for the plugins.
+    pub async fn start_store(&mut self, store: Store) -> String {
+        match store {
+            Store::Etcd => {
+                self.start_etcd().await;
+                self.etcd_url()
+            }
+            Store::Consul => {
+                self.start_consul().await;
+                format!("consul://{LAN_GATEWAY}:8500")
+            }
+        }
+    }
+
+    /// The extra plugin arguments a store needs (Consul's minimum session
+    /// TTL, configured low on the test server so liveness tests stay short).
+    pub fn plugin_args(store: Store) -> Vec<&'static str> {
+        match store {
+            Store::Etcd => vec![],
+            Store::Consul => vec!["--consul-session-ttl-min", "1"],
+        }
+    }
+
+    /// The test-only Consul server on the LAN.
+    pub async fn start_consul(&mut self) {
+        assert!(self.consul.is_none(), "consul already runs");
+        // Next to this test's executable: target/<profile>/consul-test-server.
+        let exe = std::env::current_exe().unwrap();
+        let bin = exe
+            .parent()
+            .and_then(|d| d.parent())
+            .unwrap()
+            .join("consul-test-server");
+        assert!(
+            bin.exists(),
+            "{} is missing: build it with `cargo build -p consul-test-server` (scripts/test does)",
+            bin.display()
+        );
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("consul.log"))
+            .unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .arg(&bin)
+            .args([
+                "--listen",
+                &format!("{LAN_GATEWAY}:8500"),
+                "--in-test-namespace",
+                "--session-ttl-min",
+                "1s",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start consul-test-server");
+        self.consul = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let probe = format!("exec 3<>/dev/tcp/{LAN_GATEWAY}/8500");
+        while !Command::new("ip")
+            .args(["netns", "exec", &self.name, "bash", "-c", &probe])
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "consul-test-server did not listen within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Start (or restart, on the same data) etcd on the LAN.
@@ -587,6 +674,10 @@ impl Lan {
 impl Drop for Lan {
     fn drop(&mut self) {
         self.stop_etcd();
+        if let Some(mut c) = self.consul.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
