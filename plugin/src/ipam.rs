@@ -847,6 +847,15 @@ impl Ipam {
                     "address {ip} is not allocated in pool {pool_id} (released twice?)"
                 )));
             };
+            // Only the holder releases: a host back after its addresses were
+            // reclaimed (and handed out again) must not free another's.
+            let holder = decode::<AddressRecord>(&addr)?.host;
+            if holder != self.host {
+                return Err(PluginError::Unknown(format!(
+                    "address {ip} in pool {pool_id} is held by host {holder}, not by this host ({}); nothing released",
+                    self.host
+                )));
+            }
             let alloc_key = keys::pool_alloc(&seg);
             // Queue the address for reuse only if the cursor has passed it; one
             // ahead of the cursor (a --ip) will be reached by the cursor anyway.

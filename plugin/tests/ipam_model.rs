@@ -103,6 +103,12 @@ async fn hosts_share_pools_gateways_and_references() {
     h1.mark_aux(pool, &[aux]).await.unwrap();
     h2.request_address(pool, Some(aux), false).await.unwrap();
 
+    // Only the holder releases an address.
+    let mine = h1.request_address(pool, None, false).await.unwrap().ip();
+    let err = h2.release_address(pool, mine).await.unwrap_err().to_string();
+    assert!(err.contains("held by host h1"), "{err}");
+    h1.release_address(pool, mine).await.unwrap();
+
     // The first release keeps the pool; the last frees it.
     h1.release_pool(pool).await.unwrap();
     assert!(h1.release_pool(pool).await.is_err(), "h1 released twice");
@@ -112,7 +118,7 @@ async fn hosts_share_pools_gateways_and_references() {
             .unwrap()
             .ip()
             .to_string(),
-        "10.5.0.2"
+        "10.5.0.3"
     );
     h2.release_pool(pool).await.unwrap();
     let left = store.range("/rustoverlay/v1/ipam/pool/").await.unwrap();
