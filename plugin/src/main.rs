@@ -4,6 +4,13 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    // An empty RUSTOVERLAY_* setting (e.g. `docker plugin set X=` or an empty
+    // line in a systemd environment file) means "not set", not "invalid".
+    for (key, value) in std::env::vars_os() {
+        if value.is_empty() && key.to_string_lossy().starts_with("RUSTOVERLAY_") {
+            std::env::remove_var(&key);
+        }
+    }
     let cli = Cli::parse();
     let format = match &cli.command {
         Command::Serve(a) => a.log_format,

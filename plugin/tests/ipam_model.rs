@@ -105,7 +105,11 @@ async fn hosts_share_pools_gateways_and_references() {
 
     // Only the holder releases an address.
     let mine = h1.request_address(pool, None, false).await.unwrap().ip();
-    let err = h2.release_address(pool, mine).await.unwrap_err().to_string();
+    let err = h2
+        .release_address(pool, mine)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("held by host h1"), "{err}");
     h1.release_address(pool, mine).await.unwrap();
 

@@ -51,58 +51,27 @@ PART_GRACE="${PART_GRACE:-60}"
 # store_dump          `rustoverlay dump` of it ("key value" lines)
 # store_assert_empty  assert_store_empty on it
 #
-# A new store (STORE=consul) adds one branch to each.
 case "$STORE" in
-    etcd) ;;
+    etcd | consul) ;;
     *)
-        echo "STORE=$STORE is not supported by $0 yet (supported: etcd); add its branch to" \
-            "start_store, store_url, store_serve_args, store_ip, store_lease_max_s, store_dump" \
-            "and store_assert_empty" >&2
+        echo "STORE=$STORE is not supported by $0 (supported: etcd, consul)" >&2
         exit 1
         ;;
 esac
 
-start_store() {
-    case "$STORE" in
-        etcd) harness_start_etcd ;;
-    esac
-}
-
-store_url() {
-    case "$STORE" in
-        etcd) harness_etcd_url ;;
-    esac
-}
-
-store_serve_args() {
-    case "$STORE" in
-        etcd) ;;
-    esac
-}
-
-store_ip() {
-    case "$STORE" in
-        etcd) printf '%s\n' "$HARNESS_ETCD_IP" ;;
-    esac
-}
-
+start_store() { harness_shared_store_start "$STORE"; }
+store_url() { harness_shared_store_url "$STORE"; }
+store_serve_args() { harness_shared_store_args "$STORE"; }
+store_ip() { harness_shared_store_ip "$STORE"; printf '\n'; }
+# Consul expires a session up to twice its TTL after the last renewal.
 store_lease_max_s() {
     case "$STORE" in
         etcd) printf '%s\n' "$HOST_TTL" ;;
+        consul) printf '%s\n' "$((2 * HOST_TTL))" ;;
     esac
 }
-
-store_dump() {
-    case "$STORE" in
-        etcd) harness_store_dump etcd ;;
-    esac
-}
-
-store_assert_empty() {
-    case "$STORE" in
-        etcd) assert_store_empty etcd ;;
-    esac
-}
+store_dump() { harness_store_dump "$STORE"; }
+store_assert_empty() { assert_store_empty "$STORE"; }
 
 # A registration is gone at most LEASE_MAX_S after its host's last renewal;
 # the other hosts must drop its entries within 2 s of that.

@@ -278,6 +278,18 @@ _harness_teardown() {
             [[ ! -d "$f" ]] || _hlog "teardown: cannot remove cgroup $f"
         done
     fi
+    # Cgroups of managed plugins: dockerd puts them at /<plugin id> of every
+    # hierarchy, outside --cgroup-parent (recorded by harness_managed_plugin_create).
+    if [[ -f "$dir/.cgroups" ]]; then
+        while read -r f; do
+            [[ "$f" =~ ^[0-9a-f]{64}$ ]] || continue
+            for p in /sys/fs/cgroup/*/"$f"/ /sys/fs/cgroup/"$f"/; do
+                [[ -d "$p" ]] || continue
+                find "$p" -depth -type d -exec rmdir {} + 2>/dev/null
+                [[ ! -d "$p" ]] || _hlog "teardown: cannot remove cgroup $p"
+            done
+        done <"$dir/.cgroups"
+    fi
 
     # Network namespaces, hosts first, the underlay last. Links inside them go
     # with them.
@@ -682,6 +694,39 @@ harness_restart_plugin() {
     done
 }
 
+# harness_set_plugin_args N [serve args...] - replace the `serve` args host
+# N's plugin gets from its next (re)start on (harness_restart_plugin); the
+# same defaults as harness_start_host apply (--socket, --store, --host-id,
+# --vtep-ip). The running plugin is not touched.
+harness_set_plugin_args() {
+    local n="${1:?usage: harness_set_plugin_args N [serve args...]}" dir
+    shift
+    dir="$(harness_host_dir "$n")"
+    [[ -d "$dir" ]] || _hdie "harness_set_plugin_args: host $n does not exist"
+    [[ ! -f "$dir/no-plugin" ]] || _hdie "host $n was started with --no-plugin"
+    : >"$dir/plugin.args"
+    (($# == 0)) || printf '%s\0' "$@" >"$dir/plugin.args"
+}
+
+# harness_host_block N IP / harness_host_unblock N IP - drop every IPv4 packet
+# between host N and IP, both ways, with iptables rules in host N's own
+# namespace (INPUT -s IP, OUTPUT -d IP): a partition between that host and
+# one address (e.g. the store) while the rest of the underlay stays reachable.
+# Silent loss for TCP: connections hang and time out, nothing is refused.
+# The rules go with the namespace at cleanup.
+harness_host_block() {
+    local n="${1:?usage: harness_host_block N IP}" ip="${2:?usage: harness_host_block N IP}"
+    command -v iptables >/dev/null 2>&1 || _hdie "harness_host_block: 'iptables' not found (Debian package iptables)"
+    hexec "$n" iptables -w 5 -I INPUT 1 -s "$ip" -j DROP
+    hexec "$n" iptables -w 5 -I OUTPUT 1 -d "$ip" -j DROP
+}
+
+harness_host_unblock() {
+    local n="${1:?usage: harness_host_unblock N IP}" ip="${2:?usage: harness_host_unblock N IP}"
+    hexec "$n" iptables -w 5 -D INPUT -s "$ip" -j DROP
+    hexec "$n" iptables -w 5 -D OUTPUT -d "$ip" -j DROP
+}
+
 # harness_bin - absolute path of the plugin binary.
 harness_bin() {
     local bin="${RUSTOVERLAY_BIN:-${CARGO_TARGET_DIR:-$HARNESS_REPO_ROOT/target}/release/rustoverlay}"
@@ -835,11 +880,11 @@ HARNESS_ALLOC_KEY_RE='^/rustoverlay/v1/(ipam/pool/|vni/[0-9]|overlay/|host/|ipam
 # file:// stores the plugin is stopped (SIGTERM) first and started again after;
 # an etcd store is read while the plugins run.
 harness_store_dump() {
-    local n="${1:?usage: harness_store_dump N|etcd}" url rc=0 restart=0
-    if [[ "$n" == etcd ]]; then
-        # From the etcd's own namespace: no host needs to be up.
-        nsenter --net="/run/netns/$(harness_etcd_ns)" -- \
-            timeout 30 "$(harness_bin)" dump --store "$(harness_etcd_url)" || rc=$?
+    local n="${1:?usage: harness_store_dump N|etcd|consul}" url rc=0 restart=0
+    if [[ "$n" == etcd || "$n" == consul ]]; then
+        # From the store's own namespace: no host needs to be up.
+        nsenter --net="/run/netns/$(harness_shared_store_ns "$n")" -- \
+            timeout 30 "$(harness_bin)" dump --store "$(harness_shared_store_url "$n")" || rc=$?
         return "$rc"
     fi
     url="$(harness_store_url "$n")"
@@ -864,14 +909,14 @@ harness_store_dump() {
 # one etcd share one store: check it once (`assert_store_empty etcd`, or with
 # any one of those hosts). Live host registrations (hosts/<id>) may stay.
 assert_store_empty() {
-    local n="${1:?usage: assert_store_empty N|etcd}" dump left what url
-    if [[ "$n" == etcd ]]; then
-        url="$(harness_etcd_url)"
+    local n="${1:?usage: assert_store_empty N|etcd|consul}" dump left what url
+    if [[ "$n" == etcd || "$n" == consul ]]; then
+        url="$(harness_shared_store_url "$n")"
         what="shared store $url"
     else
         url="$(harness_store_url "$n")"
         what="host $n's store"
-        [[ "$url" != etcd://* ]] || what="shared store $url (via host $n)"
+        [[ "$url" != etcd://* && "$url" != consul://* ]] || what="shared store $url (via host $n)"
     fi
     if ! dump="$(harness_store_dump "$n" 2>&1)"; then
         harness_fail "$what: store dump failed ($(harness_bin) dump --store $url)"
@@ -1013,6 +1058,234 @@ harness_etcd_link() {
 harness_restart_etcd() {
     harness_stop_etcd "$@"
     harness_start_etcd
+}
+
+# ---------------------------------------------------------------------------
+# a shared Consul store: the project's test-only Consul server
+# (consul-test-server, following Consul's documented HTTP API; no real Consul
+# can be installed here) in its own namespace ${prefix}-consul at
+# 10.250.0.201:8500, with a 1 s minimum session TTL so liveness tests stay
+# short (plugins then need --consul-session-ttl-min 1).
+# ---------------------------------------------------------------------------
+
+HARNESS_CONSUL_IP="${HARNESS_UL_NET}.201"
+HARNESS_CONSUL_PORT=8500
+
+harness_consul_ns() { printf '%s-consul' "$HARNESS_PREFIX"; }
+harness_consul_dir() { printf '%s/consul' "$HARNESS_TMP"; }
+harness_consul_url() { printf 'consul://%s:%s' "$HARNESS_CONSUL_IP" "$HARNESS_CONSUL_PORT"; }
+harness_consul_bin() { printf '%s' "${HARNESS_CONSUL_BIN:-$PWD/target/release/consul-test-server}"; }
+
+harness_consul_pid() {
+    local pid
+    pid="$(cat "$(harness_consul_dir)/consul.pid" 2>/dev/null)" || return 1
+    [[ -n "$pid" ]] && _harness_pid_alive "$pid" || return 1
+    printf '%s\n' "$pid"
+}
+
+_harness_consul_healthy() {
+    # shellcheck disable=SC2016 # expanded by the inner bash
+    nsenter --net="/run/netns/$(harness_consul_ns)" -- timeout 3 bash -c \
+        'exec 3<>"/dev/tcp/$0/$1"' "$HARNESS_CONSUL_IP" "$HARNESS_CONSUL_PORT" 2>/dev/null
+}
+
+# harness_start_consul - start the Consul test server (its namespace on first
+# use) and wait until it listens. Its data lives in memory: a restart is a
+# fresh cluster.
+harness_start_consul() {
+    local ns ul dir pid bin
+    bin="$(harness_consul_bin)"
+    [[ -x "$bin" ]] || _hdie "harness_start_consul: $bin missing (cargo build --release -p consul-test-server)"
+    harness_consul_pid >/dev/null && _hdie "harness_start_consul: already running"
+    ns="$(harness_consul_ns)"
+    ul="$(harness_ul_ns)"
+    dir="$(harness_consul_dir)"
+    if [[ ! -e "/run/netns/$ns" ]]; then
+        _harness_netns_add "$ns"
+        ip -n "$ul" link add consul mtu "$HARNESS_UL_MTU" type veth peer name ul0 mtu "$HARNESS_UL_MTU" netns "$ns"
+        ip -n "$ul" link set consul master br0 up
+        ip -n "$ns" addr add "$HARNESS_CONSUL_IP/$HARNESS_UL_PREFIXLEN" dev ul0
+        ip -n "$ns" link set ul0 up
+    fi
+    mkdir -p "$dir"
+    printf '\n===== consul-test-server start %s =====\n' "$(date +%T)" >>"$dir/consul.log"
+    _harness_spawn "$dir/consul.pid" "$dir/consul.log" \
+        nsenter --net="/run/netns/$ns" -- \
+        "${_HARNESS_PIDWRAP[@]}" "$dir/consul.pid" \
+        "$bin" --listen "$HARNESS_CONSUL_IP:$HARNESS_CONSUL_PORT" --in-test-namespace --session-ttl-min 1s
+    pid="$(cat "$dir/consul.pid")"
+    local deadline=$((SECONDS + 30))
+    until _harness_consul_healthy; do
+        _harness_pid_alive "$pid" || { _harness_tail "$dir/consul.log" >&2; _hdie "consul-test-server exited during startup"; }
+        ((SECONDS < deadline)) || _hdie "consul-test-server not listening after 30s (log: $dir/consul.log)"
+        sleep 0.2
+    done
+    _hlog "consul-test-server up: netns $ns, $(harness_consul_url), pid $pid"
+}
+
+# harness_stop_consul [--kill] - stop the Consul test server.
+harness_stop_consul() {
+    local sig=TERM pid
+    [[ "${1:-}" != --kill ]] || sig=KILL
+    pid="$(harness_consul_pid)" || return 0
+    kill -s "$sig" "$pid" 2>/dev/null || true
+    _harness_wait 15 eval "! _harness_pid_alive $pid" || kill -9 "$pid" 2>/dev/null || true
+    _harness_wait 5 eval "[[ ! -e /proc/$pid ]]" || true
+}
+
+# harness_consul_link up|down - cut or restore the Consul server's cable.
+harness_consul_link() {
+    ip -n "$(harness_ul_ns)" link set consul "${1:?up|down}"
+}
+
+# --- one interface over both shared stores (KIND = etcd | consul) -----------
+
+harness_shared_store_ns() {
+    case "${1:?etcd|consul}" in
+        etcd) harness_etcd_ns ;;
+        consul) harness_consul_ns ;;
+        *) _hdie "unknown store kind $1 (etcd or consul)" ;;
+    esac
+}
+harness_shared_store_url() {
+    case "${1:?etcd|consul}" in
+        etcd) harness_etcd_url ;;
+        consul) harness_consul_url ;;
+        *) _hdie "unknown store kind $1 (etcd or consul)" ;;
+    esac
+}
+harness_shared_store_ip() {
+    case "${1:?etcd|consul}" in
+        etcd) printf '%s' "$HARNESS_ETCD_IP" ;;
+        consul) printf '%s' "$HARNESS_CONSUL_IP" ;;
+        *) _hdie "unknown store kind $1 (etcd or consul)" ;;
+    esac
+}
+# harness_shared_store_args KIND - plugin arguments the store needs, one a line.
+harness_shared_store_args() {
+    case "${1:?etcd|consul}" in
+        etcd) ;;
+        consul) printf '%s\n' --consul-session-ttl-min 1 ;;
+        *) _hdie "unknown store kind $1 (etcd or consul)" ;;
+    esac
+}
+harness_shared_store_start() { "harness_start_${1:?etcd|consul}"; }
+harness_shared_store_stop() {
+    local kind="${1:?etcd|consul}"
+    shift
+    "harness_stop_$kind" "$@"
+}
+harness_shared_store_link() { "harness_${1:?etcd|consul}_link" "${2:?up|down}"; }
+harness_shared_store_healthy() { "_harness_${1:?etcd|consul}_healthy"; }
+
+# ---------------------------------------------------------------------------
+# managed plugins (docker plugin create/enable), for hosts started --no-plugin
+# ---------------------------------------------------------------------------
+
+# harness_share_run N - make host N's /run a shared mount (rshared), as /run
+# is on a systemd host. A managed plugin gets the host's /run through an
+# rshared bind (config.json, mount "run"): the network namespaces it mounts
+# there then show up in the host's /run too and outlive the plugin's own
+# mount namespace. Only host N's private mount namespace is changed.
+harness_share_run() {
+    local n="${1:?usage: harness_share_run N}"
+    hexec_mnt "$n" mount -n --make-rshared /run
+}
+
+# harness_plugin_dir - build the managed plugin directory once per run with
+# scripts/build-plugin (config.json + rootfs of harness_bin) and print its path.
+harness_plugin_dir() {
+    local pdir="$HARNESS_TMP/plugin-dir"
+    if [[ ! -f "$pdir/config.json" ]]; then
+        RUSTOVERLAY_BIN="$(harness_bin)" "$HARNESS_REPO_ROOT/scripts/build-plugin" "$pdir" >&2 ||
+            _hdie "scripts/build-plugin $pdir failed"
+    fi
+    printf '%s\n' "$pdir"
+}
+
+# harness_managed_plugin_create N NAME [DIR] - `docker plugin create NAME DIR`
+# on host N (DIR: harness_plugin_dir) and record the plugin's id, whose
+# cgroups (outside the host's --cgroup-parent) teardown removes.
+harness_managed_plugin_create() {
+    local n="${1:?usage: harness_managed_plugin_create N NAME [DIR]}" name="${2:?plugin name}" pdir="${3:-}" id
+    [[ -n "$pdir" ]] || pdir="$(harness_plugin_dir)"
+    hdocker "$n" plugin create "$name" "$pdir" >/dev/null || return 1
+    id="$(harness_managed_plugin_id "$n" "$name")" || return 1
+    printf '%s\n' "$id" >>"$HARNESS_TMP/.cgroups"
+}
+
+# harness_managed_plugin_id N NAME - the full id of host N's plugin NAME.
+harness_managed_plugin_id() {
+    hdocker "${1:?host}" plugin inspect -f '{{.Id}}' "${2:?plugin name}"
+}
+
+# harness_managed_plugin_pid N NAME - pid of the running managed plugin NAME on
+# host N (its process sits in a cgroup named after the plugin's id).
+harness_managed_plugin_pid() {
+    local n="${1:?host}" name="${2:?plugin name}" id pid
+    id="$(harness_managed_plugin_id "$n" "$name" 2>/dev/null)" || return 1
+    for pid in $(ip netns pids "$(harness_host_ns "$n")" 2>/dev/null); do
+        [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == rustoverlay ]] || continue
+        grep -q "/$id\$" "/proc/$pid/cgroup" 2>/dev/null || continue
+        _harness_pid_alive "$pid" || continue
+        printf '%s\n' "$pid"
+        return 0
+    done
+    return 1
+}
+
+# harness_managed_plugin_log N ID - the output of host N's managed plugin
+# with id ID, as dockerd logs it (one dockerd line per plugin line, tagged
+# plugin=ID).
+harness_managed_plugin_log() {
+    local n="${1:?usage: harness_managed_plugin_log N ID}" id="${2:?plugin id}"
+    grep -F "plugin=$id" "$(harness_host_dir "$n")/dockerd.log" || true
+}
+
+# ---------------------------------------------------------------------------
+# continuous ping from a container (outage measurements)
+# ---------------------------------------------------------------------------
+
+# harness_ping_start N CONTAINER IP NAME - ping IP every 100 ms from CONTAINER
+# on host N, in the background, until harness_ping_stop NAME; the output goes
+# to $HARNESS_TMP/NAME.ping. Call it in the test's own shell.
+harness_ping_start() {
+    local n="${1:?usage: harness_ping_start N CONTAINER IP NAME}" c="${2:?container}" ip="${3:?ip}" name="${4:?name}"
+    hdocker "$n" exec "$c" ping -i 0.1 -W 1 "$ip" >"$HARNESS_TMP/$name.ping" 2>&1 &
+    printf '%s %s %s\n' "$!" "$n" "$c" >"$HARNESS_TMP/$name.ping.job"
+}
+
+# harness_ping_stop NAME - stop that ping (SIGINT to the container's ping, so
+# that it prints its statistics) and wait for it.
+harness_ping_stop() {
+    local name="${1:?usage: harness_ping_stop NAME}" pid n c
+    read -r pid n c <"$HARNESS_TMP/$name.ping.job" || return 1
+    hdocker "$n" exec "$c" killall -INT ping >/dev/null 2>&1 || true
+    if ! _harness_wait 10 eval "! kill -0 $pid 2>/dev/null"; then
+        kill "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+
+# harness_ping_lost NAME - "SENT LOST LONGEST" of a stopped ping: pings
+# between the first and the last answered one, how many of those were never
+# answered, and the longest run of them (a ping still in flight when ping
+# stopped is not counted). "0 -1 0" if nothing was answered.
+harness_ping_lost() {
+    awk '
+        match($0, /seq=[0-9]+/) {
+            s = substr($0, RSTART + 4, RLENGTH - 4) + 0; got[s] = 1; n++
+            if (n == 1 || s < first) first = s
+            if (n == 1 || s > last) last = s
+        }
+        END {
+            if (n == 0) { print "0 -1 0"; exit }
+            lost = 0; run = 0; longest = 0
+            for (i = first; i <= last; i++) {
+                if (i in got) { run = 0 } else { lost++; run++; if (run > longest) longest = run }
+            }
+            printf "%d %d %d\n", last - first + 1, lost, longest
+        }' "$HARNESS_TMP/${1:?usage: harness_ping_lost NAME}.ping"
 }
 
 # ---------------------------------------------------------------------------

@@ -12,7 +12,9 @@ cd "$(dirname "$0")/../.."
 # shellcheck source=tests/lib/harness.sh
 source tests/lib/harness.sh
 
-harness_init multi_etcd
+# STORE=etcd (default) or consul (the test-only Consul server).
+STORE="${STORE:-etcd}"
+harness_init "multi_$STORE"
 T_START=$SECONDS
 
 img="$HARNESS_IMAGE"
@@ -65,7 +67,7 @@ cping() {
 
 # overlay_vni OVERLAY - the overlay's VNI, read from the shared store.
 overlay_vni() {
-    harness_store_dump etcd |
+    harness_store_dump "$STORE" |
         awk -v k="/rustoverlay/v1/overlay/$1/record" '$1 == k { print $2 }' |
         sed -n 's/.*"vni":\([0-9]*\).*/\1/p'
 }
@@ -118,15 +120,17 @@ plugin_log_since_start() {
 
 # alloc_keys - the store's address and endpoint keys, sorted.
 alloc_keys() {
-    harness_store_dump etcd | awk '{ print $1 }' | grep -E '/ipam/pool/[^/]+/addr/|/overlay/[^/]+/ep/' | sort || true
+    harness_store_dump "$STORE" | awk '{ print $1 }' | grep -E '/ipam/pool/[^/]+/addr/|/overlay/[^/]+/ep/' | sort || true
 }
 
 # --- boot ---------------------------------------------------------------------
-phase "boot: etcd and three hosts"
-harness_start_etcd
-store="$(harness_etcd_url)"
+phase "boot: $STORE and three hosts"
+harness_shared_store_start "$STORE"
+store="$(harness_shared_store_url "$STORE")"
+STORE_ARGS=()
+mapfile -t STORE_ARGS < <(harness_shared_store_args "$STORE")
 for h in "${HOSTS[@]}"; do
-    harness_start_host "$h" --store "$store" --host-ttl "$HOST_TTL"
+    harness_start_host "$h" --store "$store" "${STORE_ARGS[@]}" --host-ttl "$HOST_TTL"
     harness_busybox_image "$h"
 done
 echo "booted in $((SECONDS - T_START))s"
@@ -347,49 +351,64 @@ assert_eventually "c2n (h2) pings c3a (h3)" 15 cping 2 c2n "${IP_OF[c3a]}"
 assert_eventually "c1a (h1) pings c2n (h2)" 15 cping 1 c1a "$c2n_ip"
 assert_eventually "c3n (h3) pings c2n (h2)" 15 cping 3 c3n "$c2n_ip"
 
-# --- 6. etcd outage -----------------------------------------------------------
-phase "etcd stopped: docker run fails fast with a store error, allocates nothing"
+# --- 6. store outage ----------------------------------------------------------
+# etcd is stopped and started again on its data. The Consul test server keeps
+# its data in memory, so it is frozen (SIGSTOP) and thawed instead: requests
+# then time out rather than being refused.
+store_down() {
+    case "$STORE" in
+        etcd) harness_stop_etcd ;;
+        consul) kill -STOP "$(harness_consul_pid)" ;;
+    esac
+}
+store_up() {
+    case "$STORE" in
+        etcd) harness_start_etcd ;;
+        consul) kill -CONT "$(harness_consul_pid)" ;;
+    esac
+}
+phase "$STORE stopped: docker run fails fast with a store error, allocates nothing"
 keys_before="$(alloc_keys)"
 assert_ok "the store lists addresses and endpoints before the outage" test -n "$keys_before"
-harness_stop_etcd
-assert_fails "etcd is down" _harness_etcd_healthy
+store_down
+[[ "$STORE" != etcd ]] || assert_fails "etcd is down" _harness_etcd_healthy
 t0_ms="$(now_ms)"
 rc=0
 out="$(timeout 120 "$HARNESS_DOCKER_CLI" -H "unix://$(harness_host_dir 1)/docker.sock" \
     run -d --stop-timeout 1 --network "$NET" --name down1 "$img" sleep 3600 2>&1)" || rc=$?
 down_ms=$(($(now_ms) - t0_ms))
-echo "docker run with etcd down: exit $rc after ${down_ms} ms"
+echo "docker run with $STORE down: exit $rc after ${down_ms} ms"
 printf '%s\n' "$out" | sed 's/^/    /'
-assert_ok "docker run fails while etcd is down (exit $rc)" test "$rc" -ne 0 -a "$rc" -ne 124
+assert_ok "docker run fails while $STORE is down (exit $rc)" test "$rc" -ne 0 -a "$rc" -ne 124
 assert_ok "it fails well under 60 s (${down_ms} ms <= 30000)" test "$down_ms" -le 30000
 assert_contains "the error says the store is unreachable" "store is running and reachable" "$out"
-harness_start_etcd
+store_up
 keys_after="$(alloc_keys)"
 assert_eq "the failed docker run allocated nothing (address and endpoint keys unchanged)" \
     "$keys_before" "$keys_after"
 assert_ok "remove the failed container" hdocker 1 rm -f down1
 
-phase "etcd unreachable (cable cut: packets dropped, not refused): docker run still fails in bounded time"
+phase "$STORE unreachable (cable cut: packets dropped, not refused): docker run still fails in bounded time"
 keys_before="$(alloc_keys)"
-harness_etcd_link down
+harness_shared_store_link "$STORE" down
 cut_at=$SECONDS
 t0_ms="$(now_ms)"
 rc=0
 out="$(timeout 120 "$HARNESS_DOCKER_CLI" -H "unix://$(harness_host_dir 3)/docker.sock" \
     run -d --stop-timeout 1 --network "$NET" --name down3 "$img" sleep 3600 2>&1)" || rc=$?
 down_ms=$(($(now_ms) - t0_ms))
-harness_etcd_link up
-echo "docker run with etcd unreachable: exit $rc after ${down_ms} ms (cable cut for $((SECONDS - cut_at)) s)"
+harness_shared_store_link "$STORE" up
+echo "docker run with $STORE unreachable: exit $rc after ${down_ms} ms (cable cut for $((SECONDS - cut_at)) s)"
 printf '%s\n' "$out" | sed 's/^/    /'
-assert_ok "docker run fails while etcd is unreachable (exit $rc)" test "$rc" -ne 0 -a "$rc" -ne 124
+assert_ok "docker run fails while $STORE is unreachable (exit $rc)" test "$rc" -ne 0 -a "$rc" -ne 124
 assert_ok "it fails well under 60 s (${down_ms} ms <= 30000)" test "$down_ms" -le 30000
 assert_contains "the error says the store is unreachable" "store is running and reachable" "$out"
-assert_eventually "etcd answers again" 10 _harness_etcd_healthy
+assert_eventually "$STORE answers again" 10 harness_shared_store_healthy "$STORE"
 assert_eq "the failed docker run allocated nothing (address and endpoint keys unchanged)" \
     "$keys_before" "$(alloc_keys)"
 assert_ok "remove the failed container" hdocker 3 rm -f down3
 
-phase "etcd back: everything works"
+phase "$STORE back: everything works"
 assert_ok "host 1: run after1" run_c 1 after1
 after1_ip="$(hcontainer_ip 1 after1 "$NET")"
 assert_eventually "after1 (h1) pings c2a (h2)" 30 cping 1 after1 "${IP_OF[c2a]}"
@@ -414,7 +433,7 @@ for h in "${HOSTS[@]}"; do
     assert_empty "host $h: no ro-*/rc-* link left in its namespace" "$(host_ro_links "$h")"
     assert_ok "host $h: the plugin is still running" harness_plugin_pid "$h"
 done
-assert_store_empty etcd
+assert_store_empty "$STORE"
 
 echo "total time: $((SECONDS - T_START))s"
 harness_summary

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# examples/compose with Debian's docker-compose (v1) on two simulated hosts
+# sharing one etcd: host 1 brings up profile host-a (web: busybox httpd on a
+# fixed address), host 2 profile host-b (client), each its own compose project
+# through DOCKER_HOST; the client reaches web across hosts by name (extra_hosts)
+# and by address, web reaches the client; `docker-compose down` on each host
+# leaves nothing: no container, no network, no namespace or device, no
+# allocation in the store.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+# shellcheck source=tests/lib/harness.sh
+source tests/lib/harness.sh
+
+command -v docker-compose >/dev/null 2>&1 || {
+    echo "FAIL - docker-compose not found (Debian package docker-compose; scripts/test installs it)"
+    echo "0 passed, 1 failed"
+    exit 1
+}
+
+harness_init compose
+T_START=$SECONDS
+
+EXAMPLE="$HARNESS_REPO_ROOT/examples/compose/docker-compose.yml"
+PROJECT=demo
+WEB_IP=10.77.10.10
+CLIENT_IP=10.77.10.20
+
+phase() { printf '\n=== [%3ss] %s\n' $((SECONDS - T_START)) "$*"; }
+
+# hcompose N ARGS... - docker-compose against host N's dockerd, on the example
+# file, with the test image (no registry here). (busybox 1.35's `wget -T`
+# crashes: timeouts go through busybox's `timeout`.)
+hcompose() {
+    local n="$1"
+    shift
+    DOCKER_HOST="unix://$(harness_host_dir "$n")/docker.sock" IMAGE="$HARNESS_IMAGE" \
+        COMPOSE_INTERACTIVE_NO_CLI=1 \
+        timeout 120 docker-compose --ansi never -f "$EXAMPLE" -p "$PROJECT" "$@"
+}
+
+# cid N SERVICE - the id of the service's container on host N (empty if none).
+cid() { hcompose "$1" ps -q "$2" 2>/dev/null || true; }
+
+ovl_namespaces() { hexec_mnt "$1" sh -c 'ls -A /run/rustoverlay/netns 2>/dev/null' || true; }
+host_ro_links() {
+    hexec "$1" ip -o link | awk -F': ' '{ sub(/@.*/, "", $2); print $2 }' | grep -E '^r[oc]-' || true
+}
+
+phase "boot: etcd, two hosts with the plugin on it"
+harness_start_etcd
+for h in 1 2; do
+    harness_start_host "$h" --store "$(harness_etcd_url)"
+    harness_busybox_image "$h"
+done
+assert_ok "docker-compose is installed ($(docker-compose version --short 2>/dev/null))" docker-compose version
+assert_ok "the example is a valid compose file" hcompose 1 config -q
+
+phase "host 1: profile host-a (web); host 2: profile host-b (client)"
+t0=$SECONDS
+assert_ok "host 1: docker-compose --profile host-a up -d" hcompose 1 --profile host-a up -d
+assert_ok "host 2: docker-compose --profile host-b up -d" hcompose 2 --profile host-b up -d
+echo "both projects up in $((SECONDS - t0))s"
+harness_stop_if_failed "docker-compose up failed"
+
+web="$(cid 1 web)"
+client="$(cid 2 client)"
+assert_ok "host 1 runs web" test -n "$web"
+assert_ok "host 2 runs client" test -n "$client"
+assert_empty "host 1 runs no client (profile host-b only on host 2)" "$(cid 1 client)"
+assert_empty "host 2 runs no web" "$(cid 2 web)"
+harness_stop_if_failed "services not where expected"
+
+net="${PROJECT}_appnet"
+assert_eq "host 1: $net uses the rustoverlay driver" rustoverlay \
+    "$(hdocker 1 network inspect -f '{{.Driver}}' "$net" 2>&1)"
+assert_eq "host 2: $net has the subnet 10.77.10.0/24" 10.77.10.0/24 \
+    "$(hdocker 2 network inspect -f '{{range .IPAM.Config}}{{.Subnet}}{{end}}' "$net" 2>&1)"
+assert_eq "web has its fixed address" "$WEB_IP" "$(hcontainer_ip 1 "$web" "$net")"
+assert_eq "client has its fixed address" "$CLIENT_IP" "$(hcontainer_ip 2 "$client" "$net")"
+
+assert_eventually "client (h2) pings web (h1) by address" 15 \
+    hcompose 2 exec -T client ping -c 1 -W 2 "$WEB_IP"
+fetch_web() { hcompose 2 exec -T client timeout 5 wget -q -O - http://web/; }
+assert_eventually "client (h2) fetches http://web/ across hosts (name from extra_hosts)" 15 \
+    eval '[[ "$(fetch_web)" == "hello from web"* ]]'
+echo "    client got: $(fetch_web 2>&1)"
+assert_ok "web (h1) pings client (h2)" hcompose 1 exec -T web ping -c 1 -W 2 "$CLIENT_IP"
+# Names: Docker's embedded DNS knows the containers of its own host only
+# (README, "Names across hosts").
+assert_ok "a container on web's host resolves 'web' (embedded DNS, same host)" \
+    hdocker 1 run --rm --network "$net" "$HARNESS_IMAGE" ping -c 1 -W 2 web
+assert_fails "a container on host 2 without extra_hosts does not resolve 'web'" \
+    hdocker 2 run --rm --network "$net" "$HARNESS_IMAGE" ping -c 1 -W 2 web
+assert_fails "web's host does not know the name 'client'" \
+    hcompose 1 exec -T web ping -c 1 -W 1 client
+assert_fails "host 2 cannot give web's fixed address $WEB_IP to another container" \
+    hdocker 2 run --rm --network "$net" --ip "$WEB_IP" "$HARNESS_IMAGE" true
+
+phase "docker-compose down on both hosts"
+t0=$SECONDS
+assert_ok "host 2: docker-compose --profile host-b down" hcompose 2 --profile host-b down
+assert_ok "host 1: docker-compose --profile host-a down" hcompose 1 --profile host-a down
+echo "both projects down in $((SECONDS - t0))s"
+for h in 1 2; do
+    assert_empty "host $h: no container left" "$(hdocker "$h" ps -aq)"
+    assert_empty "host $h: no rustoverlay network left" "$(hdocker "$h" network ls -q --filter driver=rustoverlay)"
+    assert_empty "host $h: no overlay namespace left" "$(ovl_namespaces "$h")"
+    assert_empty "host $h: no ro-*/rc-* link left" "$(host_ro_links "$h")"
+done
+assert_store_empty etcd
+
+echo "total time: $((SECONDS - T_START))s"
+harness_summary
