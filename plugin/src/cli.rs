@@ -122,6 +122,11 @@ pub struct ServeArgs {
     /// host reclaims them.
     #[arg(long, env = "RUSTOVERLAY_RECLAIM_GRACE", default_value_t = 300)]
     pub reclaim_grace: u64,
+    /// Seconds after which this host's endpoint without a bridge port (its
+    /// container removed while the store was unreachable) is removed and its
+    /// addresses freed.
+    #[arg(long, env = "RUSTOVERLAY_ORPHAN_AGE", default_value_t = 600)]
+    pub orphan_age: u64,
     /// Runtime state (the overlays' network namespaces).
     #[arg(
         long,

@@ -178,6 +178,7 @@ impl Driver {
             mac: format_mac(&mac),
             ipv4,
             ipv6,
+            created_at: crate::reclaim::unix_now(),
         };
         self.overlays.create_endpoint(&net, &record).await?;
         tracing::info!(ip = ?ipv4, mac = %record.mac, "endpoint created");
@@ -367,6 +368,61 @@ impl Driver {
             }
         }
         Ok(())
+    }
+
+    /// Remove this host's endpoints that have had no bridge port for longer
+    /// than `min_age` since their creation: Docker removed their containers
+    /// while the store was unreachable and will not ask again. Their
+    /// addresses are freed. Young endpoints are left alone: Docker joins an
+    /// endpoint right after creating it.
+    pub async fn sweep_orphans(&self, min_age: std::time::Duration) -> Result<usize> {
+        let now = crate::reclaim::unix_now();
+        let mut removed = 0;
+        for net in self.overlays.local_networks().await? {
+            let (eps, _) = self.overlays.endpoints(&net.overlay).await?;
+            let old: Vec<EndpointRecord> = eps
+                .into_iter()
+                .filter(|e| e.host == self.host && e.network_id == net.network_id)
+                .filter(|e| {
+                    e.created_at > 0 && now.saturating_sub(e.created_at) >= min_age.as_secs()
+                })
+                .collect();
+            if old.is_empty() {
+                continue;
+            }
+            let lock = self.overlay_lock(net.vni);
+            let _guard = lock.lock().await;
+            let ports: std::collections::HashSet<String> = if self.dataplane.has_network(net.vni) {
+                self.dataplane
+                    .endpoint_ports(net.vni)
+                    .await?
+                    .into_iter()
+                    .collect()
+            } else {
+                Default::default()
+            };
+            for ep in old {
+                if ports.contains(crate::dataplane::short_id(&ep.endpoint_id)) {
+                    continue;
+                }
+                tracing::warn!(endpoint = %ep.endpoint_id, network = %net.network_id, "removing an orphaned endpoint (no bridge port) and freeing its addresses");
+                self.overlays.delete_endpoint(&net, &ep.endpoint_id).await?;
+                for addr in [ep.ipv4, ep.ipv6].into_iter().flatten() {
+                    let pool = net
+                        .subnets
+                        .iter()
+                        .find(|s| s.contains(addr.ip()))
+                        .map(ipam::pool_id)
+                        .unwrap_or_default();
+                    match self.ipam.release_address(&pool, addr.ip()).await {
+                        Ok(()) | Err(PluginError::Unknown(_)) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     async fn has_local_endpoint(&self, vni: u32) -> Result<bool> {

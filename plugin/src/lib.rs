@@ -82,9 +82,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tokio::spawn(registration.run(driver.clone()));
     tokio::spawn(reclaim::reaper(
         store.clone(),
-        host.clone(),
+        driver.clone(),
         Duration::from_secs(args.host_ttl.max(5)),
         Duration::from_secs(args.reclaim_grace),
+        Duration::from_secs(args.orphan_age),
     ));
     tokio::spawn(driver.clone().recover_until_done());
     let listener = socket::bind(&args.socket).await?;

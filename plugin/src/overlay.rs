@@ -49,6 +49,10 @@ pub struct EndpointRecord {
     pub mac: String,
     pub ipv4: Option<IpNetwork>,
     pub ipv6: Option<IpNetwork>,
+    /// When it was created (Unix seconds; 0 in records of older versions):
+    /// an endpoint without a bridge port long after this is an orphan.
+    #[serde(default)]
+    pub created_at: u64,
 }
 
 pub struct Overlays {
@@ -346,7 +350,12 @@ impl Overlays {
             None => Ok(()),
             Some(kv) => {
                 let current: EndpointRecord = decode(&kv)?;
-                if current == *ep {
+                // A replay: the same endpoint, only created at another time.
+                let replay = EndpointRecord {
+                    created_at: current.created_at,
+                    ..ep.clone()
+                };
+                if current == replay {
                     Ok(())
                 } else {
                     Err(PluginError::Conflict(format!(

@@ -220,10 +220,22 @@ pub async fn reclaim_host(store: Arc<dyn KvStore>, host: &str, held: &Holdings) 
 
 /// Every `period`, notice hosts that hold state but are not registered, and
 /// reclaim each once it has been gone for `grace` without a break.
-pub async fn reaper(store: Arc<dyn KvStore>, me: String, period: Duration, grace: Duration) {
+pub async fn reaper(
+    store: Arc<dyn KvStore>,
+    driver: Arc<crate::driver::Driver>,
+    period: Duration,
+    grace: Duration,
+    orphan_age: Duration,
+) {
+    let me = driver.host().to_string();
     let mut gone_since: HashMap<String, Instant> = HashMap::new();
     loop {
         tokio::time::sleep(period).await;
+        if driver.is_ready() {
+            if let Err(e) = driver.sweep_orphans(orphan_age).await {
+                tracing::warn!(error = %e, "orphaned-endpoint sweep failed");
+            }
+        }
         let census = match census(store.as_ref()).await {
             Ok(c) => c,
             Err(e) => {

@@ -462,3 +462,59 @@ async fn gc_lists_and_frees_unbound_addresses_and_spares_young_ones(store: Store
     let after = gc(&ns1, &url, &["--min-age", "0"]);
     assert!(after.contains("nothing to collect"), "{after}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: scripts/test runs this tier"]
+async fn orphaned_endpoints_are_removed_and_their_addresses_freed() {
+    let mut lan = Lan::new();
+    let url = lan.start_store(Store::Etcd).await;
+    let ns1 = lan.host(1);
+    let args = ["--host-ttl", "2", "--orphan-age", "1"];
+    let p1 = Plugin::start_with(&ns1, &Plugin::dir_for("orph"), "h1", &url, &args).await;
+    let c1 = p1.client();
+    create_network(&c1, "n1").await;
+    let (joined, _, _) = join(&c1, "n1", "joinedjoinedjoin").await;
+    // An endpoint whose container went while the store was unreachable: Docker
+    // never joins it again nor deletes it.
+    let orphan = c1.request_address(POOL, "").await.ok()["Address"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    c1.call(
+        "NetworkDriver.CreateEndpoint",
+        json!({"NetworkID": "n1", "EndpointID": "orphanorphanorph", "Interface": {"Address": orphan}}),
+    )
+    .await
+    .ok();
+    let orphan_ip = orphan.split('/').next().unwrap().to_string();
+    let start = Instant::now();
+    loop {
+        let r = c1
+            .call(
+                "NetworkDriver.EndpointOperInfo",
+                json!({"NetworkID": "n1", "EndpointID": "orphanorphanorph"}),
+            )
+            .await;
+        if r.status != 200 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the orphan was never removed"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Its address is free again; the joined endpoint is untouched.
+    c1.request_address(POOL, &orphan_ip).await.ok();
+    c1.call(
+        "NetworkDriver.EndpointOperInfo",
+        json!({"NetworkID": "n1", "EndpointID": "joinedjoinedjoin"}),
+    )
+    .await
+    .ok();
+    let e = c1
+        .request_address(POOL, joined.split('/').next().unwrap())
+        .await
+        .err();
+    assert!(e.contains("already in use"), "{e}");
+}
