@@ -81,7 +81,9 @@ const MAX_TXN_OPS: usize = 64;
 /// Consul's `SessionTTLMax`.
 const SESSION_TTL_MAX_SECS: u64 = 86_400;
 /// Attempts of one txn while it races with lock holders or a moving state.
-const TXN_ATTEMPTS: usize = 16;
+/// Each retry after the first waits a short random pause, so a busy key
+/// cannot starve one writer; the caller's timeout bounds the whole call.
+const TXN_ATTEMPTS: usize = 64;
 /// Idle connections kept for reuse.
 const IDLE_CONNECTIONS: usize = 16;
 /// Recent `range` results kept so that a watch from a range's revision + 1
@@ -1660,7 +1662,12 @@ impl KvStore for ConsulStore {
             )
         };
         let mut holders: HashMap<String, String> = HashMap::new();
-        for _ in 0..TXN_ATTEMPTS {
+        for attempt in 0..TXN_ATTEMPTS {
+            if attempt > 0 {
+                let ceiling_ms = (1u64 << attempt.min(6)).min(50);
+                let pause = std::time::Duration::from_micros(rand_micros(ceiling_ms * 1000));
+                tokio::time::sleep(pause).await;
+            }
             match self
                 .inner
                 .run_branch(&what, &compares, &success, &mut holders)
@@ -2035,6 +2042,20 @@ impl Watcher {
         self.next = self.next.max(index.saturating_add(1));
         Ok(())
     }
+}
+
+/// A pseudo-random number of microseconds below `below`, for retry jitter
+/// (no need for a cryptographic or even a good generator here).
+fn rand_micros(below: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    );
+    h.finish() % below.max(1)
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 const MAX_PAUSE_MS: u64 = 50;
 /// How long one operation keeps retrying; below the request time limit so
 /// the caller still answers Docker with our own error.
-pub const RETRY_BUDGET: Duration = Duration::from_secs(15);
+pub const RETRY_BUDGET: Duration = Duration::from_secs(20);
 
 pub struct Retry {
     attempt: usize,

@@ -818,45 +818,45 @@ impl Ipam {
     /// and freed with the pool, so releasing them is a no-op.
     #[tracing::instrument(skip(self), fields(host = %self.host))]
     pub async fn release_address(&self, pool_id: &str, ip: IpAddr) -> Result<()> {
+        Guard::check(&self.guard, self.store.as_ref()).await?;
+        let (subnet, seg, rec, _) = self.read_known_pool(pool_id).await?;
+        if !subnet.contains(ip) {
+            return Err(PluginError::BadRequest(format!(
+                "address {ip} is not in pool {pool_id}"
+            )));
+        }
+        if rec.gateway == Some(ip) || rec.aux.contains(&ip) {
+            return Ok(());
+        }
+        let addr_key = keys::pool_addr(&seg, ip);
+        let alloc_key = keys::pool_alloc(&seg);
+        let mut addr = self
+            .store
+            .get(&addr_key)
+            .await
+            .ctx(|| format!("read address {ip}"))?;
+        let cell = self.cursor_cell(&seg);
+        let mut guard = cell.lock().await;
         let mut retry = crate::backoff::Retry::new();
         while retry.next().await {
-            Guard::check(&self.guard, self.store.as_ref()).await?;
-            let (subnet, seg, rec, _) = self.read_known_pool(pool_id).await?;
-            if !subnet.contains(ip) {
-                return Err(PluginError::BadRequest(format!(
-                    "address {ip} is not in pool {pool_id}"
-                )));
-            }
-            if rec.gateway == Some(ip) || rec.aux.contains(&ip) {
-                return Ok(());
-            }
-            let cell = self.cursor_cell(&seg);
-            let mut guard = cell.lock().await;
-            let cur = match *guard {
-                Some(c) => c,
-                None => self.load_cursor(&seg).await?,
-            };
-            let addr_key = keys::pool_addr(&seg, ip);
-            let Some(addr) = self
-                .store
-                .get(&addr_key)
-                .await
-                .ctx(|| format!("read address {ip}"))?
-            else {
+            let Some(held) = &addr else {
                 return Err(PluginError::Unknown(format!(
                     "address {ip} is not allocated in pool {pool_id} (released twice?)"
                 )));
             };
             // Only the holder releases: a host back after its addresses were
             // reclaimed (and handed out again) must not free another's.
-            let holder = decode::<AddressRecord>(&addr)?.host;
+            let holder = decode::<AddressRecord>(held)?.host;
             if holder != self.host {
                 return Err(PluginError::Unknown(format!(
                     "address {ip} in pool {pool_id} is held by host {holder}, not by this host ({}); nothing released",
                     self.host
                 )));
             }
-            let alloc_key = keys::pool_alloc(&seg);
+            let cur = match *guard {
+                Some(c) => c,
+                None => self.load_cursor(&seg).await?,
+            };
             // Queue the address for reuse only if the cursor has passed it; one
             // ahead of the cursor (a --ip) will be reached by the cursor anyway.
             let queue = cur.span.offset(ip).is_some_and(|o| o < cur.state.next);
@@ -864,22 +864,20 @@ impl Ipam {
                 free_tail: cur.state.free_tail + 1,
                 ..cur.state
             };
-            let txn = if queue {
-                Txn::new()
-                    .when(vec![
-                        Compare::mod_revision(&addr_key, addr.mod_revision),
-                        Compare::mod_revision(&alloc_key, cur.revision),
-                    ])
-                    .and_then(vec![
-                        Op::delete(&addr_key),
-                        Op::put(keys::pool_free(&seg, cur.state.free_tail), ip.to_string()),
-                        Op::put(&alloc_key, encode(&new_state)),
-                    ])
-            } else {
-                Txn::new()
-                    .when(vec![Compare::mod_revision(&addr_key, addr.mod_revision)])
-                    .and_then(vec![Op::delete(&addr_key)])
-            };
+            let mut compares = vec![Compare::mod_revision(&addr_key, held.mod_revision)];
+            let mut ops = vec![Op::delete(&addr_key)];
+            if queue {
+                compares.push(Compare::mod_revision(&alloc_key, cur.revision));
+                ops.push(Op::put(
+                    keys::pool_free(&seg, cur.state.free_tail),
+                    ip.to_string(),
+                ));
+                ops.push(Op::put(&alloc_key, encode(&new_state)));
+            }
+            let txn = Txn::new()
+                .when(compares)
+                .and_then(ops)
+                .or_else(vec![Op::get(&alloc_key), Op::get(&addr_key)]);
             let resp = self
                 .store
                 .txn(Guard::apply(&self.guard, txn))
@@ -897,7 +895,23 @@ impl Ipam {
                 });
                 return Ok(());
             }
-            *guard = None;
+            // Lost a race: continue from what the failure branch read, not
+            // from a fresh round of reads.
+            Guard::check(&self.guard, self.store.as_ref()).await?;
+            let mut results = resp.results.into_iter();
+            *guard = match results.next() {
+                Some(OpResult::Get(Some(alloc))) if alloc.create_revision == cur.created => {
+                    Some(Cursor {
+                        state: decode(&alloc)?,
+                        revision: alloc.mod_revision,
+                        ..cur
+                    })
+                }
+                _ => None,
+            };
+            if let Some(OpResult::Get(now)) = results.next() {
+                addr = now;
+            }
         }
         Err(too_contended("release an address"))
     }
