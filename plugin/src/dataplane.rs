@@ -202,7 +202,7 @@ impl Dataplane {
                 require_index(&ns, &br).await?
             }
         };
-        if link_index(&ns, &lo()).await?.is_some() {
+        if link_index(&ns, "lo").await?.is_some() {
             set_link(&ns, LinkUnspec::new_with_name("lo").up().build(), "lo").await?;
         }
 
@@ -534,10 +534,6 @@ fn ignore_gone(
         Err(e) if is_gone(&e) => Ok(()),
         Err(e) => Err(DataplaneError::netlink(context(), e)),
     }
-}
-
-fn lo() -> String {
-    "lo".to_string()
 }
 
 async fn add_link(handle: &Handle, msg: LinkMessage, name: &str) -> Result<()> {

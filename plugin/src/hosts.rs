@@ -99,16 +99,6 @@ impl Registration {
     }
 }
 
-/// The hosts registered now, by ID.
-pub async fn live_hosts(store: &dyn KvStore) -> Result<Vec<HostRecord>, StoreError> {
-    let resp = store.range(&keys::hosts()).await?;
-    Ok(resp
-        .kvs
-        .iter()
-        .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
-        .collect())
-}
-
 /// Which hosts are registered now, kept current by watching the
 /// registrations. `None` until the first read succeeded: until then nobody
 /// is treated as gone.

@@ -81,17 +81,6 @@ impl PeerSync {
             t.abort();
         }
     }
-
-    /// Overlays synced now.
-    pub fn active(&self) -> Vec<String> {
-        self.tasks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|(_, t)| !t.is_finished())
-            .map(|(k, _)| k.clone())
-            .collect()
-    }
 }
 
 impl Drop for PeerSync {
