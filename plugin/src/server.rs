@@ -86,6 +86,8 @@ async fn bounded(
     let method = req.uri().path().trim_start_matches('/').to_string();
     let span = tracing::info_span!("request", method = %method);
     if !driver.is_ready() && !method.starts_with("Plugin.") && !method.ends_with("Capabilities") {
+        // Read the body before answering: see the note on the handlers.
+        let _ = axum::body::to_bytes(req.into_body(), 1 << 20).await;
         return PluginError::Store {
             context: "this host lost its store registration".into(),
             source: kvstore_backends::StoreError::Unavailable(
@@ -111,7 +113,7 @@ async fn bounded(
     .await
 }
 
-async fn unknown_method(uri: Uri) -> Response {
+async fn unknown_method(uri: Uri, _body: Bytes) -> Response {
     (
         StatusCode::NOT_FOUND,
         Json(ErrorResponse {
