@@ -41,11 +41,6 @@ hcompose() {
 # cid N SERVICE - the id of the service's container on host N (empty if none).
 cid() { hcompose "$1" ps -q "$2" 2>/dev/null || true; }
 
-ovl_namespaces() { hexec_mnt "$1" sh -c 'ls -A /run/rustoverlay/netns 2>/dev/null' || true; }
-host_ro_links() {
-    hexec "$1" ip -o link | awk -F': ' '{ sub(/@.*/, "", $2); print $2 }' | grep -E '^r[oc]-' || true
-}
-
 phase "boot: etcd, two hosts with the plugin on it"
 harness_start_etcd
 for h in 1 2; do

@@ -193,21 +193,6 @@ wait_entries() {
     done
 }
 
-host_ro_links() {
-    hexec "$1" ip -o link | awk -F': ' '{ sub(/@.*/, "", $2); print $2 }' | grep -E '^r[oc]-' || true
-}
-
-ovl_namespaces() {
-    hexec_mnt "$1" sh -c 'ls -A /run/rustoverlay/netns 2>/dev/null' || true
-}
-
-plugin_log_since_start() {
-    local log start
-    log="$(harness_host_dir "$1")/plugin.log"
-    start="$(grep -n '^===== plugin start' "$log" | tail -n 1 | cut -d: -f1)"
-    tail -n "+${start:-1}" "$log"
-}
-
 # alloc_keys - the store's address and endpoint keys with their values, sorted.
 alloc_keys() {
     store_dump | grep -E '/ipam/pool/[^/ ]+/addr/|/overlay/[^/ ]+/ep/' | sed 's/"at":[0-9]*//' | sort || true

@@ -36,12 +36,6 @@ run_c() {
 
 cping() { hdocker "$1" exec "$2" ping -c 1 -W 2 "$3"; }
 
-# ovl_namespaces N - overlay namespaces in host N's /run/rustoverlay/netns
-# (the host's view: they must be there, not only inside the plugin).
-ovl_namespaces() {
-    hexec_mnt "$1" sh -c 'ls -A /run/rustoverlay/netns 2>/dev/null' || true
-}
-
 # ns_inode N NAME - the network namespace mounted (in host N's own mount
 # namespace) on /run/rustoverlay/netns/NAME: "nsfs:<inode>". A plain file
 # there (the plugin's mount did not propagate to the host) fails.
@@ -53,10 +47,6 @@ ns_inode() {
         return 1
     }
     printf 'nsfs:%s\n' "$(hexec_mnt "$1" stat -L -c %i "$f")"
-}
-
-host_ro_links() {
-    hexec "$1" ip -o link | awk -F': ' '{ sub(/@.*/, "", $2); print $2 }' | grep -E '^r[oc]-' || true
 }
 
 # plugin_set N [SETTING=VALUE...] - docker plugin set on host N: its host id,

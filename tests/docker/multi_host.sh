@@ -100,24 +100,6 @@ peer_state() {
 
 peer_present() { [[ "$(peer_state "$@")" == "fdb neigh" ]]; }
 
-# host_ro_links N - ro-*/rc-* links in host N's own namespace.
-host_ro_links() {
-    hexec "$1" ip -o link | awk -F': ' '{ sub(/@.*/, "", $2); print $2 }' | grep -E '^r[oc]-' || true
-}
-
-# ovl_namespaces N - the overlay namespaces under host N's /run/rustoverlay/netns.
-ovl_namespaces() {
-    hexec_mnt "$1" sh -c 'ls -A /run/rustoverlay/netns 2>/dev/null' || true
-}
-
-# plugin_log_since_start N - host N's plugin log since its last start.
-plugin_log_since_start() {
-    local log start
-    log="$(harness_host_dir "$1")/plugin.log"
-    start="$(grep -n '^===== plugin start' "$log" | tail -n 1 | cut -d: -f1)"
-    tail -n "+${start:-1}" "$log"
-}
-
 # alloc_keys - the store's address and endpoint keys, sorted.
 alloc_keys() {
     harness_store_dump "$STORE" | awk '{ print $1 }' | grep -E '/ipam/pool/[^/]+/addr/|/overlay/[^/]+/ep/' | sort || true

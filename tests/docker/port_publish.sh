@@ -30,11 +30,6 @@ fetch() {
 }
 
 dnat_rules() { hexec 1 iptables -w 5 -t nat -S DOCKER 2>/dev/null | grep -- "--dport $PORT" || true; }
-ovl_namespaces() { hexec_mnt "$1" sh -c 'ls -A /run/rustoverlay/netns 2>/dev/null' || true; }
-host_ro_links() {
-    hexec "$1" ip -o link | awk -F': ' '{ sub(/@.*/, "", $2); print $2 }' | grep -E '^r[oc]-' || true
-}
-
 phase "boot: etcd and two hosts"
 harness_start_etcd
 for h in 1 2; do

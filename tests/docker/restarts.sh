@@ -43,11 +43,6 @@ run_c() {
 
 cping() { hdocker "$1" exec "$2" ping -c 1 -W 2 "$3"; }
 
-ovl_namespaces() { hexec_mnt "$1" sh -c 'ls -A /run/rustoverlay/netns 2>/dev/null' || true; }
-host_ro_links() {
-    hexec "$1" ip -o link | awk -F': ' '{ sub(/@.*/, "", $2); print $2 }' | grep -E '^r[oc]-' || true
-}
-
 # log_lines N - host N's plugin log, line count so far (to read what follows).
 log_lines() { wc -l <"$(harness_host_dir "$1")/plugin.log"; }
 

@@ -1061,6 +1061,28 @@ harness_restart_etcd() {
 }
 
 # ---------------------------------------------------------------------------
+# what the plugin left on a host (for the tests' clean-up checks)
+# ---------------------------------------------------------------------------
+
+# host_ro_links N - rustoverlay's links (ro-*, rc-*) in host N's namespace.
+host_ro_links() {
+    hexec "$1" ip -o link | awk -F': ' '{ sub(/@.*/, "", $2); print $2 }' | grep -E '^r[oc]-' || true
+}
+
+# ovl_namespaces N - the overlay namespaces under host N's /run/rustoverlay/netns.
+ovl_namespaces() {
+    hexec_mnt "$1" sh -c 'ls -A /run/rustoverlay/netns 2>/dev/null' || true
+}
+
+# plugin_log_since_start N - host N's plugin log since its last start.
+plugin_log_since_start() {
+    local log start
+    log="$(harness_host_dir "$1")/plugin.log"
+    start="$(grep -n '^===== plugin start' "$log" | tail -n 1 | cut -d: -f1)"
+    tail -n "+${start:-1}" "$log"
+}
+
+# ---------------------------------------------------------------------------
 # a shared Consul store: the project's test-only Consul server
 # (consul-test-server, following Consul's documented HTTP API; no real Consul
 # can be installed here) in its own namespace ${prefix}-consul at
