@@ -98,7 +98,7 @@ async fn run(mut lan: Lan) {
     let watchers: Vec<rtnetlink::Handle> = plugins[1..]
         .iter()
         .map(|p| {
-            rustoverlay::netns::connect_in(&p.overlay_ns_path(VNI))
+            rustoverlay::dataplane::netns::connect_in(&p.overlay_ns_path(VNI))
                 .expect("netlink in the overlay namespace")
         })
         .collect();
@@ -126,7 +126,7 @@ async fn run(mut lan: Lan) {
         .await
         .ok();
         let mac =
-            rustoverlay::dataplane::parse_mac(created["Interface"]["MacAddress"].as_str().unwrap())
+            rustoverlay::util::mac::parse_mac(created["Interface"]["MacAddress"].as_str().unwrap())
                 .unwrap();
         let mut pending: Vec<&rtnetlink::Handle> = watchers.iter().collect();
         while !pending.is_empty() {

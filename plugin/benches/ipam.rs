@@ -10,7 +10,8 @@
 
 use ipnetwork::Ipv4Network;
 use kvstore_backends::{CountingStore, KvStore, MemoryStore, RedbStore};
-use rustoverlay::ipam::Ipam;
+use rustoverlay::api::parse::pool_request;
+use rustoverlay::control::ipam::Ipam;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -30,7 +31,7 @@ async fn measure_ipam(
 ) -> Figures {
     let default: Ipv4Network = "10.200.0.0/16".parse().unwrap();
     let ipam = Ipam::new(store, "bench", default, 24);
-    let req = Ipam::parse_pool_request(subnet, "", false).unwrap();
+    let req = pool_request(subnet, "", false).unwrap();
     ipam.request_pool(&req).await.unwrap();
     for _ in 0..pre_taken {
         ipam.request_address(subnet, None, false).await.unwrap();

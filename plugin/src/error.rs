@@ -1,9 +1,7 @@
-//! The plugin's error type and how it reaches Docker: a non-200 status with
-//! `{"Err": "..."}`, which Docker shows to the user as is.
+//! The error of every operation below the API: what went wrong, in words a
+//! Docker user can act on. `api::response` alone decides how each kind
+//! reaches Docker (status and body).
 
-use crate::protocol::ErrorResponse;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use kvstore_backends::StoreError;
 
 pub type Result<T, E = PluginError> = std::result::Result<T, E>;
@@ -45,19 +43,6 @@ impl PluginError {
             source,
         }
     }
-
-    pub fn status(&self) -> StatusCode {
-        match self {
-            PluginError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            // Not 404: Docker reads 404 as "method not implemented".
-            PluginError::Unknown(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            PluginError::Conflict(_) | PluginError::Exhausted(_) => StatusCode::CONFLICT,
-            PluginError::Store { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            PluginError::Dataplane(_) | PluginError::Internal(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
-        }
-    }
 }
 
 /// Adds context to store errors at the call site.
@@ -68,23 +53,5 @@ pub trait StoreContext<T> {
 impl<T> StoreContext<T> for std::result::Result<T, StoreError> {
     fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|e| PluginError::store(context(), e))
-    }
-}
-
-impl IntoResponse for PluginError {
-    fn into_response(self) -> Response {
-        let status = self.status();
-        if status.is_server_error() {
-            tracing::warn!(status = status.as_u16(), error = %self, "request failed");
-        } else {
-            tracing::info!(status = status.as_u16(), error = %self, "request refused");
-        }
-        (
-            status,
-            axum::Json(ErrorResponse {
-                err: self.to_string(),
-            }),
-        )
-            .into_response()
     }
 }

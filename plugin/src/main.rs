@@ -26,9 +26,9 @@ async fn main() -> std::process::ExitCode {
         LogFormat::Json => builder.json().init(),
     }
     let result = match cli.command {
-        Command::Serve(args) => rustoverlay::serve(args).await,
-        Command::Dump(args) => rustoverlay::dump(args).await,
-        Command::Gc(args) => rustoverlay::gc(args).await,
+        Command::Serve(args) => rustoverlay::cmd::serve(args).await,
+        Command::Dump(args) => rustoverlay::cmd::dump(args).await,
+        Command::Gc(args) => rustoverlay::cmd::gc(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

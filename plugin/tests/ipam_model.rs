@@ -4,7 +4,8 @@
 use ipnetwork::{IpNetwork, Ipv4Network};
 use kvstore_backends::{CountingStore, KvStore, MemoryStore};
 use proptest::prelude::*;
-use rustoverlay::ipam::{Ipam, PoolRequest};
+use rustoverlay::api::parse::pool_request;
+use rustoverlay::control::ipam::{Ipam, PoolRequest};
 use std::collections::{HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ fn default_pool() -> Ipv4Network {
 }
 
 fn req(subnet: &str) -> PoolRequest {
-    Ipam::parse_pool_request(subnet, "", false).unwrap()
+    pool_request(subnet, "", false).unwrap()
 }
 
 fn host(store: Arc<dyn KvStore>, name: &str) -> Ipam {

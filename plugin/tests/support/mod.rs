@@ -412,7 +412,7 @@ pub async fn store_keys(dir: &Path) -> Vec<String> {
         kvstore_backends::RedbStore::open(dir.join("state.redb")).expect("open the store file");
     use kvstore_backends::KvStore;
     store
-        .range(rustoverlay::keys::ROOT)
+        .range(rustoverlay::state::keys::ROOT)
         .await
         .unwrap()
         .kvs

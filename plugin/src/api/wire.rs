@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
 pub const NETWORK_DRIVER: &str = "NetworkDriver";
+/// The address spaces we report to Docker.
+pub const LOCAL_ADDRESS_SPACE: &str = "RustOverlayLocal";
+pub const GLOBAL_ADDRESS_SPACE: &str = "RustOverlayGlobal";
 pub const IPAM_DRIVER: &str = "IpamDriver";
 
 /// Option key Docker uses on RequestAddress for the gateway request.

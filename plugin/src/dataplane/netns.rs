@@ -10,7 +10,7 @@
 //! ever called on a short-lived OS thread, never on a tokio worker: the thread
 //! opens the netlink socket and exits, and the socket stays in the namespace.
 
-use crate::dataplane::DataplaneError;
+use super::error::DataplaneError;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
 use rtnetlink::Handle;

@@ -7,53 +7,19 @@
 //! the overlay so that every host can watch one prefix per network.
 
 use crate::error::{PluginError, Result, StoreContext};
-use crate::ipam::{decode, encode};
-use crate::keys;
-use crate::reclaim::Guard;
+use crate::state::codec::{decode, encode, take_gets};
+use crate::state::fence::GoneHostFence;
+use crate::state::keys;
+use crate::state::records::{EndpointRecord, LocalNetwork, OverlayRecord};
+use crate::util::backoff::Retry;
 use ipnetwork::IpNetwork;
 use kvstore_backends::{Compare, KvStore, Op, OpResult, Revision, Txn};
-use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::IpAddr;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 /// VNIs we hand out; below 256 is left to hand-made setups, as Docker does.
 pub const VNI_MIN: u32 = 256;
 pub const VNI_MAX: u32 = (1 << 24) - 1;
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct OverlayRecord {
-    pub vni: u32,
-    pub subnets: Vec<IpNetwork>,
-    /// Docker NetworkIDs of this overlay, per host.
-    pub hosts: BTreeMap<String, BTreeSet<String>>,
-}
-
-/// What this host knows of one of its Docker networks.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct LocalNetwork {
-    pub network_id: String,
-    /// The overlay's key: its first subnet as a key segment.
-    pub overlay: String,
-    pub vni: u32,
-    pub subnets: Vec<IpNetwork>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct EndpointRecord {
-    pub endpoint_id: String,
-    /// The Docker NetworkID on the endpoint's own host.
-    pub network_id: String,
-    pub host: String,
-    pub vtep: IpAddr,
-    pub mac: String,
-    pub ipv4: Option<IpNetwork>,
-    pub ipv6: Option<IpNetwork>,
-    /// When it was created (Unix seconds; 0 in records of older versions):
-    /// an endpoint without a bridge port long after this is an orphan.
-    #[serde(default)]
-    pub created_at: u64,
-}
 
 pub struct Overlays {
     store: Arc<dyn KvStore>,
@@ -61,7 +27,7 @@ pub struct Overlays {
     /// Docker NetworkID -> overlay, filled from the store on a miss.
     cache: Mutex<HashMap<String, LocalNetwork>>,
     /// Set when acting for a gone host (reclaim).
-    guard: Option<Guard>,
+    fence: Option<GoneHostFence>,
 }
 
 impl Overlays {
@@ -70,7 +36,7 @@ impl Overlays {
             store,
             host: host.into(),
             cache: Mutex::new(HashMap::new()),
-            guard: None,
+            fence: None,
         }
     }
 
@@ -78,7 +44,7 @@ impl Overlays {
     /// requires that `host` is still unregistered.
     pub fn acting_for_gone_host(store: Arc<dyn KvStore>, host: &str) -> Self {
         let mut o = Overlays::new(store, host);
-        o.guard = Some(Guard::host_gone(host));
+        o.fence = Some(GoneHostFence::new(host));
         o
     }
 
@@ -118,7 +84,7 @@ impl Overlays {
         let overlay = keys::subnet_segment(first);
         let map_key = keys::host_network(&self.host, network_id);
         let rec_key = keys::overlay_record(&overlay);
-        let mut retry = crate::backoff::Retry::new();
+        let mut retry = Retry::new();
         while retry.next().await {
             let resp = self
                 .store
@@ -281,9 +247,9 @@ impl Overlays {
     #[tracing::instrument(skip(self), fields(host = %self.host))]
     pub async fn delete_network(&self, network_id: &str) -> Result<Option<LocalNetwork>> {
         let map_key = keys::host_network(&self.host, network_id);
-        let mut retry = crate::backoff::Retry::new();
+        let mut retry = Retry::new();
         while retry.next().await {
-            Guard::check(&self.guard, self.store.as_ref()).await?;
+            GoneHostFence::check(&self.fence, self.store.as_ref()).await?;
             let Some(kv) = self
                 .store
                 .get(&map_key)
@@ -321,8 +287,8 @@ impl Overlays {
             }
             let resp = self
                 .store
-                .txn(Guard::apply(
-                    &self.guard,
+                .txn(GoneHostFence::apply(
+                    &self.fence,
                     Txn::new().when(compares).and_then(ops),
                 ))
                 .await
@@ -385,11 +351,11 @@ impl Overlays {
 
     /// Delete an endpoint; true when it existed.
     pub async fn delete_endpoint(&self, net: &LocalNetwork, endpoint_id: &str) -> Result<bool> {
-        Guard::check(&self.guard, self.store.as_ref()).await?;
+        GoneHostFence::check(&self.fence, self.store.as_ref()).await?;
         let txn = Txn::new().and_then(vec![Op::delete(keys::endpoint(&net.overlay, endpoint_id))]);
         let resp = self
             .store
-            .txn(Guard::apply(&self.guard, txn))
+            .txn(GoneHostFence::apply(&self.fence, txn))
             .await
             .ctx(|| format!("delete endpoint {endpoint_id}"))?;
         if !resp.succeeded {
@@ -413,37 +379,9 @@ impl Overlays {
     }
 }
 
-/// The values of `N` Get results, in order.
-fn take_gets<const N: usize>(results: Vec<OpResult>) -> [Option<kvstore_backends::KeyValue>; N] {
-    let mut out: [Option<kvstore_backends::KeyValue>; N] = std::array::from_fn(|_| None);
-    for (slot, r) in out.iter_mut().zip(results) {
-        if let OpResult::Get(kv) = r {
-            *slot = kv;
-        }
-    }
-    out
-}
-
 fn join(nets: &[IpNetwork]) -> String {
     nets.iter()
         .map(|n| n.to_string())
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// A MAC derived from the endpoint's IPv4 address (unique on the overlay
-/// because the address is), or random for IPv6-only endpoints. Locally
-/// administered, unicast.
-pub fn mac_for(ipv4: Option<IpAddr>) -> [u8; 6] {
-    match ipv4 {
-        Some(IpAddr::V4(ip)) => {
-            let o = ip.octets();
-            [0x02, 0x52, o[0], o[1], o[2], o[3]]
-        }
-        _ => {
-            let mut m: [u8; 6] = rand::random();
-            m[0] = (m[0] & 0xfe) | 0x02;
-            m
-        }
-    }
 }

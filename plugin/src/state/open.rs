@@ -1,4 +1,4 @@
-//! Opening the store named by `--store`.
+//! Opening the store named by `--store`, bounded by `--store-timeout`.
 
 use crate::cli::StoreArgs;
 use kvstore_backends::{

@@ -1,69 +1,24 @@
-//! Reclaiming what gone hosts held, and `rustoverlay gc`.
+//! Reclaiming what gone hosts held, and `rustoverlay gc`. The loop that
+//! decides when to reclaim lives in `sync::reaper`.
 //!
 //! A host is gone when its registration (under a lease) has expired. After a
 //! grace period, any live host removes the gone host's endpoints, frees their
 //! addresses, detaches its networks and drops its pool references. Every one
-//! of those writes carries a compare that the gone host is still
-//! unregistered, so nothing is ever reclaimed from a host that came back: the
-//! store, not a clock or a process-local view, decides.
+//! of those writes carries the gone-host fence (`state::fence`), so nothing
+//! is ever reclaimed from a host that came back.
 
+use super::ipam::{pool_id, Ipam};
+use super::overlay::Overlays;
 use crate::error::{PluginError, Result, StoreContext};
-use crate::ipam::{decode, AddressKind, AddressRecord, Ipam, PoolRecord};
-use crate::keys;
-use crate::overlay::{EndpointRecord, LocalNetwork, Overlays};
-use kvstore_backends::{Compare, KvStore, Txn};
+use crate::state::codec::decode;
+use crate::state::keys;
+use crate::state::records::{AddressKind, AddressRecord, EndpointRecord, LocalNetwork, PoolRecord};
+use crate::util::clock::unix_now;
+use kvstore_backends::KvStore;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// The condition of every write made on behalf of a gone host: its
-/// registration is still absent.
-#[derive(Debug, Clone)]
-pub struct Guard {
-    registration: String,
-    host: String,
-}
-
-impl Guard {
-    pub fn host_gone(host: &str) -> Guard {
-        Guard {
-            registration: keys::host_registration(host),
-            host: host.to_string(),
-        }
-    }
-
-    /// Add the guard's compare to a transaction.
-    pub fn apply(guard: &Option<Guard>, mut txn: Txn) -> Txn {
-        if let Some(g) = guard {
-            txn.compares.push(Compare::absent(&g.registration));
-        }
-        txn
-    }
-
-    /// Fail fast when the host is registered again.
-    pub async fn check(guard: &Option<Guard>, store: &dyn KvStore) -> Result<()> {
-        let Some(g) = guard else { return Ok(()) };
-        let reg = store
-            .get(&g.registration)
-            .await
-            .ctx(|| format!("read the registration of host {}", g.host))?;
-        if reg.is_some() {
-            return Err(PluginError::Conflict(format!(
-                "host {} is registered again; nothing of it is reclaimed",
-                g.host
-            )));
-        }
-        Ok(())
-    }
-}
+use std::time::Duration;
 
 /// What a host holds in the store.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -127,7 +82,7 @@ pub async fn census(store: &dyn KvStore) -> Result<Census> {
             }
             ["ipam", "pool", _, "record"] => {
                 let rec: PoolRecord = decode(kv)?;
-                let id = crate::ipam::pool_id(&rec.subnet);
+                let id = pool_id(&rec.subnet);
                 for (host, n) in rec.refs {
                     holdings
                         .entry(host)
@@ -151,7 +106,7 @@ pub async fn census(store: &dyn KvStore) -> Result<Census> {
         for ep in eps {
             for a in [ep.ipv4, ep.ipv6].into_iter().flatten() {
                 let pool = ipnetwork::IpNetwork::new(a.network(), a.prefix())
-                    .map(|n| crate::ipam::pool_id(&n))
+                    .map(|n| pool_id(&n))
                     .unwrap_or_default();
                 bound.insert((pool, a.ip()));
             }
@@ -216,53 +171,6 @@ pub async fn reclaim_host(store: Arc<dyn KvStore>, host: &str, held: &Holdings) 
         "reclaimed a gone host"
     );
     Ok(())
-}
-
-/// Every `period`, notice hosts that hold state but are not registered, and
-/// reclaim each once it has been gone for `grace` without a break.
-pub async fn reaper(
-    store: Arc<dyn KvStore>,
-    driver: Arc<crate::driver::Driver>,
-    period: Duration,
-    grace: Duration,
-    orphan_age: Duration,
-) {
-    let me = driver.host().to_string();
-    let mut gone_since: HashMap<String, Instant> = HashMap::new();
-    loop {
-        tokio::time::sleep(period).await;
-        if driver.is_ready() {
-            if let Err(e) = driver.sweep_orphans(orphan_age).await {
-                tracing::warn!(error = %e, "orphaned-endpoint sweep failed");
-            }
-        }
-        let census = match census(store.as_ref()).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "reaper could not read the store");
-                continue;
-            }
-        };
-        gone_since.retain(|h, _| !census.registered.contains(h));
-        for (host, held) in &census.holdings {
-            if *host == me || census.registered.contains(host) || held.is_empty() {
-                continue;
-            }
-            let since = *gone_since.entry(host.clone()).or_insert_with(|| {
-                tracing::warn!(host = %host, grace = ?grace, "host is gone; reclaiming after the grace period");
-                Instant::now()
-            });
-            if since.elapsed() < grace {
-                continue;
-            }
-            match reclaim_host(store.clone(), host, held).await {
-                Ok(()) => {
-                    gone_since.remove(host);
-                }
-                Err(e) => tracing::warn!(host = %host, error = %e, "reclaim stopped"),
-            }
-        }
-    }
 }
 
 /// `rustoverlay gc`: list (and with `apply` free) addresses bound to no

@@ -1,0 +1,145 @@
+//! Docker's plugin HTTP API on the unix socket: the only code that knows
+//! Docker's JSON and HTTP. One route per method (`handlers`), Docker's wire
+//! types (`wire`), request parsing into domain values (`parse`), our own JSON
+//! extractor so malformed bodies get Docker's error shape (`extract`), the
+//! error -> response mapping (`response`) and the socket (`socket`). Every
+//! request has a time limit because Docker itself waits forever.
+
+mod extract;
+mod handlers;
+pub mod parse;
+pub mod response;
+pub mod socket;
+pub mod wire;
+
+pub use extract::DockerJson;
+
+use crate::control::ipam::Ipam;
+use crate::driver::Driver;
+use crate::error::PluginError;
+use crate::sync::supervisor::Readiness;
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use response::ApiError;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::Instrument;
+
+/// What the handlers work with.
+#[derive(Clone)]
+pub struct AppState {
+    pub driver: Arc<Driver>,
+    pub ipam: Arc<Ipam>,
+    /// False while this host may not act on what it holds (lease lost).
+    pub ready: Readiness,
+}
+
+pub fn router(state: AppState, request_timeout: Duration) -> Router {
+    Router::new()
+        .route("/Plugin.Activate", post(handlers::activate))
+        .route(
+            "/NetworkDriver.GetCapabilities",
+            post(handlers::net_capabilities),
+        )
+        .route(
+            "/NetworkDriver.CreateNetwork",
+            post(handlers::create_network),
+        )
+        .route(
+            "/NetworkDriver.DeleteNetwork",
+            post(handlers::delete_network),
+        )
+        .route(
+            "/NetworkDriver.CreateEndpoint",
+            post(handlers::create_endpoint),
+        )
+        .route(
+            "/NetworkDriver.EndpointOperInfo",
+            post(handlers::endpoint_info),
+        )
+        .route(
+            "/NetworkDriver.DeleteEndpoint",
+            post(handlers::delete_endpoint),
+        )
+        .route("/NetworkDriver.Join", post(handlers::join))
+        .route("/NetworkDriver.Leave", post(handlers::leave))
+        .route(
+            "/NetworkDriver.ProgramExternalConnectivity",
+            post(handlers::empty_ok),
+        )
+        .route(
+            "/NetworkDriver.RevokeExternalConnectivity",
+            post(handlers::empty_ok),
+        )
+        .route("/NetworkDriver.DiscoverNew", post(handlers::empty_ok))
+        .route("/NetworkDriver.DiscoverDelete", post(handlers::empty_ok))
+        .route(
+            "/IpamDriver.GetCapabilities",
+            post(handlers::ipam_capabilities),
+        )
+        .route(
+            "/IpamDriver.GetDefaultAddressSpaces",
+            post(handlers::address_spaces),
+        )
+        .route("/IpamDriver.RequestPool", post(handlers::request_pool))
+        .route("/IpamDriver.ReleasePool", post(handlers::release_pool))
+        .route(
+            "/IpamDriver.RequestAddress",
+            post(handlers::request_address),
+        )
+        .route(
+            "/IpamDriver.ReleaseAddress",
+            post(handlers::release_address),
+        )
+        .fallback(handlers::unknown_method)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            move |state, req, next| bounded(state, req, next, request_timeout),
+        ))
+        .with_state(state)
+}
+
+/// A span per request, and a time limit: a request that cannot finish (a
+/// store that hangs past its own timeouts, a stuck kernel call) answers with
+/// an error instead of hanging `docker run`.
+async fn bounded(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+    limit: Duration,
+) -> Response {
+    let method = req.uri().path().trim_start_matches('/').to_string();
+    let span = tracing::info_span!("request", method = %method);
+    if !state.ready.is_ready()
+        && !method.starts_with("Plugin.")
+        && !method.ends_with("Capabilities")
+    {
+        // Read the body before answering: see the note on the handlers.
+        let _ = axum::body::to_bytes(req.into_body(), 1 << 20).await;
+        return ApiError(PluginError::Store {
+            context: "this host lost its store registration".into(),
+            source: kvstore_backends::StoreError::Unavailable(
+                "re-registering and reconciling before serving again".into(),
+            ),
+        })
+        .into_response();
+    }
+    async move {
+        let started = std::time::Instant::now();
+        let resp = match tokio::time::timeout(limit, next.run(req)).await {
+            Ok(resp) => resp,
+            Err(_) => ApiError(PluginError::Internal(format!(
+                "{method} did not finish within {limit:?}; the store or the kernel is not answering, \
+                 check the plugin's log"
+            )))
+            .into_response(),
+        };
+        tracing::debug!(status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "done");
+        resp
+    }
+    .instrument(span)
+    .await
+}

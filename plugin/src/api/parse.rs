@@ -1,0 +1,178 @@
+//! Docker's request fields turned into the domain's values. Every check of
+//! what Docker sent (missing fields, malformed addresses, foreign address
+//! spaces) happens here, with a message that names the field and the fix.
+
+use super::wire::{
+    CreateEndpointRequest, CreateNetworkRequest, IpamData, GLOBAL_ADDRESS_SPACE,
+    LOCAL_ADDRESS_SPACE,
+};
+use crate::control::ipam::{parse_pool_id, PoolRequest};
+use crate::driver::{EndpointSpec, NetworkSpec, PoolSpec, CREATE_HINT};
+use crate::error::{PluginError, Result};
+use crate::util::mac::parse_mac;
+use ipnetwork::IpNetwork;
+use std::net::IpAddr;
+
+pub fn require(field: &str, value: &str) -> Result<()> {
+    if value.trim().is_empty() {
+        return Err(PluginError::BadRequest(format!(
+            "{field} is missing or empty in the request"
+        )));
+    }
+    Ok(())
+}
+
+pub fn network_spec(req: CreateNetworkRequest) -> Result<NetworkSpec> {
+    require("NetworkID", &req.network_id)?;
+    let ipv4 = pools_of(
+        &req.network_id,
+        req.ipv4_data.as_deref().unwrap_or_default(),
+    )?;
+    let ipv6 = pools_of(
+        &req.network_id,
+        req.ipv6_data.as_deref().unwrap_or_default(),
+    )?;
+    Ok(NetworkSpec {
+        network_id: req.network_id,
+        ipv4,
+        ipv6,
+    })
+}
+
+fn pools_of(network_id: &str, data: &[IpamData]) -> Result<Vec<PoolSpec>> {
+    data.iter()
+        .map(|d| {
+            if d.address_space != LOCAL_ADDRESS_SPACE && d.address_space != GLOBAL_ADDRESS_SPACE {
+                return Err(PluginError::BadRequest(format!(
+                    "network {network_id} uses another IPAM driver (address space {:?}), which \
+                     cannot keep addresses unique across hosts; create it with {CREATE_HINT}",
+                    d.address_space
+                )));
+            }
+            let subnet = parse_pool_id(&d.pool)?;
+            let aux = d
+                .aux_addresses
+                .iter()
+                .flatten()
+                .map(|(name, cidr)| {
+                    cidr.split('/')
+                        .next()
+                        .and_then(|ip| ip.parse::<IpAddr>().ok())
+                        .ok_or_else(|| {
+                            PluginError::BadRequest(format!(
+                                "aux address {name}={cidr:?} is not an address"
+                            ))
+                        })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(PoolSpec { subnet, aux })
+        })
+        .collect()
+}
+
+pub fn endpoint_spec(req: CreateEndpointRequest) -> Result<EndpointSpec> {
+    require("NetworkID", &req.network_id)?;
+    require("EndpointID", &req.endpoint_id)?;
+    let iface = req.interface.unwrap_or_default();
+    let mac = match iface.mac_address.trim() {
+        "" => None,
+        s => Some(parse_mac(s).ok_or_else(|| {
+            PluginError::BadRequest(format!("MacAddress {s:?} is not a MAC address"))
+        })?),
+    };
+    Ok(EndpointSpec {
+        ipv4: cidr_address("Address", &iface.address)?,
+        ipv6: cidr_address("AddressIPv6", &iface.address_ipv6)?,
+        network_id: req.network_id,
+        endpoint_id: req.endpoint_id,
+        mac,
+    })
+}
+
+/// An endpoint address as Docker sends it ("10.77.0.2/24").
+fn cidr_address(field: &str, value: &str) -> Result<Option<IpNetwork>> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Ok(None);
+    }
+    value.parse().map(Some).map_err(|_| {
+        PluginError::BadRequest(format!("{field} {value:?} is not an address in CIDR form"))
+    })
+}
+
+/// Validate a RequestPool's fields into a [`PoolRequest`].
+pub fn pool_request(pool: &str, sub_pool: &str, v6: bool) -> Result<PoolRequest> {
+    let parse = |what: &str, s: &str| -> Result<IpNetwork> {
+        let net: IpNetwork = s
+            .contains('/')
+            .then(|| s.parse().ok())
+            .flatten()
+            .ok_or_else(|| {
+                PluginError::BadRequest(format!(
+                    "{what} {s:?} is not a valid subnet in CIDR form (e.g. 10.77.0.0/24)"
+                ))
+            })?;
+        IpNetwork::new(net.network(), net.prefix())
+            .map_err(|e| PluginError::BadRequest(format!("{what} {s:?}: {e}")))
+    };
+    let subnet = match pool.trim() {
+        "" => None,
+        s => Some(parse("subnet", s)?),
+    };
+    let range = match sub_pool.trim() {
+        "" => None,
+        s => Some(parse("ip-range", s)?),
+    };
+    PoolRequest::new(subnet, range, v6)
+}
+
+pub fn check_address_space(space: &str) -> Result<()> {
+    match space {
+        "" | LOCAL_ADDRESS_SPACE | GLOBAL_ADDRESS_SPACE => Ok(()),
+        other => Err(PluginError::BadRequest(format!(
+            "address space {other:?} is not one of rustoverlay's ({LOCAL_ADDRESS_SPACE}, {GLOBAL_ADDRESS_SPACE})"
+        ))),
+    }
+}
+
+pub fn require_pool_id(pool_id: &str) -> Result<()> {
+    if pool_id.trim().is_empty() {
+        return Err(PluginError::BadRequest(
+            "PoolID is missing or empty in the request".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Docker sends a plain IP; accept a CIDR too, since some tools do.
+pub fn plain_ip(s: &str) -> Result<Option<IpAddr>> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let ip_part = s.split('/').next().unwrap_or(s);
+    ip_part
+        .parse()
+        .map(Some)
+        .map_err(|_| PluginError::BadRequest(format!("Address {s:?} is not an IP address")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> IpNetwork {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn pool_request_validation() {
+        assert!(pool_request("", "10.0.0.0/24", false).is_err());
+        assert!(pool_request("10.0.0.0/24", "10.0.1.0/25", false).is_err());
+        assert!(pool_request("10.0.0.0/24", "", true).is_err());
+        assert!(pool_request("bogus", "", false).is_err());
+        assert!(pool_request("", "", true).is_err());
+        let r = pool_request("10.0.0.7/24", "10.0.0.128/25", false).unwrap();
+        assert_eq!(r.subnet, Some(net("10.0.0.0/24")));
+    }
+}

@@ -1,0 +1,18 @@
+//! The subcommands: `serve` wires the layers together and serves Docker;
+//! `gc` and `dump` read (and with `gc --apply` clean) the store.
+
+mod inspect;
+mod serve;
+
+pub use inspect::{dump, gc};
+pub use serve::serve;
+
+use std::time::Duration;
+
+/// A positive number of seconds from a flag.
+fn secs(value: f64, flag: &str) -> anyhow::Result<Duration> {
+    if !(value.is_finite() && value > 0.0) {
+        anyhow::bail!("{flag} must be a positive number of seconds, not {value}");
+    }
+    Ok(Duration::from_secs_f64(value))
+}

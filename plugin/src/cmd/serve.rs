@@ -1,0 +1,132 @@
+//! `rustoverlay serve`: build every layer for this host, start the loops,
+//! and serve Docker on the plugin socket until SIGTERM or SIGINT.
+
+use super::secs;
+use crate::api::{self, socket, AppState};
+use crate::cli::ServeArgs;
+use crate::control::ipam::Ipam;
+use crate::control::overlay::Overlays;
+use crate::dataplane::{Dataplane, Netlink};
+use crate::driver::Driver;
+use crate::state::open;
+use crate::sync::devices::Devices;
+use crate::sync::membership::{watch_live_hosts, Registration};
+use crate::sync::peers::PeerSync;
+use crate::sync::reaper::ReaperConfig;
+use crate::sync::reconcile::Reconciler;
+use crate::sync::supervisor;
+use anyhow::Context;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Run the plugin until SIGTERM or SIGINT.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let host = match args.host_id.clone() {
+        Some(h) if !h.trim().is_empty() => h,
+        _ => nix::unistd::gethostname()
+            .context("read the hostname (or give --host-id)")?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    if host.contains('/') {
+        anyhow::bail!("--host-id {host:?} must not contain '/'");
+    }
+    if !(8..=30).contains(&args.default_pool_size)
+        || args.default_pool_size < args.default_pool.prefix()
+    {
+        anyhow::bail!(
+            "--default-pool-size {} must be between the default pool's prefix ({}) and 30",
+            args.default_pool_size,
+            args.default_pool.prefix()
+        );
+    }
+    if args.host_ttl == 0 {
+        anyhow::bail!("--host-ttl must be at least 1 second");
+    }
+    let store = open::open(
+        &args.store,
+        secs(args.store.store_timeout, "--store-timeout")?,
+    )?;
+    let dataplane: Arc<dyn Dataplane> = Arc::new(
+        Netlink::new(args.vtep_ip, &args.state_dir)
+            .await
+            .context("find the underlay")?,
+    );
+    let ipam = Arc::new(Ipam::new(
+        store.clone(),
+        &host,
+        args.default_pool,
+        args.default_pool_size,
+    ));
+    let overlays = Arc::new(Overlays::new(store.clone(), &host));
+    let live = watch_live_hosts(store.clone());
+    let peers = PeerSync::new(store.clone(), dataplane.clone(), host.clone(), live);
+    let devices = Arc::new(Devices::new(
+        host.clone(),
+        overlays.clone(),
+        dataplane.clone(),
+        peers,
+    ));
+    let reconciler = Arc::new(Reconciler::new(
+        host.clone(),
+        overlays.clone(),
+        ipam.clone(),
+        devices.clone(),
+    ));
+    let registration = Registration::new(
+        store.clone(),
+        host.clone(),
+        dataplane.vtep(),
+        Duration::from_secs(args.host_ttl),
+    );
+    let ready = supervisor::start(
+        store.clone(),
+        host.clone(),
+        registration,
+        reconciler,
+        ReaperConfig {
+            period: Duration::from_secs(args.host_ttl.max(5)),
+            grace: Duration::from_secs(args.reclaim_grace),
+            orphan_age: Duration::from_secs(args.orphan_age),
+        },
+    );
+    let driver = Arc::new(Driver::new(host.clone(), ipam.clone(), overlays, devices));
+    let listener = socket::bind(&args.socket).await?;
+    let app = api::router(
+        AppState {
+            driver,
+            ipam,
+            ready,
+        },
+        secs(args.request_timeout, "--request-timeout")?,
+    );
+    tracing::info!(
+        socket = %args.socket.display(),
+        host = %host,
+        store = store.backend_name(),
+        "serving"
+    );
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serve the plugin socket");
+    let _ = std::fs::remove_file(&args.socket);
+    tracing::info!("stopped");
+    result
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers we can only run until killed.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,282 @@
+//! Addresses: the shared gateway, a given address (`--ip`, aux), the next
+//! free one, and releasing. Only the holding host releases an address.
+
+use super::alloc::Cursor;
+use super::math::check_usable;
+use super::{parse_pool_id, too_contended, Ipam};
+use crate::error::{PluginError, Result, StoreContext};
+use crate::state::codec::{decode, encode};
+use crate::state::fence::GoneHostFence;
+use crate::state::keys;
+use crate::state::records::{AddressKind, AddressRecord, AllocState};
+use crate::util::backoff::Retry;
+use crate::util::clock::unix_now;
+use ipnetwork::IpNetwork;
+use kvstore_backends::{Compare, Op, OpResult, Txn};
+use std::net::IpAddr;
+
+impl Ipam {
+    /// RequestAddress: the pool's gateway, a given address (`--ip`, aux) or
+    /// the next free one. Returns the address with the pool's prefix length.
+    #[tracing::instrument(skip(self), fields(host = %self.host))]
+    pub async fn request_address(
+        &self,
+        pool_id: &str,
+        wanted: Option<IpAddr>,
+        gateway: bool,
+    ) -> Result<IpNetwork> {
+        let subnet = parse_pool_id(pool_id)?;
+        if let Some(ip) = wanted {
+            check_usable(&subnet, ip)?;
+        }
+        let ip = if gateway {
+            self.request_gateway(pool_id, wanted).await?
+        } else if let Some(ip) = wanted {
+            self.request_specific(pool_id, ip).await?
+        } else {
+            let seg = keys::subnet_segment(&subnet);
+            self.allocate(&seg, None)
+                .await?
+                .ok_or_else(|| too_contended("allocate an address"))?
+        };
+        IpNetwork::new(ip, subnet.prefix()).map_err(|e| PluginError::Internal(e.to_string()))
+    }
+
+    async fn request_gateway(&self, pool_id: &str, wanted: Option<IpAddr>) -> Result<IpAddr> {
+        let mut retry = Retry::new();
+        while retry.next().await {
+            let (_, seg, rec, rev) = self.read_known_pool(pool_id).await?;
+            if let Some(gw) = rec.gateway {
+                return match wanted {
+                    Some(w) if w != gw => Err(PluginError::Conflict(format!(
+                        "the network on subnet {pool_id} already has gateway {gw}; \
+                         use --gateway {gw} on every host, or leave --gateway out"
+                    ))),
+                    _ => Ok(gw),
+                };
+            }
+            let record_with = |gw: IpAddr| {
+                let mut r = rec.clone();
+                r.gateway = Some(gw);
+                (
+                    vec![Compare::mod_revision(keys::pool_record(&seg), rev)],
+                    vec![Op::put(keys::pool_record(&seg), encode(&r))],
+                )
+            };
+            let outcome = match wanted {
+                Some(ip) => {
+                    let (compares, ops) = record_with(ip);
+                    self.take_specific(&seg, ip, AddressKind::Gateway, compares, ops)
+                        .await?
+                        .map(|_| ip)
+                }
+                None => self.allocate(&seg, Some(&record_with)).await?,
+            };
+            if let Some(ip) = outcome {
+                tracing::info!(pool = %pool_id, gateway = %ip, "set the network's gateway");
+                return Ok(ip);
+            }
+            // The record changed under us (another host set the gateway or took
+            // a reference): read it again.
+        }
+        Err(too_contended("allocate the gateway"))
+    }
+
+    async fn request_specific(&self, pool_id: &str, ip: IpAddr) -> Result<IpAddr> {
+        let mut retry = Retry::new();
+        while retry.next().await {
+            let (_, seg, rec, rev) = self.read_known_pool(pool_id).await?;
+            if rec.gateway == Some(ip) {
+                return Err(PluginError::Conflict(format!(
+                    "address {ip} is the gateway of the network on {pool_id}; pick another --ip"
+                )));
+            }
+            if rec.aux.contains(&ip) {
+                // Aux addresses are shared by every host of the network.
+                return Ok(ip);
+            }
+            let compares = vec![Compare::mod_revision(keys::pool_record(&seg), rev)];
+            if self
+                .take_specific(&seg, ip, AddressKind::Address, compares, vec![])
+                .await?
+                .is_some()
+            {
+                return Ok(ip);
+            }
+        }
+        Err(too_contended("allocate a given address"))
+    }
+
+    /// Take one given address. `Ok(None)` when the extra compares failed (the
+    /// caller re-reads and retries); a conflict when the address is taken.
+    async fn take_specific(
+        &self,
+        seg: &str,
+        ip: IpAddr,
+        kind: AddressKind,
+        mut compares: Vec<Compare>,
+        mut ops: Vec<Op>,
+    ) -> Result<Option<()>> {
+        let addr_key = keys::pool_addr(seg, ip);
+        compares.push(Compare::absent(&addr_key));
+        ops.push(Op::put(&addr_key, self.address_record(kind)));
+        let resp = self
+            .store
+            .txn(
+                Txn::new()
+                    .when(compares)
+                    .and_then(ops)
+                    .or_else(vec![Op::get(&addr_key)]),
+            )
+            .await
+            .ctx(|| format!("allocate address {ip}"))?;
+        if resp.succeeded {
+            return Ok(Some(()));
+        }
+        if let Some(OpResult::Get(Some(kv))) = resp.results.first() {
+            let holder = decode::<AddressRecord>(kv)
+                .map(|r| format!(" (held by host {})", r.host))
+                .unwrap_or_default();
+            return Err(PluginError::Conflict(format!(
+                "address {ip} is already in use{holder}; pick another --ip or leave --ip out"
+            )));
+        }
+        Ok(None)
+    }
+
+    pub(super) fn address_record(&self, kind: AddressKind) -> Vec<u8> {
+        encode(&AddressRecord {
+            host: self.host.clone(),
+            kind,
+            at: unix_now(),
+        })
+    }
+
+    /// ReleaseAddress. The gateway and aux addresses are shared by every host
+    /// and freed with the pool, so releasing them is a no-op.
+    #[tracing::instrument(skip(self), fields(host = %self.host))]
+    pub async fn release_address(&self, pool_id: &str, ip: IpAddr) -> Result<()> {
+        GoneHostFence::check(&self.fence, self.store.as_ref()).await?;
+        let (subnet, seg, rec, _) = self.read_known_pool(pool_id).await?;
+        if !subnet.contains(ip) {
+            return Err(PluginError::BadRequest(format!(
+                "address {ip} is not in pool {pool_id}"
+            )));
+        }
+        if rec.gateway == Some(ip) || rec.aux.contains(&ip) {
+            return Ok(());
+        }
+        let addr_key = keys::pool_addr(&seg, ip);
+        let alloc_key = keys::pool_alloc(&seg);
+        let mut addr = self
+            .store
+            .get(&addr_key)
+            .await
+            .ctx(|| format!("read address {ip}"))?;
+        let cell = self.cursor_cell(&seg);
+        let mut guard = cell.lock().await;
+        let mut retry = Retry::new();
+        while retry.next().await {
+            let Some(held) = &addr else {
+                return Err(PluginError::Unknown(format!(
+                    "address {ip} is not allocated in pool {pool_id} (released twice?)"
+                )));
+            };
+            // Only the holder releases: a host back after its addresses were
+            // reclaimed (and handed out again) must not free another's.
+            let holder = decode::<AddressRecord>(held)?.host;
+            if holder != self.host {
+                return Err(PluginError::Unknown(format!(
+                    "address {ip} in pool {pool_id} is held by host {holder}, not by this host ({}); nothing released",
+                    self.host
+                )));
+            }
+            let cur = match *guard {
+                Some(c) => c,
+                None => self.load_cursor(&seg).await?,
+            };
+            // Queue the address for reuse only if the cursor has passed it; one
+            // ahead of the cursor (a --ip) will be reached by the cursor anyway.
+            let queue = cur.span.offset(ip).is_some_and(|o| o < cur.state.next);
+            let new_state = AllocState {
+                free_tail: cur.state.free_tail + 1,
+                ..cur.state
+            };
+            let mut compares = vec![Compare::mod_revision(&addr_key, held.mod_revision)];
+            let mut ops = vec![Op::delete(&addr_key)];
+            if queue {
+                compares.push(Compare::mod_revision(&alloc_key, cur.revision));
+                ops.push(Op::put(
+                    keys::pool_free(&seg, cur.state.free_tail),
+                    ip.to_string(),
+                ));
+                ops.push(Op::put(&alloc_key, encode(&new_state)));
+            }
+            let txn = Txn::new()
+                .when(compares)
+                .and_then(ops)
+                .or_else(vec![Op::get(&alloc_key), Op::get(&addr_key)]);
+            let resp = self
+                .store
+                .txn(GoneHostFence::apply(&self.fence, txn))
+                .await
+                .ctx(|| format!("release address {ip}"))?;
+            if resp.succeeded {
+                *guard = Some(if queue {
+                    Cursor {
+                        state: new_state,
+                        revision: resp.revision,
+                        ..cur
+                    }
+                } else {
+                    cur
+                });
+                return Ok(());
+            }
+            // Lost a race: continue from what the failure branch read, not
+            // from a fresh round of reads.
+            GoneHostFence::check(&self.fence, self.store.as_ref()).await?;
+            let mut results = resp.results.into_iter();
+            *guard = match results.next() {
+                Some(OpResult::Get(Some(alloc))) if alloc.create_revision == cur.created => {
+                    Some(Cursor {
+                        state: decode(&alloc)?,
+                        revision: alloc.mod_revision,
+                        ..cur
+                    })
+                }
+                _ => None,
+            };
+            if let Some(OpResult::Get(now)) = results.next() {
+                addr = now;
+            }
+        }
+        Err(too_contended("release an address"))
+    }
+
+    /// Record a network's aux addresses as shared reservations of its pool, so
+    /// that every other host's request for them succeeds and releasing them
+    /// frees nothing until the pool goes.
+    pub async fn mark_aux(&self, pool_id: &str, aux: &[IpAddr]) -> Result<()> {
+        if aux.is_empty() {
+            return Ok(());
+        }
+        let mut retry = Retry::new();
+        while retry.next().await {
+            let (_, seg, mut rec, rev) = self.read_known_pool(pool_id).await?;
+            if aux.iter().all(|ip| rec.aux.contains(ip)) {
+                return Ok(());
+            }
+            rec.aux.extend(aux.iter().copied());
+            let resp = self
+                .store
+                .compare_and_swap(&keys::pool_record(&seg), rev, encode(&rec))
+                .await
+                .ctx(|| format!("record aux addresses of pool {pool_id}"))?;
+            if resp.is_ok() {
+                return Ok(());
+            }
+        }
+        Err(too_contended("record aux addresses"))
+    }
+}

@@ -1,0 +1,146 @@
+//! Endpoints: CreateEndpoint stores the record (address, MAC, host, VTEP),
+//! Join builds the devices and the veth pair, Leave and DeleteEndpoint undo
+//! them; EndpointOperInfo reports what the store holds.
+
+use super::Driver;
+use crate::error::{PluginError, Result};
+use crate::state::records::{EndpointRecord, LocalNetwork};
+use crate::util::clock::unix_now;
+use crate::util::mac::{format_mac, mac_for, parse_mac};
+use ipnetwork::IpNetwork;
+use std::net::IpAddr;
+
+/// An endpoint as Docker asks for it, parsed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndpointSpec {
+    pub network_id: String,
+    pub endpoint_id: String,
+    pub ipv4: Option<IpNetwork>,
+    pub ipv6: Option<IpNetwork>,
+    /// None: derive one from the IPv4 address.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// What EndpointOperInfo reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointInfo {
+    pub vni: u32,
+    pub host: String,
+    pub vtep: IpAddr,
+    pub mac: String,
+}
+
+/// The address must come from one of the network's subnets.
+fn check_in_network(field: &str, addr: Option<IpNetwork>, net: &LocalNetwork) -> Result<()> {
+    match addr {
+        Some(a) if !net.subnets.iter().any(|s| s.contains(a.ip())) => {
+            Err(PluginError::BadRequest(format!(
+                "{field} {a} is outside the network's subnets; addresses must come from rustoverlay IPAM"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+impl Driver {
+    /// Store the endpoint. Returns the MAC it was given when Docker left
+    /// the MAC to us (Docker is told only what it left empty).
+    #[tracing::instrument(skip_all, fields(network = %spec.network_id, endpoint = %spec.endpoint_id))]
+    pub async fn create_endpoint(&self, spec: EndpointSpec) -> Result<Option<String>> {
+        let net = self.overlays.lookup(&spec.network_id).await?;
+        check_in_network("Address", spec.ipv4, &net)?;
+        check_in_network("AddressIPv6", spec.ipv6, &net)?;
+        if spec.ipv4.is_none() && spec.ipv6.is_none() {
+            return Err(PluginError::BadRequest(format!(
+                "endpoint {} has no address; rustoverlay endpoints get theirs from rustoverlay IPAM",
+                spec.endpoint_id
+            )));
+        }
+        let mac = spec
+            .mac
+            .unwrap_or_else(|| mac_for(spec.ipv4.map(|a| a.ip())));
+        let record = EndpointRecord {
+            endpoint_id: spec.endpoint_id.clone(),
+            network_id: spec.network_id.clone(),
+            host: self.host.clone(),
+            vtep: self.devices.dataplane().vtep(),
+            mac: format_mac(&mac),
+            ipv4: spec.ipv4,
+            ipv6: spec.ipv6,
+            created_at: unix_now(),
+        };
+        self.overlays.create_endpoint(&net, &record).await?;
+        tracing::info!(ip = ?spec.ipv4, mac = %record.mac, "endpoint created");
+        Ok(spec.mac.is_none().then_some(record.mac))
+    }
+
+    pub async fn endpoint_info(&self, network_id: &str, endpoint_id: &str) -> Result<EndpointInfo> {
+        let (net, ep) = self.known_endpoint(network_id, endpoint_id).await?;
+        Ok(EndpointInfo {
+            vni: net.vni,
+            host: ep.host,
+            vtep: ep.vtep,
+            mac: ep.mac,
+        })
+    }
+
+    /// Build the overlay's devices if this is its first local endpoint, and
+    /// the endpoint's veth pair. Returns the container side's name.
+    #[tracing::instrument(skip_all, fields(network = %network_id, endpoint = %endpoint_id))]
+    pub async fn join(&self, network_id: &str, endpoint_id: &str) -> Result<String> {
+        let (net, ep) = self.known_endpoint(network_id, endpoint_id).await?;
+        let mac = parse_mac(&ep.mac)
+            .ok_or_else(|| PluginError::Internal(format!("stored MAC {:?} is invalid", ep.mac)))?;
+        let lock = self.devices.lock(net.vni).await;
+        self.devices.ensure(&net.overlay, net.vni, &lock).await?;
+        match self
+            .devices
+            .dataplane()
+            .create_endpoint_link(net.vni, &ep.endpoint_id, mac)
+            .await
+        {
+            Ok(name) => Ok(name),
+            Err(e) => {
+                self.remove_devices_if_unused(&net, &lock).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(network = %network_id, endpoint = %endpoint_id))]
+    pub async fn leave(&self, network_id: &str, endpoint_id: &str) -> Result<()> {
+        let (net, ep) = self.known_endpoint(network_id, endpoint_id).await?;
+        let _lock = self.devices.lock(net.vni).await;
+        self.devices
+            .dataplane()
+            .remove_endpoint_link(net.vni, &ep.endpoint_id)
+            .await?;
+        Ok(())
+    }
+
+    #[tracing::instrument(skip_all, fields(network = %network_id, endpoint = %endpoint_id))]
+    pub async fn delete_endpoint(&self, network_id: &str, endpoint_id: &str) -> Result<()> {
+        let net = match self.overlays.lookup(network_id).await {
+            Ok(net) => net,
+            // Already gone with its network: nothing left to delete.
+            Err(PluginError::Unknown(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if let Some((ep, _)) = self.overlays.get_endpoint(&net, endpoint_id).await? {
+            if ep.host != self.host {
+                return Err(PluginError::Conflict(format!(
+                    "endpoint {endpoint_id} belongs to host {}, not to this host",
+                    ep.host
+                )));
+            }
+        }
+        let lock = self.devices.lock(net.vni).await;
+        self.devices
+            .dataplane()
+            .remove_endpoint_link(net.vni, endpoint_id)
+            .await?;
+        self.overlays.delete_endpoint(&net, endpoint_id).await?;
+        self.remove_devices_if_unused(&net, &lock).await;
+        Ok(())
+    }
+}

@@ -1,0 +1,91 @@
+//! Docker's NetworkDriver on this host: each call turned into store records
+//! (through `control`) and kernel devices (through `sync::devices` and the
+//! `dataplane` trait). Each method validates first, then applies, and undoes
+//! what it applied when a later step fails. Requests come in as plain domain
+//! values: the wire format is `api`'s business.
+
+mod endpoint;
+mod network;
+
+pub use endpoint::{EndpointInfo, EndpointSpec};
+pub use network::{NetworkSpec, PoolSpec};
+
+use crate::control::ipam::Ipam;
+use crate::control::overlay::Overlays;
+use crate::error::{PluginError, Result};
+use crate::state::records::{EndpointRecord, LocalNetwork};
+use crate::sync::devices::Devices;
+use std::sync::Arc;
+
+/// The one command that makes a network every host can share.
+pub const CREATE_HINT: &str =
+    "docker network create -d rustoverlay --ipam-driver rustoverlay --subnet 10.77.0.0/24 NAME";
+
+pub struct Driver {
+    host: String,
+    ipam: Arc<Ipam>,
+    overlays: Arc<Overlays>,
+    devices: Arc<Devices>,
+}
+
+impl Driver {
+    pub fn new(
+        host: String,
+        ipam: Arc<Ipam>,
+        overlays: Arc<Overlays>,
+        devices: Arc<Devices>,
+    ) -> Self {
+        Driver {
+            host,
+            ipam,
+            overlays,
+            devices,
+        }
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// This host's endpoint, or an error that says why it is not.
+    async fn known_endpoint(
+        &self,
+        network_id: &str,
+        endpoint_id: &str,
+    ) -> Result<(LocalNetwork, EndpointRecord)> {
+        let net = self.overlays.lookup(network_id).await?;
+        let (ep, _) = self
+            .overlays
+            .get_endpoint(&net, endpoint_id)
+            .await?
+            .ok_or_else(|| {
+                PluginError::Unknown(format!(
+                    "endpoint {endpoint_id} does not exist on network {network_id}; remove the \
+                     container and start it again"
+                ))
+            })?;
+        if ep.host != self.host {
+            return Err(PluginError::Conflict(format!(
+                "endpoint {endpoint_id} belongs to host {}, not to this host ({})",
+                ep.host, self.host
+            )));
+        }
+        Ok((net, ep))
+    }
+
+    /// The overlay's devices go with its last local endpoint. Best effort: a
+    /// failure is logged and retried by the next removal.
+    async fn remove_devices_if_unused(
+        &self,
+        net: &LocalNetwork,
+        lock: &crate::sync::devices::DeviceLock,
+    ) {
+        if let Err(e) = self
+            .devices
+            .remove_if_unused(&net.overlay, net.vni, lock)
+            .await
+        {
+            tracing::warn!(vni = net.vni, error = %e, "could not remove the network's devices");
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! CreateNetwork and DeleteNetwork: a host's Docker network joins (or
+//! leaves) the overlay of its subnets.
+
+use super::{Driver, CREATE_HINT};
+use crate::control::ipam::pool_id;
+use crate::error::{PluginError, Result};
+use crate::state::keys;
+use ipnetwork::IpNetwork;
+use std::net::IpAddr;
+
+/// A network as Docker asks for it, parsed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetworkSpec {
+    pub network_id: String,
+    pub ipv4: Vec<PoolSpec>,
+    pub ipv6: Vec<PoolSpec>,
+}
+
+/// One of the network's pools: a subnet from rustoverlay IPAM and its aux
+/// addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSpec {
+    pub subnet: IpNetwork,
+    pub aux: Vec<IpAddr>,
+}
+
+impl Driver {
+    #[tracing::instrument(skip_all, fields(network = %spec.network_id))]
+    pub async fn create_network(&self, spec: NetworkSpec) -> Result<()> {
+        if spec.ipv4.len() > 1 || spec.ipv6.len() > 1 {
+            return Err(PluginError::BadRequest(
+                "rustoverlay networks take one subnet per address family; give at most one IPv4 \
+                 and one IPv6 --subnet"
+                    .into(),
+            ));
+        }
+        let pools: Vec<&PoolSpec> = spec.ipv4.iter().chain(spec.ipv6.iter()).collect();
+        if pools.is_empty() {
+            return Err(PluginError::BadRequest(format!(
+                "network {} has no subnet; create it with {CREATE_HINT}",
+                spec.network_id
+            )));
+        }
+        for p in &pools {
+            // The pool must have been claimed through our IPAM.
+            let seg = keys::subnet_segment(&p.subnet);
+            if self.ipam.read_pool(&seg).await?.is_none() {
+                return Err(PluginError::Unknown(format!(
+                    "subnet {} is not claimed in the rustoverlay store; create the network with {CREATE_HINT}",
+                    p.subnet
+                )));
+            }
+        }
+        let subnets = pools.iter().map(|p| p.subnet).collect();
+        let net = self
+            .overlays
+            .create_network(&spec.network_id, subnets)
+            .await?;
+        for p in &pools {
+            if let Err(e) = self.ipam.mark_aux(&pool_id(&p.subnet), &p.aux).await {
+                // Undo: Docker does not call DeleteNetwork after a failed create.
+                let _ = self.overlays.delete_network(&net.network_id).await;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    #[tracing::instrument(skip_all, fields(network = %network_id))]
+    pub async fn delete_network(&self, network_id: &str) -> Result<()> {
+        let Some(net) = self.overlays.delete_network(network_id).await? else {
+            return Ok(());
+        };
+        // Devices only exist while a local endpoint does; clear leftovers
+        // unless another of this host's Docker networks uses the overlay.
+        let lock = self.devices.lock(net.vni).await;
+        let still_used = self
+            .overlays
+            .local_networks()
+            .await?
+            .iter()
+            .any(|n| n.vni == net.vni);
+        if !still_used {
+            self.devices
+                .remove(Some(&net.overlay), net.vni, &lock)
+                .await?;
+        }
+        Ok(())
+    }
+}

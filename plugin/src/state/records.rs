@@ -1,0 +1,106 @@
+//! Every value the plugin stores, next to the key layout in `keys`: together
+//! they are the whole store schema. Fields added later must be
+//! `#[serde(default)]` so that records of older versions stay readable.
+
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+/// `hosts/<host>`: a live host, written under its lease.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HostRecord {
+    pub host: String,
+    pub vtep: IpAddr,
+    pub version: String,
+}
+
+/// `ipam/pools`: the subnets claimed cluster-wide, changed only by
+/// compare-and-swap so that two hosts can never claim overlapping subnets.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct PoolIndex {
+    /// Pool ID (the canonical CIDR) of every claimed subnet.
+    pub pools: BTreeSet<String>,
+}
+
+/// `ipam/pool/<pool>/record`: one claimed subnet.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PoolRecord {
+    pub subnet: IpNetwork,
+    /// `--ip-range`: where dynamic addresses come from.
+    pub range: Option<IpNetwork>,
+    /// The one gateway every host is given.
+    pub gateway: Option<IpAddr>,
+    /// Auxiliary addresses of the network: shared by every host, freed with
+    /// the pool.
+    #[serde(default)]
+    pub aux: BTreeSet<IpAddr>,
+    /// References per host (RequestPool minus ReleasePool).
+    pub refs: BTreeMap<String, u32>,
+}
+
+/// `ipam/pool/<pool>/alloc`: the allocation cursor and the bounds of the
+/// released-address queue.
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AllocState {
+    /// Offset (within the dynamic range) of the lowest never-used address.
+    pub next: u128,
+    pub free_head: u64,
+    pub free_tail: u64,
+}
+
+/// `ipam/pool/<pool>/addr/<ip>`: who holds an address, for `gc` and for
+/// people reading the store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AddressRecord {
+    pub host: String,
+    pub kind: AddressKind,
+    /// When it was handed out (Unix seconds), so `gc` can leave young
+    /// allocations alone: their endpoint may be being created right now.
+    #[serde(default)]
+    pub at: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AddressKind {
+    Gateway,
+    Address,
+}
+
+/// `overlay/<overlay>/record`: one overlay (a subnet shared by hosts).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OverlayRecord {
+    pub vni: u32,
+    pub subnets: Vec<IpNetwork>,
+    /// Docker NetworkIDs of this overlay, per host.
+    pub hosts: BTreeMap<String, BTreeSet<String>>,
+}
+
+/// `host/<host>/net/<docker-net>`: what a host knows of one of its Docker
+/// networks.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LocalNetwork {
+    pub network_id: String,
+    /// The overlay's key: its first subnet as a key segment.
+    pub overlay: String,
+    pub vni: u32,
+    pub subnets: Vec<IpNetwork>,
+}
+
+/// `overlay/<overlay>/ep/<ep>`: an endpoint, on whichever host it lives.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EndpointRecord {
+    pub endpoint_id: String,
+    /// The Docker NetworkID on the endpoint's own host.
+    pub network_id: String,
+    pub host: String,
+    pub vtep: IpAddr,
+    pub mac: String,
+    pub ipv4: Option<IpNetwork>,
+    pub ipv6: Option<IpNetwork>,
+    /// When it was created (Unix seconds; 0 in records of older versions):
+    /// an endpoint without a bridge port long after this is an orphan.
+    #[serde(default)]
+    pub created_at: u64,
+}

@@ -1,0 +1,172 @@
+//! Host membership: each plugin announces its host (ID, VTEP) under a lease
+//! that it keeps alive, and follows which hosts are registered. Peers read
+//! VTEPs here, and a host whose lease expired is known to be gone.
+
+use super::follow::{follow, Follower};
+use crate::state::codec::encode;
+use crate::state::keys;
+use crate::state::records::HostRecord;
+use async_trait::async_trait;
+use kvstore_backends::{
+    EventKind, KvStore, LeaseId, Op, RangeResponse, StoreError, Txn, WatchEvent,
+};
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::Instrument;
+
+/// What the registration loop tells the supervisor.
+#[derive(Debug)]
+pub enum LeaseEvent {
+    /// The lease expired: other hosts may reclaim what this host held.
+    Lost,
+    /// Registered again after a loss. The supervisor answers whether this
+    /// host has reconciled; on `false` the registration is dropped and tried
+    /// again.
+    Regained(oneshot::Sender<bool>),
+}
+
+pub struct Registration {
+    store: Arc<dyn KvStore>,
+    record: HostRecord,
+    ttl: Duration,
+}
+
+impl Registration {
+    pub fn new(store: Arc<dyn KvStore>, host: String, vtep: IpAddr, ttl: Duration) -> Self {
+        Registration {
+            store,
+            record: HostRecord {
+                host,
+                vtep,
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            },
+            ttl,
+        }
+    }
+
+    /// Write the registration under a fresh lease.
+    pub async fn register(&self) -> Result<LeaseId, StoreError> {
+        let lease = self.store.grant_lease(self.ttl).await?;
+        self.store
+            .txn(Txn::new().and_then(vec![Op::put_with_lease(
+                keys::host_registration(&self.record.host),
+                encode(&self.record),
+                lease.clone(),
+            )]))
+            .await?;
+        tracing::info!(host = %self.record.host, vtep = %self.record.vtep, lease = %lease, "host registered");
+        Ok(lease)
+    }
+
+    /// Register, then renew at a third of the TTL forever. When the lease was
+    /// lost (cut off from the store longer than the TTL), say so, register
+    /// again, and keep the new registration only once the supervisor has
+    /// reconciled: other hosts may have reclaimed what this host held.
+    pub async fn run(self, events: mpsc::Sender<LeaseEvent>) {
+        let mut lease: Option<LeaseId> = None;
+        let mut lost = false;
+        let tick = self.ttl / 3;
+        loop {
+            match &lease {
+                None => match self.register().await {
+                    Ok(l) => {
+                        lease = Some(l);
+                        if lost {
+                            let (reply, reconciled) = oneshot::channel();
+                            if events.send(LeaseEvent::Regained(reply)).await.is_err() {
+                                return;
+                            }
+                            if reconciled.await.unwrap_or(false) {
+                                lost = false;
+                            } else {
+                                lease = None;
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "host registration failed; retrying"),
+                },
+                Some(l) => match self.store.keep_alive(l.clone()).await {
+                    Ok(()) => {}
+                    Err(StoreError::LeaseNotFound(_)) => {
+                        tracing::warn!("host lease expired; refusing Docker until re-registered and reconciled");
+                        if events.send(LeaseEvent::Lost).await.is_err() {
+                            return;
+                        }
+                        lost = true;
+                        lease = None;
+                        continue;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "host lease renewal failed; retrying"),
+                },
+            }
+            tokio::time::sleep(tick).await;
+        }
+    }
+}
+
+/// Which hosts are registered now, kept current by watching the
+/// registrations. `None` until the first read succeeded: until then nobody
+/// is treated as gone.
+pub type LiveSet = Option<Arc<HashSet<String>>>;
+
+/// Follow the registrations and publish the live set on a channel.
+pub fn watch_live_hosts(store: Arc<dyn KvStore>) -> watch::Receiver<LiveSet> {
+    let (tx, rx) = watch::channel(None);
+    let span = tracing::info_span!(parent: None, "live_hosts");
+    let mut follower = LiveHosts {
+        prefix: keys::hosts(),
+        live: HashSet::new(),
+        tx,
+    };
+    tokio::spawn(
+        async move {
+            let prefix = follower.prefix.clone();
+            follow(store.as_ref(), &prefix, &mut follower).await
+        }
+        .instrument(span),
+    );
+    rx
+}
+
+struct LiveHosts {
+    prefix: String,
+    live: HashSet<String>,
+    tx: watch::Sender<LiveSet>,
+}
+
+impl LiveHosts {
+    fn host_of<'a>(&self, key: &'a str) -> &'a str {
+        key.strip_prefix(self.prefix.as_str()).unwrap_or(key)
+    }
+}
+
+#[async_trait]
+impl Follower for LiveHosts {
+    async fn resync(&mut self, snapshot: RangeResponse) -> anyhow::Result<()> {
+        self.live = snapshot
+            .kvs
+            .iter()
+            .map(|kv| self.host_of(&kv.key).to_string())
+            .collect();
+        self.tx.send_replace(Some(Arc::new(self.live.clone())));
+        Ok(())
+    }
+
+    async fn apply(&mut self, event: WatchEvent) -> anyhow::Result<()> {
+        let host = self.host_of(&event.kv.key).to_string();
+        let alive = matches!(event.kind, EventKind::Put);
+        let changed = if alive {
+            self.live.insert(host.clone())
+        } else {
+            self.live.remove(&host)
+        };
+        if changed {
+            tracing::info!(host = %host, alive, "host liveness changed");
+            self.tx.send_replace(Some(Arc::new(self.live.clone())));
+        }
+        Ok(())
+    }
+}

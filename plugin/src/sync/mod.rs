@@ -1,0 +1,14 @@
+//! Long-running loops from the store to this host's kernel: one generic
+//! list-watch-resync loop (`follow`) that the others reuse, peer sync
+//! (`peers`), membership (`membership`: registration and the live set), the
+//! devices that follow local endpoints (`devices`), reconciliation at start,
+//! after a lost lease and of orphans (`reconcile`), the gone-host reaper
+//! (`reaper`), and the supervisor that starts them and owns readiness.
+
+pub mod devices;
+pub mod follow;
+pub mod membership;
+pub mod peers;
+pub mod reaper;
+pub mod reconcile;
+pub mod supervisor;

@@ -1,0 +1,264 @@
+//! Peer sync: the kernel's FDB and neighbour entries follow the store.
+//!
+//! For each overlay with a local endpoint, one task watches the overlay's
+//! endpoints. For every remote endpoint it installs a permanent FDB entry
+//! (MAC -> the endpoint host's VTEP) and a permanent neighbour entry (IP ->
+//! MAC) on the overlay's VXLAN device, and removes them when the endpoint goes.
+//! At start and after any watch gap (a disconnect, a compacted revision) it
+//! reconciles the kernel with a fresh read of the store, adding what is missing
+//! and removing what is stale, instead of trusting what it remembered.
+
+use super::follow::{follow, Follower, Stale};
+use super::membership::LiveSet;
+use crate::dataplane::{Dataplane, PeerEntry};
+use crate::state::keys;
+use crate::state::records::EndpointRecord;
+use crate::util::mac::parse_mac;
+use async_trait::async_trait;
+use kvstore_backends::{EventKind, KvStore, RangeResponse, WatchEvent};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+pub struct PeerSync {
+    store: Arc<dyn KvStore>,
+    dataplane: Arc<dyn Dataplane>,
+    host: String,
+    live: watch::Receiver<LiveSet>,
+    tasks: Mutex<HashMap<String, JoinHandle<()>>>,
+}
+
+impl PeerSync {
+    pub fn new(
+        store: Arc<dyn KvStore>,
+        dataplane: Arc<dyn Dataplane>,
+        host: String,
+        live: watch::Receiver<LiveSet>,
+    ) -> Self {
+        PeerSync {
+            store,
+            dataplane,
+            host,
+            live,
+            tasks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Start syncing an overlay if it is not synced yet.
+    pub fn ensure(&self, overlay: &str, vni: u32) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        if tasks.get(overlay).is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        let mut worker = Worker {
+            dataplane: self.dataplane.clone(),
+            host: self.host.clone(),
+            live: self.live.clone(),
+            prefix: keys::overlay_endpoints(overlay),
+            vni,
+            known: HashMap::new(),
+        };
+        let store = self.store.clone();
+        // A root span: the task outlives the request that started it.
+        let span = tracing::info_span!(parent: None, "peer_sync", overlay = %overlay, vni);
+        tasks.insert(
+            overlay.to_string(),
+            tokio::spawn(
+                async move {
+                    let prefix = worker.prefix.clone();
+                    follow(store.as_ref(), &prefix, &mut worker).await
+                }
+                .instrument(span),
+            ),
+        );
+    }
+
+    /// Stop syncing an overlay (its devices are gone from this host).
+    pub fn stop(&self, overlay: &str) {
+        if let Some(t) = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(overlay)
+        {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for PeerSync {
+    fn drop(&mut self) {
+        for (_, t) in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+            t.abort();
+        }
+    }
+}
+
+struct Worker {
+    dataplane: Arc<dyn Dataplane>,
+    host: String,
+    /// Registered hosts: a remote endpoint's entries exist only while its
+    /// host is registered, so a dead host's entries go with its lease.
+    live: watch::Receiver<LiveSet>,
+    prefix: String,
+    vni: u32,
+    /// The overlay's endpoints as last read, by endpoint ID.
+    known: HashMap<String, EndpointRecord>,
+}
+
+#[async_trait]
+impl Follower for Worker {
+    /// Make the kernel match the store: add what is missing, remove what is
+    /// stale, instead of trusting what was remembered.
+    async fn resync(&mut self, snapshot: RangeResponse) -> anyhow::Result<()> {
+        // A liveness change from here on triggers another resync.
+        self.live.mark_unchanged();
+        let mut known = HashMap::new();
+        for kv in &snapshot.kvs {
+            match serde_json::from_slice::<EndpointRecord>(&kv.value) {
+                Ok(ep) => {
+                    known.insert(self.id_of(&kv.key), ep);
+                }
+                Err(e) => tracing::warn!(key = %kv.key, error = %e, "unreadable endpoint record"),
+            }
+        }
+        let wanted: Vec<PeerEntry> = known
+            .values()
+            .filter(|ep| self.is_remote(ep))
+            .flat_map(entries)
+            .collect();
+        let have = self.dataplane.peers(self.vni).await?;
+        let (mut added, mut removed) = (0, 0);
+        let wanted_macs: HashSet<[u8; 6]> = wanted.iter().map(|e| e.mac).collect();
+        let wanted_ips: HashSet<std::net::IpAddr> = wanted.iter().filter_map(|e| e.ip).collect();
+        for (mac, _) in have.fdb.iter().filter(|(m, _)| !wanted_macs.contains(*m)) {
+            self.dataplane.remove_peer(self.vni, *mac, None).await?;
+            removed += 1;
+        }
+        for ip in have.neigh.keys().filter(|ip| !wanted_ips.contains(*ip)) {
+            self.dataplane.remove_neighbour(self.vni, *ip).await?;
+            removed += 1;
+        }
+        for e in &wanted {
+            let fdb_ok = have.fdb.get(&e.mac) == Some(&e.vtep);
+            let neigh_ok = e.ip.is_none_or(|ip| have.neigh.get(&ip) == Some(&e.mac));
+            if !(fdb_ok && neigh_ok) {
+                self.dataplane.add_peer(self.vni, e).await?;
+                added += 1;
+            }
+        }
+        tracing::info!(
+            endpoints = known.len(),
+            added,
+            removed,
+            revision = snapshot.revision,
+            "peers reconciled"
+        );
+        self.known = known;
+        Ok(())
+    }
+
+    async fn apply(&mut self, event: WatchEvent) -> anyhow::Result<()> {
+        let id = self.id_of(&event.kv.key);
+        match event.kind {
+            EventKind::Put => match serde_json::from_slice::<EndpointRecord>(&event.kv.value) {
+                Ok(ep) => {
+                    let old = self.known.insert(id, ep.clone());
+                    self.apply_put(old.as_ref(), &ep).await
+                }
+                Err(e) => {
+                    tracing::warn!(key = %event.kv.key, error = %e, "unreadable endpoint record");
+                    Ok(())
+                }
+            },
+            EventKind::Delete => match self.known.remove(&id) {
+                Some(old) => self.apply_delete(&old).await,
+                None => Ok(()),
+            },
+        }
+    }
+
+    /// A host came or went: the wanted entries changed.
+    async fn stale(&mut self) -> Stale {
+        match self.live.changed().await {
+            Ok(()) => Stale::Resync,
+            Err(_) => Stale::Stop,
+        }
+    }
+}
+
+impl Worker {
+    fn id_of(&self, key: &str) -> String {
+        key.strip_prefix(self.prefix.as_str())
+            .unwrap_or(key)
+            .to_string()
+    }
+
+    /// Entries are wanted for endpoints of other hosts that are registered
+    /// (all of them until the registrations have been read once).
+    fn is_remote(&self, ep: &EndpointRecord) -> bool {
+        ep.host != self.host
+            && match &*self.live.borrow() {
+                Some(live) => live.contains(&ep.host),
+                None => true,
+            }
+    }
+
+    async fn apply_put(
+        &self,
+        old: Option<&EndpointRecord>,
+        ep: &EndpointRecord,
+    ) -> anyhow::Result<()> {
+        if let Some(old) = old {
+            if old.host != self.host
+                && (old.mac != ep.mac || old.ipv4 != ep.ipv4 || !self.is_remote(ep))
+            {
+                self.apply_delete(old).await?;
+            }
+        }
+        if !self.is_remote(ep) {
+            return Ok(());
+        }
+        for entry in entries(ep) {
+            self.dataplane.add_peer(self.vni, &entry).await?;
+        }
+        tracing::debug!(endpoint = %ep.endpoint_id, host = %ep.host, "peer added");
+        Ok(())
+    }
+
+    async fn apply_delete(&self, ep: &EndpointRecord) -> anyhow::Result<()> {
+        // Whatever the host's liveness: a local endpoint has no entries, a
+        // remote one's must go.
+        if ep.host == self.host {
+            return Ok(());
+        }
+        for entry in entries(ep) {
+            self.dataplane
+                .remove_peer(self.vni, entry.mac, entry.ip)
+                .await?;
+        }
+        tracing::debug!(endpoint = %ep.endpoint_id, host = %ep.host, "peer removed");
+        Ok(())
+    }
+}
+
+/// The kernel entries of one endpoint (IPv4 and IPv6 share the MAC).
+fn entries(ep: &EndpointRecord) -> Vec<PeerEntry> {
+    let Some(mac) = parse_mac(&ep.mac) else {
+        tracing::warn!(endpoint = %ep.endpoint_id, mac = %ep.mac, "endpoint with an invalid MAC");
+        return vec![];
+    };
+    let ips: Vec<Option<std::net::IpAddr>> = match (ep.ipv4, ep.ipv6) {
+        (None, None) => vec![None],
+        (a, b) => [a, b].into_iter().flatten().map(|n| Some(n.ip())).collect(),
+    };
+    ips.into_iter()
+        .map(|ip| PeerEntry {
+            mac,
+            ip,
+            vtep: ep.vtep,
+        })
+        .collect()
+}

@@ -1,0 +1,82 @@
+//! The supervisor: starts the long-running loops, owns this host's
+//! readiness, and reacts to the registration's lease events. Loops get what
+//! they need (a store, a reconciler, a channel), never the whole driver.
+
+use super::membership::{LeaseEvent, Registration};
+use super::reaper::{self, ReaperConfig};
+use super::reconcile::Reconciler;
+use kvstore_backends::KvStore;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// False while this host re-registers after losing its lease: it must not
+/// act on ownership it may have lost until it has reconciled.
+#[derive(Debug, Clone)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn new(ready: bool) -> Self {
+        Readiness(Arc::new(AtomicBool::new(ready)))
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Release);
+    }
+}
+
+/// Start registration, start-up reconciliation and the reaper; returns the
+/// readiness they maintain.
+pub fn start(
+    store: Arc<dyn KvStore>,
+    host: String,
+    registration: Registration,
+    reconciler: Arc<Reconciler>,
+    reaper_config: ReaperConfig,
+) -> Readiness {
+    let ready = Readiness::new(true);
+    let (events_tx, events) = mpsc::channel(4);
+    tokio::spawn(registration.run(events_tx));
+    tokio::spawn(on_lease_events(events, ready.clone(), reconciler.clone()));
+    tokio::spawn(reaper::run(
+        store,
+        host,
+        ready.clone(),
+        reconciler.clone(),
+        reaper_config,
+    ));
+    tokio::spawn(async move { reconciler.recover_until_done().await });
+    ready
+}
+
+/// A lost lease makes this host refuse Docker; a regained one serves again
+/// once reconciled, since other hosts may have reclaimed what it held.
+pub async fn on_lease_events(
+    mut events: mpsc::Receiver<LeaseEvent>,
+    ready: Readiness,
+    reconciler: Arc<Reconciler>,
+) {
+    while let Some(event) = events.recv().await {
+        match event {
+            LeaseEvent::Lost => ready.set(false),
+            LeaseEvent::Regained(reply) => {
+                let reconciled = match reconciler.recover().await {
+                    Ok(()) => {
+                        ready.set(true);
+                        tracing::info!("reconciled after the lease loss; serving again");
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reconciliation after the lease loss failed; retrying");
+                        false
+                    }
+                };
+                let _ = reply.send(reconciled);
+            }
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! The one back-off of the plugin, in two uses.
+//!
+//! [`Retry`]: pauses between optimistic-concurrency retries. Hosts that lose
+//! a compare-and-swap race retry at once on the first loss, then after a
+//! random pause that grows with each further loss. Without the jitter, hosts
+//! racing on one pool cursor keep colliding in lock step. Retries are bounded
+//! by time, not by count: with N hosts racing, a given host wins a round with
+//! probability about 1/N, so any fixed count is too small for some N, while
+//! the time bound keeps Docker's request bounded.
+//!
+//! [`Backoff`]: pauses of long-running loops after a failure (a store that is
+//! down, a watch that broke), doubling from a minimum to a maximum and reset
+//! by a success, so a dead store costs little and a live one is found fast.
+
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Longest single pause between CAS retries.
+const MAX_PAUSE_MS: u64 = 50;
+/// How long one operation keeps retrying; below the request time limit so
+/// the caller still answers Docker with our own error.
+pub const RETRY_BUDGET: Duration = Duration::from_secs(20);
+
+pub struct Retry {
+    attempt: usize,
+    deadline: Instant,
+}
+
+impl Retry {
+    pub fn new() -> Self {
+        Retry {
+            attempt: 0,
+            deadline: Instant::now() + RETRY_BUDGET,
+        }
+    }
+
+    /// Wait before the next try; false when the budget is spent.
+    pub async fn next(&mut self) -> bool {
+        if self.attempt > 0 {
+            if Instant::now() >= self.deadline {
+                return false;
+            }
+            let ceiling = (1u64 << (self.attempt - 1).min(10)).min(MAX_PAUSE_MS);
+            let micros = rand::random_range(0..ceiling * 1000);
+            tokio::time::sleep(Duration::from_micros(micros)).await;
+        }
+        self.attempt += 1;
+        true
+    }
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Doubling pauses for loops, from `min` up to `max`.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Backoff {
+            min,
+            max,
+            next: min,
+        }
+    }
+
+    /// The pause the next [`Backoff::wait`] takes.
+    pub fn peek(&self) -> Duration {
+        self.next
+    }
+
+    /// Sleep for the current pause, then double it (up to the maximum).
+    pub async fn wait(&mut self) {
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(self.max);
+    }
+
+    /// A success: the next failure waits the minimum again.
+    pub fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_until_the_budget_is_spent() {
+        let mut r = Retry::new();
+        let mut n = 0;
+        while r.next().await {
+            n += 1;
+            if n > 100_000 {
+                break;
+            }
+        }
+        assert!(n > 10 && n < 100_000, "{n} tries");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_doubles_to_the_maximum_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
+        let mut seen = vec![];
+        for _ in 0..4 {
+            seen.push(b.peek());
+            b.wait().await;
+        }
+        assert_eq!(
+            seen,
+            [100, 200, 350, 350].map(Duration::from_millis).to_vec()
+        );
+        b.reset();
+        assert_eq!(b.peek(), Duration::from_millis(100));
+    }
+}
