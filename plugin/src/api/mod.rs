@@ -17,7 +17,7 @@ pub use extract::DockerJson;
 use crate::control::ipam::Ipam;
 use crate::driver::Driver;
 use crate::error::PluginError;
-use crate::sync::supervisor::Readiness;
+use crate::sync::readiness::Readiness;
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};

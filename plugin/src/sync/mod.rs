@@ -9,6 +9,7 @@ pub mod devices;
 pub mod follow;
 pub mod membership;
 pub mod peers;
+pub mod readiness;
 pub mod reaper;
 pub mod reconcile;
 pub mod supervisor;

@@ -3,8 +3,8 @@
 //! has been gone for the grace period without a break. What reclaiming
 //! writes, and its fence, is `control::reclaim`.
 
+use super::readiness::Readiness;
 use super::reconcile::Reconciler;
-use super::supervisor::Readiness;
 use crate::control::reclaim::{census, reclaim_host};
 use kvstore_backends::KvStore;
 use std::collections::HashMap;

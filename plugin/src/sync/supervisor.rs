@@ -3,31 +3,12 @@
 //! they need (a store, a reconciler, a channel), never the whole driver.
 
 use super::membership::{LeaseEvent, Registration};
+use super::readiness::Readiness;
 use super::reaper::{self, ReaperConfig};
 use super::reconcile::Reconciler;
 use kvstore_backends::KvStore;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
-
-/// False while this host re-registers after losing its lease: it must not
-/// act on ownership it may have lost until it has reconciled.
-#[derive(Debug, Clone)]
-pub struct Readiness(Arc<AtomicBool>);
-
-impl Readiness {
-    pub fn new(ready: bool) -> Self {
-        Readiness(Arc::new(AtomicBool::new(ready)))
-    }
-
-    pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::Acquire)
-    }
-
-    fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Release);
-    }
-}
 
 /// Start registration, start-up reconciliation and the reaper; returns the
 /// readiness they maintain.
