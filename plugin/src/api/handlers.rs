@@ -15,8 +15,8 @@ use axum::Json;
 use std::collections::HashMap;
 
 fn endpoint_ids(network_id: &str, endpoint_id: &str) -> crate::error::Result<()> {
-    parse::require("NetworkID", network_id)?;
-    parse::require("EndpointID", endpoint_id)
+    parse::require_id("NetworkID", network_id)?;
+    parse::require_id("EndpointID", endpoint_id)
 }
 
 pub(super) async fn unknown_method(uri: Uri, _body: Bytes) -> Response {
@@ -65,7 +65,7 @@ pub(super) async fn delete_network(
     State(s): State<AppState>,
     DockerJson(req): DockerJson<NetworkRequest>,
 ) -> ApiResult<Json<Empty>> {
-    parse::require("NetworkID", &req.network_id)?;
+    parse::require_id("NetworkID", &req.network_id)?;
     s.driver.delete_network(&req.network_id).await?;
     Ok(Json(Empty {}))
 }

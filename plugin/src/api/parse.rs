@@ -13,7 +13,7 @@ use crate::util::mac::parse_mac;
 use ipnetwork::IpNetwork;
 use std::net::IpAddr;
 
-pub fn require(field: &str, value: &str) -> Result<()> {
+fn require(field: &str, value: &str) -> Result<()> {
     if value.trim().is_empty() {
         return Err(PluginError::BadRequest(format!(
             "{field} is missing or empty in the request"
@@ -22,8 +22,24 @@ pub fn require(field: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
+/// Docker's NetworkIDs and EndpointIDs are hex; they become parts of store
+/// keys and link names, so anything that could break those is refused.
+pub fn require_id(field: &str, value: &str) -> Result<()> {
+    require(field, value)?;
+    let ok = value.len() <= 128
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if !ok {
+        return Err(PluginError::BadRequest(format!(
+            "{field} {value:?} is not a Docker ID (up to 128 letters, digits, '-' or '_')"
+        )));
+    }
+    Ok(())
+}
+
 pub fn network_spec(req: CreateNetworkRequest) -> Result<NetworkSpec> {
-    require("NetworkID", &req.network_id)?;
+    require_id("NetworkID", &req.network_id)?;
     let ipv4 = pools_of(
         &req.network_id,
         req.ipv4_data.as_deref().unwrap_or_default(),
@@ -71,8 +87,8 @@ fn pools_of(network_id: &str, data: &[IpamData]) -> Result<Vec<PoolSpec>> {
 }
 
 pub fn endpoint_spec(req: CreateEndpointRequest) -> Result<EndpointSpec> {
-    require("NetworkID", &req.network_id)?;
-    require("EndpointID", &req.endpoint_id)?;
+    require_id("NetworkID", &req.network_id)?;
+    require_id("EndpointID", &req.endpoint_id)?;
     let iface = req.interface.unwrap_or_default();
     let mac = match iface.mac_address.trim() {
         "" => None,
@@ -163,6 +179,15 @@ mod tests {
 
     fn net(s: &str) -> IpNetwork {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn ids_that_could_break_keys_or_link_names_are_refused() {
+        assert!(require_id("EndpointID", "0123456789abcdef").is_ok());
+        assert!(require_id("EndpointID", "ep-1_x").is_ok());
+        for bad in ["", " ", "a/b", "ééé", "a b", &"x".repeat(129)] {
+            assert!(require_id("EndpointID", bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -19,9 +19,14 @@ pub fn vxlan_name(vni: u32) -> String {
     format!("ro-vx-{vni}")
 }
 
-/// The part of an endpoint ID that names its links (IFNAMSIZ is 16).
+/// The part of an endpoint ID that names its links (IFNAMSIZ is 16): its
+/// first 12 characters. Cut on a character boundary, so that no stored or
+/// received ID can make it panic.
 pub fn short_id(endpoint_id: &str) -> &str {
-    &endpoint_id[..endpoint_id.len().min(12)]
+    match endpoint_id.char_indices().nth(12) {
+        Some((end, _)) => &endpoint_id[..end],
+        None => endpoint_id,
+    }
 }
 
 /// Bridge-side name of an endpoint's veth (inside the overlay namespace).
@@ -52,6 +57,13 @@ mod tests {
         assert!(container_link_name(id).len() <= 15);
         assert!(bridge_name(16_777_215).len() <= 15);
         assert!(vxlan_name(16_777_215).len() <= 15);
+    }
+
+    #[test]
+    fn short_ids_never_split_a_character() {
+        assert_eq!(short_id("0123456789abcdef"), "0123456789ab");
+        assert_eq!(short_id("abc"), "abc");
+        assert_eq!(short_id("ééééééééééééé"), "éééééééééééé");
     }
 
     #[test]
