@@ -27,6 +27,7 @@
 //! Everything listens on 127.0.0.1 only.
 
 mod http;
+mod shared;
 mod state;
 
 use std::net::SocketAddr;
@@ -77,7 +78,7 @@ pub struct TlsConfig {
 /// A running test server. Dropping it stops it.
 pub struct TestServer {
     addr: SocketAddr,
-    shared: Arc<http::Shared>,
+    shared: Arc<shared::Shared>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     tasks: Vec<JoinHandle<()>>,
     /// One task per open connection, so that a kill closes them all.
@@ -99,7 +100,7 @@ impl TestServer {
             .map_err(std::io::Error::other)?;
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let shared = Arc::new(http::Shared::new(config));
+        let shared = Arc::new(shared::Shared::new(config));
         let mut server = TestServer {
             addr,
             shared,
@@ -119,7 +120,7 @@ impl TestServer {
                 self.tls.clone(),
                 Arc::clone(&self.conns),
             )),
-            tokio::spawn(http::timers(Arc::clone(&self.shared))),
+            tokio::spawn(shared::timers(Arc::clone(&self.shared))),
         ];
     }
 

@@ -18,18 +18,21 @@ mod etcd;
 mod memory;
 mod redb_store;
 mod timeout;
+mod tls;
 mod types;
+mod validate;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
-pub use consul::{ConsulConfig, ConsulStore, ConsulTls};
+pub use consul::{ConsulConfig, ConsulStore};
 pub use counting::CountingStore;
 pub use error::{Result, StoreError};
-pub use etcd::{EtcdConfig, EtcdStore, EtcdTls};
+pub use etcd::{EtcdConfig, EtcdStore};
 pub use memory::MemoryStore;
 pub use redb_store::RedbStore;
 pub use timeout::TimeoutStore;
+pub use tls::TlsFiles;
 pub use types::{
     Compare, EventKind, KeyValue, LeaseId, Op, OpResult, RangeResponse, Revision, Txn, TxnResponse,
     WatchEvent, WatchFidelity, WatchStream,

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use consul_test_server::{Config, TestServer, TlsConfig};
 use futures::StreamExt;
 use kvstore_backends::{
-    Compare, ConsulConfig, ConsulStore, ConsulTls, EventKind, KvStore, LeaseId, Op, OpResult,
-    Revision, StoreError, Txn, WatchEvent, WatchFidelity, WatchStream,
+    Compare, ConsulConfig, ConsulStore, EventKind, KvStore, LeaseId, Op, OpResult, Revision,
+    StoreError, TlsFiles, Txn, WatchEvent, WatchFidelity, WatchStream,
 };
 
 /// Bound for anything that should happen soon; only turns hangs into failures.
@@ -116,7 +116,7 @@ async fn real_consul_conformance() {
         .map(|s| Duration::from_secs(s.trim_end_matches('s').parse().expect("seconds")))
         .unwrap_or(Duration::from_secs(1));
     if let Some(ca) = env("CONSUL_CACERT") {
-        config.tls = Some(ConsulTls {
+        config.tls = Some(TlsFiles {
             ca: ca.into(),
             cert: env("CONSUL_CLIENT_CERT").map(PathBuf::from),
             key: env("CONSUL_CLIENT_KEY").map(PathBuf::from),
@@ -834,7 +834,7 @@ async fn tls_with_client_certificates() {
     })
     .await
     .expect("server");
-    let tls = |client: bool| ConsulTls {
+    let tls = |client: bool| TlsFiles {
         ca: certs.ca.clone(),
         cert: client.then(|| certs.client_cert.clone()),
         key: client.then(|| certs.client_key.clone()),
@@ -905,21 +905,21 @@ async fn bad_configurations_are_refused_up_front() {
     let dir = tempfile::tempdir().expect("dir");
     let certs = make_certs(dir.path());
     let mut config = ConsulConfig::new("http://127.0.0.1:8500");
-    config.tls = Some(ConsulTls {
+    config.tls = Some(TlsFiles {
         ca: certs.ca.clone(),
         cert: None,
         key: None,
     });
     invalid(config, "http address with TLS");
     let mut config = ConsulConfig::new("127.0.0.1:8501");
-    config.tls = Some(ConsulTls {
+    config.tls = Some(TlsFiles {
         ca: certs.ca.clone(),
         cert: Some(certs.client_cert.clone()),
         key: None,
     });
     invalid(config, "certificate without key");
     let mut config = ConsulConfig::new("127.0.0.1:8501");
-    config.tls = Some(ConsulTls {
+    config.tls = Some(TlsFiles {
         ca: dir.path().join("missing.pem"),
         cert: None,
         key: None,

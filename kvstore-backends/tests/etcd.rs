@@ -11,8 +11,8 @@ use std::time::Duration;
 use etcd_server::{free_port, make_tls_files, EtcdServer};
 use futures::StreamExt;
 use kvstore_backends::{
-    EtcdConfig, EtcdStore, EtcdTls, EventKind, KvStore, LeaseId, Op, OpResult, Revision,
-    StoreError, Txn, WatchEvent, WatchStream,
+    EtcdConfig, EtcdStore, EventKind, KvStore, LeaseId, Op, OpResult, Revision, StoreError,
+    TlsFiles, Txn, WatchEvent, WatchStream,
 };
 
 kvstore_backends::conformance_tests!({
@@ -429,7 +429,7 @@ async fn tls_with_client_certificates() {
     // Without a client certificate etcd refuses the connection.
     let mut config = server.config();
     let tls = config.tls.take().expect("tls");
-    config.tls = Some(EtcdTls {
+    config.tls = Some(TlsFiles {
         ca: tls.ca,
         cert: None,
         key: None,
@@ -464,21 +464,21 @@ async fn bad_configurations_are_refused_up_front() {
     let dir = tempfile::tempdir().expect("dir");
     let files = make_tls_files(dir.path());
     let mut config = EtcdConfig::new(["http://127.0.0.1:1"]);
-    config.tls = Some(EtcdTls {
+    config.tls = Some(TlsFiles {
         ca: files.ca.clone(),
         cert: None,
         key: None,
     });
     invalid(config, "http endpoint with TLS");
     let mut config = EtcdConfig::new(["127.0.0.1:1"]);
-    config.tls = Some(EtcdTls {
+    config.tls = Some(TlsFiles {
         ca: files.ca.clone(),
         cert: Some(files.client_cert.clone()),
         key: None,
     });
     invalid(config, "certificate without key");
     let mut config = EtcdConfig::new(["127.0.0.1:1"]);
-    config.tls = Some(EtcdTls {
+    config.tls = Some(TlsFiles {
         ca: dir.path().join("missing.pem"),
         cert: None,
         key: None,

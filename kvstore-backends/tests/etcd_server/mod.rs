@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
-use kvstore_backends::{EtcdConfig, EtcdTls};
+use kvstore_backends::EtcdConfig;
 use tempfile::TempDir;
 
 /// How long etcd may take to answer after it was started.
@@ -141,7 +141,7 @@ impl EtcdServer {
         let mut config = EtcdConfig::new([self.endpoint()]);
         config.dial_timeout = Duration::from_secs(2);
         config.request_timeout = Duration::from_secs(5);
-        config.tls = self.tls.as_ref().map(|t| EtcdTls {
+        config.tls = self.tls.as_ref().map(|t| kvstore_backends::TlsFiles {
             ca: t.ca.clone(),
             cert: Some(t.client_cert.clone()),
             key: Some(t.client_key.clone()),

@@ -2,8 +2,8 @@
 
 use crate::cli::StoreArgs;
 use kvstore_backends::{
-    ConsulConfig, ConsulStore, ConsulTls, EtcdConfig, EtcdStore, EtcdTls, KvStore, MemoryStore,
-    RedbStore, TimeoutStore,
+    ConsulConfig, ConsulStore, EtcdConfig, EtcdStore, KvStore, MemoryStore, RedbStore,
+    TimeoutStore, TlsFiles,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,11 +76,7 @@ pub fn open(args: &StoreArgs, timeout: Duration) -> Result<Arc<dyn KvStore>, Ope
             }
             let mut config = ConsulConfig::new(address);
             config.token = args.consul_token.clone();
-            config.tls = tls(args)?.map(|t| ConsulTls {
-                ca: t.ca,
-                cert: t.cert,
-                key: t.key,
-            });
+            config.tls = tls(args)?;
             config.request_timeout = timeout;
             config.dial_timeout = timeout.min(Duration::from_secs(3));
             config.session_ttl_min = Duration::from_secs(args.consul_session_ttl_min.max(1));
@@ -93,7 +89,7 @@ pub fn open(args: &StoreArgs, timeout: Duration) -> Result<Arc<dyn KvStore>, Ope
     Ok(Arc::new(TimeoutStore::new(inner, timeout)))
 }
 
-fn tls(args: &StoreArgs) -> Result<Option<EtcdTls>, OpenError> {
+fn tls(args: &StoreArgs) -> Result<Option<TlsFiles>, OpenError> {
     match (&args.store_ca, &args.store_cert, &args.store_key) {
         (None, None, None) => Ok(None),
         (Some(ca), cert, key) => {
@@ -102,7 +98,7 @@ fn tls(args: &StoreArgs) -> Result<Option<EtcdTls>, OpenError> {
                     "--store-cert and --store-key go together: give both or neither".into(),
                 ));
             }
-            Ok(Some(EtcdTls {
+            Ok(Some(TlsFiles {
                 ca: ca.clone(),
                 cert: cert.clone(),
                 key: key.clone(),
