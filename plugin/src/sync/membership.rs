@@ -6,6 +6,7 @@ use super::follow::{follow, Follower};
 use crate::state::codec::encode;
 use crate::state::keys;
 use crate::state::records::HostRecord;
+use crate::util::task::spawn_supervised;
 use async_trait::async_trait;
 use kvstore_backends::{
     EventKind, KvStore, LeaseId, Op, RangeResponse, StoreError, Txn, WatchEvent,
@@ -28,6 +29,7 @@ pub enum LeaseEvent {
     Regained(oneshot::Sender<bool>),
 }
 
+#[derive(Clone)]
 pub struct Registration {
     store: Arc<dyn KvStore>,
     record: HostRecord,
@@ -65,7 +67,7 @@ impl Registration {
     /// lost (cut off from the store longer than the TTL), say so, register
     /// again, and keep the new registration only once the supervisor has
     /// reconciled: other hosts may have reclaimed what this host held.
-    pub async fn run(self, events: mpsc::Sender<LeaseEvent>) {
+    pub async fn run(&self, events: mpsc::Sender<LeaseEvent>) {
         let mut lease: Option<LeaseId> = None;
         let mut lost = false;
         let tick = self.ttl / 3;
@@ -116,18 +118,19 @@ pub type LiveSet = Option<Arc<HashSet<String>>>;
 pub fn watch_live_hosts(store: Arc<dyn KvStore>) -> watch::Receiver<LiveSet> {
     let (tx, rx) = watch::channel(None);
     let span = tracing::info_span!(parent: None, "live_hosts");
-    let mut follower = LiveHosts {
-        prefix: keys::hosts(),
-        live: HashSet::new(),
-        tx,
-    };
-    tokio::spawn(
+    spawn_supervised("live_hosts", move || {
+        let mut follower = LiveHosts {
+            prefix: keys::hosts(),
+            live: HashSet::new(),
+            tx: tx.clone(),
+        };
+        let store = store.clone();
         async move {
             let prefix = follower.prefix.clone();
             follow(store.as_ref(), &prefix, &mut follower).await
         }
-        .instrument(span),
-    );
+        .instrument(span.clone())
+    });
     rx
 }
 

@@ -14,6 +14,7 @@ use crate::dataplane::{Dataplane, PeerEntry};
 use crate::state::keys;
 use crate::state::records::EndpointRecord;
 use crate::util::mac::parse_mac;
+use crate::util::task::spawn_supervised;
 use async_trait::async_trait;
 use kvstore_backends::{EventKind, KvStore, RangeResponse, WatchEvent};
 use std::collections::{HashMap, HashSet};
@@ -52,27 +53,32 @@ impl PeerSync {
         if tasks.get(overlay).is_some_and(|t| !t.is_finished()) {
             return;
         }
-        let mut worker = Worker {
-            dataplane: self.dataplane.clone(),
-            host: self.host.clone(),
-            live: self.live.clone(),
-            prefix: keys::overlay_endpoints(overlay),
-            vni,
-            known: HashMap::new(),
-        };
-        let store = self.store.clone();
+        let (store, dataplane, host, live) = (
+            self.store.clone(),
+            self.dataplane.clone(),
+            self.host.clone(),
+            self.live.clone(),
+        );
+        let prefix = keys::overlay_endpoints(overlay);
         // A root span: the task outlives the request that started it.
         let span = tracing::info_span!(parent: None, "peer_sync", overlay = %overlay, vni);
-        tasks.insert(
-            overlay.to_string(),
-            tokio::spawn(
-                async move {
-                    let prefix = worker.prefix.clone();
-                    follow(store.as_ref(), &prefix, &mut worker).await
-                }
-                .instrument(span),
-            ),
-        );
+        let task = spawn_supervised("peer_sync", move || {
+            let mut worker = Worker {
+                dataplane: dataplane.clone(),
+                host: host.clone(),
+                live: live.clone(),
+                prefix: prefix.clone(),
+                vni,
+                known: HashMap::new(),
+            };
+            let store = store.clone();
+            async move {
+                let prefix = worker.prefix.clone();
+                follow(store.as_ref(), &prefix, &mut worker).await
+            }
+            .instrument(span.clone())
+        });
+        tasks.insert(overlay.to_string(), task);
     }
 
     /// Stop syncing an overlay (its devices are gone from this host).

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[derive(Debug, Clone)]
 pub struct ReaperConfig {
     pub period: Duration,
     pub grace: Duration,

@@ -6,6 +6,7 @@ use super::membership::{LeaseEvent, Registration};
 use super::readiness::Readiness;
 use super::reaper::{self, ReaperConfig};
 use super::reconcile::Reconciler;
+use crate::util::task::spawn_supervised;
 use kvstore_backends::KvStore;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -21,23 +22,41 @@ pub fn start(
 ) -> Readiness {
     let ready = Readiness::new(true);
     let (events_tx, events) = mpsc::channel(4);
-    tokio::spawn(registration.run(events_tx));
-    tokio::spawn(on_lease_events(events, ready.clone(), reconciler.clone()));
-    tokio::spawn(reaper::run(
-        store,
-        host,
-        ready.clone(),
-        reconciler.clone(),
-        reaper_config,
-    ));
-    tokio::spawn(async move { reconciler.recover_until_done().await });
+    let events = Arc::new(tokio::sync::Mutex::new(events));
+    spawn_supervised("registration", move || {
+        let (registration, events_tx) = (registration.clone(), events_tx.clone());
+        async move { registration.run(events_tx).await }
+    });
+    {
+        let (ready, reconciler) = (ready.clone(), reconciler.clone());
+        spawn_supervised("lease_events", move || {
+            let (events, ready, reconciler) = (events.clone(), ready.clone(), reconciler.clone());
+            async move { on_lease_events(&mut *events.lock().await, ready, reconciler).await }
+        });
+    }
+    {
+        let (ready, reconciler) = (ready.clone(), reconciler.clone());
+        spawn_supervised("reaper", move || {
+            reaper::run(
+                store.clone(),
+                host.clone(),
+                ready.clone(),
+                reconciler.clone(),
+                reaper_config.clone(),
+            )
+        });
+    }
+    spawn_supervised("start-up reconciliation", move || {
+        let reconciler = reconciler.clone();
+        async move { reconciler.recover_until_done().await }
+    });
     ready
 }
 
 /// A lost lease makes this host refuse Docker; a regained one serves again
 /// once reconciled, since other hosts may have reclaimed what it held.
 pub async fn on_lease_events(
-    mut events: mpsc::Receiver<LeaseEvent>,
+    events: &mut mpsc::Receiver<LeaseEvent>,
     ready: Readiness,
     reconciler: Arc<Reconciler>,
 ) {
