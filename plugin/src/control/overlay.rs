@@ -63,6 +63,12 @@ impl Overlays {
             .insert(net.network_id.clone(), net.clone());
     }
 
+    /// Drop every cached mapping: after a lost lease the store may no longer
+    /// hold them (reclaimed while this host was cut off).
+    pub fn forget_all(&self) {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     fn forget(&self, network_id: &str) {
         self.cache
             .lock()

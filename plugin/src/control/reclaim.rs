@@ -14,7 +14,7 @@ use crate::state::codec::decode;
 use crate::state::keys;
 use crate::state::records::{AddressKind, AddressRecord, EndpointRecord, LocalNetwork, PoolRecord};
 use crate::util::clock::unix_now;
-use kvstore_backends::KvStore;
+use kvstore_backends::{KvStore, Revision};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -40,11 +40,23 @@ impl Holdings {
     }
 }
 
+/// An address handed out but bound to no endpoint, as the census read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnboundAddress {
+    pub pool: String,
+    pub ip: IpAddr,
+    pub holder: String,
+    /// When it was handed out (the holder's clock, Unix seconds).
+    pub at: u64,
+    /// The address record's revision: gc frees it only if still unchanged.
+    pub revision: Revision,
+}
+
 /// A full read of what every host holds (gc and reclaim are rare; this scans).
 pub struct Census {
     pub holdings: HashMap<String, Holdings>,
-    /// Addresses handed out but bound to no endpoint: (PoolID, ip, holder, at).
-    pub unbound: Vec<(String, IpAddr, String, u64)>,
+    /// Addresses handed out but bound to no endpoint.
+    pub unbound: Vec<UnboundAddress>,
     pub registered: HashSet<String>,
 }
 
@@ -95,7 +107,7 @@ pub async fn census(store: &dyn KvStore) -> Result<Census> {
                 let rec: AddressRecord = decode(kv)?;
                 if rec.kind == AddressKind::Address {
                     if let Ok(ip) = ip.parse::<IpAddr>() {
-                        addresses.push((seg.replace('_', "/"), ip, rec));
+                        addresses.push((seg.replace('_', "/"), ip, rec, kv.mod_revision));
                     }
                 }
             }
@@ -120,9 +132,15 @@ pub async fn census(store: &dyn KvStore) -> Result<Census> {
         }
     }
     let mut unbound = vec![];
-    for (pool, ip, rec) in addresses {
+    for (pool, ip, rec, revision) in addresses {
         if !bound.contains(&(pool.clone(), ip)) {
-            unbound.push((pool.clone(), ip, rec.host.clone(), rec.at));
+            unbound.push(UnboundAddress {
+                pool: pool.clone(),
+                ip,
+                holder: rec.host.clone(),
+                at: rec.at,
+                revision,
+            });
         }
         holdings
             .entry(rec.host)
@@ -199,22 +217,25 @@ pub async fn gc(store: Arc<dyn KvStore>, apply: bool, min_age: Duration) -> Resu
         }
     }
     let gone_hosts: HashSet<&String> = gone.iter().map(|(h, _)| *h).collect();
-    for (pool, ip, holder, at) in &census.unbound {
-        if gone_hosts.contains(holder) {
+    for u in &census.unbound {
+        if gone_hosts.contains(&u.holder) {
             continue; // freed with its host above
         }
-        let age = now.saturating_sub(*at);
+        let age = now.saturating_sub(u.at);
         if age < min_age.as_secs() {
             continue;
         }
+        let (ip, pool, holder) = (u.ip, &u.pool, &u.holder);
         out.push_str(&format!(
             "address {ip} in pool {pool} (held by {holder}, {age} s old) is bound to no endpoint\n"
         ));
         if apply {
-            // Releases only if the address record is unchanged since the read.
+            // Only if the address record is unchanged since the census: it
+            // may have been released and taken again meanwhile.
             let ipam = Ipam::releasing_for(store.clone(), holder);
-            match ipam.release_address(pool, *ip).await {
-                Ok(()) | Err(PluginError::Unknown(_)) => out.push_str(&format!("  freed {ip}\n")),
+            match ipam.release_listed_address(pool, ip, u.revision).await {
+                Ok(()) => out.push_str(&format!("  freed {ip}\n")),
+                Err(PluginError::Unknown(why)) => out.push_str(&format!("  left alone: {why}\n")),
                 Err(e) => return Err(e),
             }
         }

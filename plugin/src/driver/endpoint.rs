@@ -92,19 +92,19 @@ impl Driver {
         let mac = parse_mac(&ep.mac)
             .ok_or_else(|| PluginError::Internal(format!("stored MAC {:?} is invalid", ep.mac)))?;
         let lock = self.devices.lock(net.vni).await;
-        self.devices.ensure(&net.overlay, net.vni, &lock).await?;
-        match self
+        let built = self.devices.ensure(&net.overlay, net.vni, &lock).await?;
+        let created = self
             .devices
             .dataplane()
             .create_endpoint_link(net.vni, &ep.endpoint_id, mac)
-            .await
-        {
-            Ok(name) => Ok(name),
-            Err(e) => {
-                self.remove_devices_if_unused(&net, &lock).await;
-                Err(e.into())
+            .await;
+        if created.is_err() && built {
+            // Undo what this Join built: no other endpoint here is joined.
+            if let Err(e) = self.devices.remove(net.vni, &lock).await {
+                tracing::warn!(vni = net.vni, error = %e, "could not remove the devices of a failed Join");
             }
         }
+        Ok(created?)
     }
 
     #[tracing::instrument(skip_all, fields(network = %network_id, endpoint = %endpoint_id))]

@@ -81,9 +81,7 @@ impl Driver {
             .iter()
             .any(|n| n.vni == net.vni);
         if !still_used {
-            self.devices
-                .remove(Some(&net.overlay), net.vni, &lock)
-                .await?;
+            self.devices.remove(net.vni, &lock).await?;
         }
         Ok(())
     }

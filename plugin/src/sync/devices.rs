@@ -59,10 +59,13 @@ impl Devices {
     }
 
     /// The overlay's devices exist and its peers are synced (under its lock).
-    pub async fn ensure(&self, overlay: &str, vni: u32, _lock: &DeviceLock) -> Result<()> {
+    /// True when this call built the devices, so a caller whose later step
+    /// fails knows to remove them again.
+    pub async fn ensure(&self, overlay: &str, vni: u32, _lock: &DeviceLock) -> Result<bool> {
+        let built = !self.dataplane.has_network(vni);
         self.dataplane.ensure_network(vni).await?;
         self.peers.ensure(overlay, vni);
-        Ok(())
+        Ok(built)
     }
 
     /// Keep peer sync running for devices that already exist (start-up).
@@ -70,11 +73,9 @@ impl Devices {
         self.peers.ensure(overlay, vni);
     }
 
-    /// Remove the overlay's devices and stop its peer sync (under its lock).
-    pub async fn remove(&self, overlay: Option<&str>, vni: u32, _lock: &DeviceLock) -> Result<()> {
-        if let Some(overlay) = overlay {
-            self.peers.stop(overlay);
-        }
+    /// Stop the overlay's peer sync and remove its devices (under its lock).
+    pub async fn remove(&self, vni: u32, _lock: &DeviceLock) -> Result<()> {
+        self.peers.stop(vni);
         self.dataplane.remove_network(vni).await?;
         Ok(())
     }
@@ -91,7 +92,7 @@ impl Devices {
         if eps.iter().any(|e| e.host == self.host) {
             return Ok(false);
         }
-        self.remove(Some(overlay), vni, lock).await?;
+        self.remove(vni, lock).await?;
         Ok(true)
     }
 }

@@ -28,7 +28,8 @@ pub struct PeerSync {
     dataplane: Arc<dyn Dataplane>,
     host: String,
     live: watch::Receiver<LiveSet>,
-    tasks: Mutex<HashMap<String, JoinHandle<()>>>,
+    /// Overlay -> (VNI, the task following it).
+    tasks: Mutex<HashMap<String, (u32, JoinHandle<()>)>>,
 }
 
 impl PeerSync {
@@ -50,7 +51,10 @@ impl PeerSync {
     /// Start syncing an overlay if it is not synced yet.
     pub fn ensure(&self, overlay: &str, vni: u32) {
         let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
-        if tasks.get(overlay).is_some_and(|t| !t.is_finished()) {
+        if tasks
+            .get(overlay)
+            .is_some_and(|(v, t)| *v == vni && !t.is_finished())
+        {
             return;
         }
         let (store, dataplane, host, live) = (
@@ -78,25 +82,29 @@ impl PeerSync {
             }
             .instrument(span.clone())
         });
-        tasks.insert(overlay.to_string(), task);
+        if let Some((_, old)) = tasks.insert(overlay.to_string(), (vni, task)) {
+            old.abort();
+        }
     }
 
-    /// Stop syncing an overlay (its devices are gone from this host).
-    pub fn stop(&self, overlay: &str) {
-        if let Some(t) = self
-            .tasks
+    /// Stop syncing the overlay with this VNI (its devices are gone from
+    /// this host).
+    pub fn stop(&self, vni: u32) {
+        self.tasks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(overlay)
-        {
-            t.abort();
-        }
+            .retain(|_, (v, t)| {
+                if *v == vni {
+                    t.abort();
+                }
+                *v != vni
+            });
     }
 }
 
 impl Drop for PeerSync {
     fn drop(&mut self) {
-        for (_, t) in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+        for (_, (_, t)) in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain() {
             t.abort();
         }
     }

@@ -42,6 +42,8 @@ impl Reconciler {
     /// local endpoint any more.
     #[tracing::instrument(skip_all, fields(host = %self.host))]
     pub async fn recover(&self) -> Result<()> {
+        // Cached network mappings may name networks reclaimed meanwhile.
+        self.overlays.forget_all();
         let mut wanted = HashMap::new();
         for net in self.overlays.local_networks().await? {
             let (eps, _) = self.overlays.endpoints(&net.overlay).await?;
@@ -61,7 +63,7 @@ impl Reconciler {
                     let lock = self.devices.lock(vni).await;
                     if !self.has_local_endpoint(vni).await? {
                         tracing::info!(vni, "removing devices of a network with no local endpoint");
-                        self.devices.remove(None, vni, &lock).await?;
+                        self.devices.remove(vni, &lock).await?;
                     }
                 }
             }
@@ -132,7 +134,7 @@ impl Reconciler {
             if old.is_empty() {
                 continue;
             }
-            let _lock = self.devices.lock(net.vni).await;
+            let lock = self.devices.lock(net.vni).await;
             let dataplane = self.devices.dataplane();
             let ports: HashSet<String> = if dataplane.has_network(net.vni) {
                 dataplane
@@ -162,6 +164,11 @@ impl Reconciler {
                     }
                 }
                 removed += 1;
+            }
+            if self.devices.dataplane().has_network(net.vni) {
+                self.devices
+                    .remove_if_unused(&net.overlay, net.vni, &lock)
+                    .await?;
             }
         }
         Ok(removed)

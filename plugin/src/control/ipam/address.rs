@@ -12,7 +12,7 @@ use crate::state::records::{AddressKind, AddressRecord, AllocState};
 use crate::util::backoff::Retry;
 use crate::util::clock::unix_now;
 use ipnetwork::IpNetwork;
-use kvstore_backends::{Compare, Op, OpResult, Txn};
+use kvstore_backends::{Compare, Op, OpResult, Revision, Txn};
 use std::net::IpAddr;
 
 impl Ipam {
@@ -154,8 +154,23 @@ impl Ipam {
 
     /// ReleaseAddress. The gateway and aux addresses are shared by every host
     /// and freed with the pool, so releasing them is a no-op.
-    #[tracing::instrument(skip(self), fields(host = %self.host))]
     pub async fn release_address(&self, pool_id: &str, ip: IpAddr) -> Result<()> {
+        self.release(pool_id, ip, None).await
+    }
+
+    /// Release an address only if its record is still the one listed at
+    /// revision `listed` (gc: it may have been freed and taken again since).
+    pub async fn release_listed_address(
+        &self,
+        pool_id: &str,
+        ip: IpAddr,
+        listed: Revision,
+    ) -> Result<()> {
+        self.release(pool_id, ip, Some(listed)).await
+    }
+
+    #[tracing::instrument(skip(self), fields(host = %self.host))]
+    async fn release(&self, pool_id: &str, ip: IpAddr, listed: Option<Revision>) -> Result<()> {
         GoneHostFence::check(&self.fence, self.store.as_ref()).await?;
         let (subnet, seg, rec, _) = self.read_known_pool(pool_id).await?;
         if !subnet.contains(ip) {
@@ -182,6 +197,11 @@ impl Ipam {
                     "address {ip} is not allocated in pool {pool_id} (released twice?)"
                 )));
             };
+            if listed.is_some_and(|rev| rev != held.mod_revision) {
+                return Err(PluginError::Unknown(format!(
+                    "address {ip} in pool {pool_id} changed since it was listed (taken again?); nothing released"
+                )));
+            }
             // Only the holder releases: a host back after its addresses were
             // reclaimed (and handed out again) must not free another's.
             let holder = decode::<AddressRecord>(held)?.host;

@@ -1,0 +1,330 @@
+//! Reclaiming what a gone host held, and `rustoverlay gc`, on the memory
+//! store. Every write made for a gone host is fenced on its registration
+//! still being absent, so a host that comes back keeps everything.
+
+mod fake_host;
+
+use fake_host::{eventually, store, Ep, HookStore, Host, SUBNET, VNI};
+use futures::FutureExt;
+use kvstore_backends::{KeyValue, KvStore};
+use rustoverlay::control::reclaim::{census, gc, reclaim_host, Holdings};
+use rustoverlay::error::PluginError;
+use rustoverlay::state::codec::{decode, encode};
+use rustoverlay::state::keys;
+use rustoverlay::state::records::{AddressKind, AddressRecord, HostRecord, OverlayRecord};
+use rustoverlay::util::clock::unix_now;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+const HOUR: Duration = Duration::from_secs(3600);
+const POOL: &str = "10.77.0.0/24";
+const SEG: &str = "10.77.0.0_24";
+
+/// Two hosts on one overlay, each with a running endpoint; `a` also holds
+/// an address bound to no endpoint.
+struct Cluster {
+    store: Arc<dyn KvStore>,
+    a: Host,
+    b: Host,
+    ea: Ep,
+    eb: Ep,
+    a_unbound: IpAddr,
+}
+
+async fn cluster() -> Cluster {
+    let store = store();
+    let a = Host::start(&store, "a", "192.0.2.1").await;
+    let b = Host::start(&store, "b", "192.0.2.2").await;
+    a.create_network("net-a", SUBNET).await;
+    b.create_network("net-b", SUBNET).await;
+    let ea = a.run("net-a", "eaaaaaaaaaaaaaaa").await;
+    let eb = b.run("net-b", "ebbbbbbbbbbbbbbb").await;
+    let a_unbound = a
+        .ipam
+        .request_address(POOL, None, false)
+        .await
+        .unwrap()
+        .ip();
+    Cluster {
+        store,
+        a,
+        b,
+        ea,
+        eb,
+        a_unbound,
+    }
+}
+
+async fn everything(store: &dyn KvStore) -> Vec<KeyValue> {
+    store.range(keys::ROOT).await.unwrap().kvs
+}
+
+async fn is_free(h: &Host, ip: IpAddr) -> bool {
+    match h.ipam.request_address(POOL, Some(ip), false).await {
+        Ok(_) => {
+            h.ipam.release_address(POOL, ip).await.unwrap();
+            true
+        }
+        Err(PluginError::Conflict(_)) => false,
+        Err(e) => panic!("request {ip}: {e}"),
+    }
+}
+
+async fn holdings_of(store: &dyn KvStore, host: &str) -> Holdings {
+    census(store)
+        .await
+        .unwrap()
+        .holdings
+        .remove(host)
+        .unwrap_or_default()
+}
+
+async fn pool_refs(h: &Host) -> BTreeMap<String, u32> {
+    h.ipam.read_pool(SEG).await.unwrap().unwrap().0.refs
+}
+
+#[tokio::test]
+async fn the_census_sees_what_each_host_holds() {
+    let c = cluster().await;
+    let census = census(c.store.as_ref()).await.unwrap();
+    let held = &census.holdings["a"];
+    assert_eq!(held.networks, vec!["net-a".to_string()]);
+    assert_eq!(held.endpoints.len(), 1);
+    assert_eq!(held.endpoints[0].1, c.ea.endpoint_id);
+    let mut addrs: Vec<IpAddr> = held.addresses.iter().map(|(_, ip)| *ip).collect();
+    addrs.sort();
+    assert_eq!(addrs, vec![c.ea.ip(), c.a_unbound]);
+    assert_eq!(held.pool_refs, BTreeMap::from([(POOL.to_string(), 1)]));
+    assert_eq!(
+        census.unbound.iter().map(|u| u.ip).collect::<Vec<_>>(),
+        vec![c.a_unbound]
+    );
+    assert!(census.registered.contains("a") && census.registered.contains("b"));
+}
+
+#[tokio::test]
+async fn reclaiming_a_gone_host_frees_its_endpoints_addresses_networks_and_pool_refs() {
+    let c = cluster().await;
+    c.a.unregister().await;
+    let held = holdings_of(c.store.as_ref(), "a").await;
+    assert!(!held.is_empty());
+
+    reclaim_host(c.store.clone(), "a", &held).await.unwrap();
+
+    assert!(
+        holdings_of(c.store.as_ref(), "a").await.is_empty(),
+        "a holds nothing any more"
+    );
+    let net_b = c.b.overlays.lookup("net-b").await.unwrap();
+    assert!(c
+        .b
+        .overlays
+        .get_endpoint(&net_b, &c.ea.endpoint_id)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(
+        is_free(&c.b, c.ea.ip()).await,
+        "a's endpoint address is free"
+    );
+    assert!(
+        is_free(&c.b, c.a_unbound).await,
+        "a's other address is free"
+    );
+    assert!(c
+        .store
+        .get(&keys::host_network("a", "net-a"))
+        .await
+        .unwrap()
+        .is_none());
+    let overlay: OverlayRecord = decode(
+        &c.store
+            .get(&keys::overlay_record(&net_b.overlay))
+            .await
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        overlay.hosts.keys().collect::<Vec<_>>(),
+        vec!["b"],
+        "a's network left the overlay"
+    );
+    assert_eq!(
+        pool_refs(&c.b).await,
+        BTreeMap::from([("b".to_string(), 1)])
+    );
+
+    // b keeps everything of its own.
+    assert!(c
+        .b
+        .overlays
+        .get_endpoint(&net_b, &c.eb.endpoint_id)
+        .await
+        .unwrap()
+        .is_some());
+    assert!(!is_free(&c.b, c.eb.ip()).await);
+    // Reclaiming again finds nothing to do.
+    reclaim_host(c.store.clone(), "a", &held).await.unwrap();
+}
+
+#[tokio::test]
+async fn reclaiming_the_last_host_of_an_overlay_frees_the_overlay_and_its_subnet() {
+    let s = store();
+    let a = Host::start(&s, "a", "192.0.2.1").await;
+    a.create_network("net-a", SUBNET).await;
+    a.run("net-a", "eaaaaaaaaaaaaaaa").await;
+    a.unregister().await;
+    let held = holdings_of(s.as_ref(), "a").await;
+    reclaim_host(s.clone(), "a", &held).await.unwrap();
+    let left: Vec<String> = everything(s.as_ref())
+        .await
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect();
+    assert!(
+        left.iter()
+            .all(|k| k.ends_with("ipam/pools") || k.ends_with("vni/next")),
+        "nothing of the overlay or its pool is left: {left:?}"
+    );
+    // Another host can claim the subnet afresh.
+    let b = Host::start(&s, "b", "192.0.2.2").await;
+    b.create_network("net-b", SUBNET).await;
+}
+
+#[tokio::test]
+async fn a_registered_host_is_not_reclaimed() {
+    let c = cluster().await;
+    let held = holdings_of(c.store.as_ref(), "a").await;
+    let before = everything(c.store.as_ref()).await;
+    let err = reclaim_host(c.store.clone(), "a", &held).await.unwrap_err();
+    assert!(matches!(err, PluginError::Conflict(_)), "{err:?}");
+    assert_eq!(
+        everything(c.store.as_ref()).await,
+        before,
+        "nothing changed"
+    );
+}
+
+#[tokio::test]
+async fn a_host_that_registers_again_between_census_and_reclaim_keeps_everything() {
+    let c = cluster().await;
+    c.a.unregister().await;
+    let held = holdings_of(c.store.as_ref(), "a").await;
+    c.a.register().await;
+    let before = everything(c.store.as_ref()).await;
+
+    let err = reclaim_host(c.store.clone(), "a", &held).await.unwrap_err();
+    assert!(matches!(err, PluginError::Conflict(_)), "{err:?}");
+    assert_eq!(
+        everything(c.store.as_ref()).await,
+        before,
+        "nothing changed"
+    );
+}
+
+#[tokio::test]
+async fn a_host_that_registers_again_right_after_the_fence_is_read_keeps_everything() {
+    let c = cluster().await;
+    c.a.unregister().await;
+    let held = holdings_of(c.store.as_ref(), "a").await;
+    // a comes back right after the reclaimer read its (absent) registration
+    // and before the reclaimer's first write: only the compare inside the
+    // write's transaction can stop it now.
+    let hooked = HookStore::new(c.store.clone());
+    let record = HostRecord {
+        host: "a".into(),
+        vtep: c.a.vtep(),
+        version: "test".into(),
+    };
+    hooked.after_get(
+        &keys::host_registration("a"),
+        Box::new(move |s: Arc<dyn KvStore>| {
+            async move {
+                s.put(&keys::host_registration("a"), encode(&record))
+                    .await
+                    .unwrap();
+            }
+            .boxed()
+        }),
+    );
+    let before_but_registration: Vec<KeyValue> = everything(c.store.as_ref()).await;
+
+    let err = reclaim_host(hooked.clone(), "a", &held).await.unwrap_err();
+    assert!(hooked.fired(), "the reclaimer read the registration");
+    assert!(matches!(err, PluginError::Conflict(_)), "{err:?}");
+    let after: Vec<KeyValue> = everything(c.store.as_ref())
+        .await
+        .into_iter()
+        .filter(|kv| kv.key != keys::host_registration("a"))
+        .collect();
+    assert_eq!(after, before_but_registration, "nothing reclaimed");
+}
+
+/// Make an address look handed out `age_secs` ago.
+async fn age_address(store: &dyn KvStore, ip: IpAddr, holder: &str, age_secs: u64) {
+    let rec = AddressRecord {
+        host: holder.into(),
+        kind: AddressKind::Address,
+        at: unix_now() - age_secs,
+    };
+    store
+        .put(&keys::pool_addr(SEG, ip), encode(&rec))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn gc_lists_an_old_unbound_address_and_frees_it_only_with_apply() {
+    let c = cluster().await;
+    age_address(c.store.as_ref(), c.a_unbound, "a", 2 * 3600).await;
+    age_address(c.store.as_ref(), c.ea.ip(), "a", 2 * 3600).await;
+    let young =
+        c.b.ipam
+            .request_address(POOL, None, false)
+            .await
+            .unwrap()
+            .ip();
+
+    let report = gc(c.store.clone(), false, HOUR).await.unwrap();
+    assert!(
+        report.contains(&format!("address {} ", c.a_unbound)),
+        "{report}"
+    );
+    assert!(!report.contains(&format!("address {} ", young)), "{report}");
+    assert!(
+        !report.contains(&format!("address {} ", c.ea.ip())),
+        "{report}"
+    );
+    assert!(report.contains("--apply"), "{report}");
+    assert!(!is_free(&c.b, c.a_unbound).await, "listing frees nothing");
+
+    let report = gc(c.store.clone(), true, HOUR).await.unwrap();
+    assert!(
+        report.contains(&format!("freed {}", c.a_unbound)),
+        "{report}"
+    );
+    assert!(is_free(&c.b, c.a_unbound).await);
+    assert!(!is_free(&c.b, young).await, "young addresses stay");
+    assert!(!is_free(&c.b, c.ea.ip()).await, "bound addresses stay");
+
+    let report = gc(c.store.clone(), true, HOUR).await.unwrap();
+    assert_eq!(report, "nothing to collect\n");
+}
+
+#[tokio::test]
+async fn gc_with_apply_reclaims_a_gone_host() {
+    let c = cluster().await;
+    c.a.unregister().await;
+    let report = gc(c.store.clone(), false, HOUR).await.unwrap();
+    assert!(report.contains("host a is gone"), "{report}");
+    assert!(!holdings_of(c.store.as_ref(), "a").await.is_empty());
+
+    let report = gc(c.store.clone(), true, HOUR).await.unwrap();
+    assert!(report.contains("reclaimed host a"), "{report}");
+    assert!(holdings_of(c.store.as_ref(), "a").await.is_empty());
+    assert!(is_free(&c.b, c.ea.ip()).await);
+    assert!(!is_free(&c.b, c.eb.ip()).await);
+}
