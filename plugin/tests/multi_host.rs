@@ -518,3 +518,39 @@ async fn orphaned_endpoints_are_removed_and_their_addresses_freed() {
         .err();
     assert!(e.contains("already in use"), "{e}");
 }
+
+#[tokio::test]
+#[ignore = "needs root: scripts/test runs this tier"]
+async fn a_second_plugin_with_a_live_hosts_id_and_another_vtep_refuses_to_run() {
+    support::require_root();
+    let mut lan = Lan::new();
+    let url = lan.start_store(Store::Etcd).await;
+    let extra = Lan::plugin_args(Store::Etcd);
+    let (ns1, ns2) = (lan.host(1), lan.host(2));
+    // A cloned machine: the same host ID on another VTEP.
+    let p1 = Plugin::start_with(&ns1, &Plugin::dir_for("id1"), "clone", &url, &extra).await;
+    let registered = || !support::dump_keys(&ns1, &url, "hosts/clone").is_empty();
+    wait_until("h1 registers", Duration::from_secs(10), registered).await;
+    let (status, log, ran) = Plugin::run_to_exit(
+        &ns2,
+        &Plugin::dir_for("id2"),
+        "clone",
+        &url,
+        &extra,
+        Duration::from_secs(30),
+    )
+    .await;
+    eprintln!("the clone exited with {status} after {ran:?}");
+    assert!(!status.success(), "the clone must exit non-zero:\n{log}");
+    assert!(
+        log.contains("already registered by a live plugin with VTEP") && log.contains("--host-id"),
+        "the clone's message says what clashes and what to do:\n{log}"
+    );
+    // The first host is untouched: still registered, still serving.
+    assert!(registered(), "h1 keeps its registration");
+    p1.client().call("Plugin.Activate", json!({})).await.ok();
+    // A restart of the same machine (same VTEP) takes its registration over.
+    drop(p1);
+    let p1 = Plugin::start_with(&ns1, &Plugin::dir_for("id1b"), "clone", &url, &extra).await;
+    p1.client().call("Plugin.Activate", json!({})).await.ok();
+}

@@ -79,7 +79,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         dataplane.vtep(),
         Duration::from_secs(args.host_ttl),
     );
-    let ready = supervisor::start(
+    let running = supervisor::start(
         store.clone(),
         host.clone(),
         registration,
@@ -96,7 +96,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         AppState {
             driver,
             ipam,
-            ready,
+            ready: running.ready,
         },
         secs(args.request_timeout, "--request-timeout")?,
     );
@@ -106,12 +106,23 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         store = store.backend_name(),
         "serving"
     );
+    let mut fatal = running.fatal;
+    let mut fatal_seen = fatal.clone();
+    let stop = async move {
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = fatal_seen.wait_for(|f| f.is_some()) => {}
+        }
+    };
     let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(stop)
         .await
         .context("serve the plugin socket");
     let _ = std::fs::remove_file(&args.socket);
     tracing::info!("stopped");
+    if let Some(why) = fatal.borrow_and_update().clone() {
+        anyhow::bail!(why);
+    }
     result
 }
 

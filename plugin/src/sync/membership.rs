@@ -3,13 +3,14 @@
 //! VTEPs here, and a host whose lease expired is known to be gone.
 
 use super::follow::{follow, Follower};
-use crate::state::codec::encode;
+use crate::state::codec::{encode, take_gets};
 use crate::state::keys;
 use crate::state::records::HostRecord;
+use crate::util::backoff::Retry;
 use crate::util::task::spawn_supervised;
 use async_trait::async_trait;
 use kvstore_backends::{
-    EventKind, KvStore, LeaseId, Op, RangeResponse, StoreError, Txn, WatchEvent,
+    Compare, EventKind, KvStore, LeaseId, Op, RangeResponse, StoreError, Txn, WatchEvent,
 };
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -27,6 +28,29 @@ pub enum LeaseEvent {
     /// host has reconciled; on `false` the registration is dropped and tried
     /// again.
     Regained(oneshot::Sender<bool>),
+    /// Another machine holds this host ID: this plugin must not run.
+    Clash(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// A live registration of this host ID has another VTEP: two machines
+    /// share the ID (a cloned VM keeps its hostname). Each would take the
+    /// other's endpoints for its own orphans.
+    #[error(
+        "host ID {host:?} is already registered by a live plugin with VTEP {theirs}, and this \
+         host's VTEP is {mine}: two machines share one host ID (a cloned VM keeps its hostname). \
+         Give this host its own --host-id (RUSTOVERLAY_HOST_ID); if the other machine is gone, \
+         its registration expires {ttl} s after its plugin stopped"
+    )]
+    Clash {
+        host: String,
+        theirs: IpAddr,
+        mine: IpAddr,
+        ttl: u64,
+    },
 }
 
 #[derive(Clone)]
@@ -49,18 +73,57 @@ impl Registration {
         }
     }
 
-    /// Write the registration under a fresh lease.
-    pub async fn register(&self) -> Result<LeaseId, StoreError> {
+    /// Write the registration under a fresh lease. A registration of this
+    /// host ID that is alive with another VTEP is refused ([`RegisterError::Clash`]);
+    /// one with this host's VTEP is this host's own (a restarted plugin) and
+    /// is taken over.
+    pub async fn register(&self) -> Result<LeaseId, RegisterError> {
+        let key = keys::host_registration(&self.record.host);
         let lease = self.store.grant_lease(self.ttl).await?;
-        self.store
-            .txn(Txn::new().and_then(vec![Op::put_with_lease(
-                keys::host_registration(&self.record.host),
-                encode(&self.record),
-                lease.clone(),
-            )]))
-            .await?;
-        tracing::info!(host = %self.record.host, vtep = %self.record.vtep, lease = %lease, "host registered");
-        Ok(lease)
+        let mut expected = None;
+        let mut retry = Retry::new();
+        while retry.next().await {
+            let put = Op::put_with_lease(&key, encode(&self.record), lease.clone());
+            let guard = match expected {
+                None => Compare::absent(&key),
+                Some(rev) => Compare::mod_revision(&key, rev),
+            };
+            let resp = self
+                .store
+                .txn(
+                    Txn::new()
+                        .when(vec![guard])
+                        .and_then(vec![put])
+                        .or_else(vec![Op::get(&key)]),
+                )
+                .await?;
+            if resp.succeeded {
+                tracing::info!(host = %self.record.host, vtep = %self.record.vtep, lease = %lease, "host registered");
+                return Ok(lease);
+            }
+            let [current] = take_gets::<1>(resp.results);
+            let Some(current) = current else {
+                expected = None;
+                continue;
+            };
+            let theirs = serde_json::from_slice::<HostRecord>(&current.value)
+                .map(|r| r.vtep)
+                .ok();
+            if let Some(theirs) = theirs.filter(|v| *v != self.record.vtep) {
+                let _ = self.store.revoke_lease(lease).await;
+                return Err(RegisterError::Clash {
+                    host: self.record.host.clone(),
+                    theirs,
+                    mine: self.record.vtep,
+                    ttl: self.ttl.as_secs(),
+                });
+            }
+            expected = Some(current.mod_revision);
+        }
+        let _ = self.store.revoke_lease(lease).await;
+        Err(RegisterError::Store(StoreError::Conflict(
+            "the host registration kept changing; retrying".into(),
+        )))
     }
 
     /// Register, then renew at a third of the TTL forever. When the lease was
@@ -87,6 +150,11 @@ impl Registration {
                                 lease = None;
                             }
                         }
+                    }
+                    Err(e @ RegisterError::Clash { .. }) => {
+                        tracing::error!(error = %e, "refusing to run");
+                        let _ = events.send(LeaseEvent::Clash(e.to_string())).await;
+                        return;
                     }
                     Err(e) => tracing::warn!(error = %e, "host registration failed; retrying"),
                 },

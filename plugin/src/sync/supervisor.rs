@@ -9,18 +9,27 @@ use super::reconcile::Reconciler;
 use crate::util::task::spawn_supervised;
 use kvstore_backends::KvStore;
 use std::sync::Arc;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
-/// Start registration, start-up reconciliation and the reaper; returns the
-/// readiness they maintain.
+/// What the supervisor hands back to the server.
+pub struct Running {
+    /// Whether this host may serve Docker now.
+    pub ready: Readiness,
+    /// Set when this plugin must stop (another machine holds its host ID).
+    pub fatal: watch::Receiver<Option<String>>,
+}
+
+/// Start registration, start-up reconciliation and the reaper.
 pub fn start(
     store: Arc<dyn KvStore>,
     host: String,
     registration: Registration,
     reconciler: Arc<Reconciler>,
     reaper_config: ReaperConfig,
-) -> Readiness {
+) -> Running {
     let ready = Readiness::new(true);
+    let (fatal_tx, fatal) = watch::channel(None);
+    let fatal_tx = Arc::new(fatal_tx);
     let (events_tx, events) = mpsc::channel(4);
     let events = Arc::new(tokio::sync::Mutex::new(events));
     spawn_supervised("registration", move || {
@@ -30,8 +39,13 @@ pub fn start(
     {
         let (ready, reconciler) = (ready.clone(), reconciler.clone());
         spawn_supervised("lease_events", move || {
-            let (events, ready, reconciler) = (events.clone(), ready.clone(), reconciler.clone());
-            async move { on_lease_events(&mut *events.lock().await, ready, reconciler).await }
+            let (events, ready, reconciler, fatal) = (
+                events.clone(),
+                ready.clone(),
+                reconciler.clone(),
+                fatal_tx.clone(),
+            );
+            async move { on_lease_events(&mut *events.lock().await, ready, reconciler, &fatal).await }
         });
     }
     {
@@ -50,7 +64,7 @@ pub fn start(
         let reconciler = reconciler.clone();
         async move { reconciler.recover_until_done().await }
     });
-    ready
+    Running { ready, fatal }
 }
 
 /// A lost lease makes this host refuse Docker; a regained one serves again
@@ -59,10 +73,15 @@ pub async fn on_lease_events(
     events: &mut mpsc::Receiver<LeaseEvent>,
     ready: Readiness,
     reconciler: Arc<Reconciler>,
+    fatal: &watch::Sender<Option<String>>,
 ) {
     while let Some(event) = events.recv().await {
         match event {
             LeaseEvent::Lost => ready.set(false),
+            LeaseEvent::Clash(why) => {
+                ready.set(false);
+                fatal.send_replace(Some(why));
+            }
             LeaseEvent::Regained(reply) => {
                 let reconciled = match reconciler.recover().await {
                     Ok(()) => {

@@ -158,6 +158,64 @@ impl Plugin {
     }
 
     async fn spawn(&mut self, extra: &[&str]) {
+        self.launch(extra);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if UnixStream::connect(&self.socket).await.is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("plugin exited with {status} at start:\n{}", self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "plugin did not listen within 20 s:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Start a plugin that is expected to refuse to run: wait (up to
+    /// `within`) for it to exit; returns its status, its log and how long
+    /// it ran. Panics if it is still running after `within`.
+    pub async fn run_to_exit(
+        ns: &Netns,
+        dir: &Path,
+        host_id: &str,
+        store_url: &str,
+        extra: &[&str],
+        within: Duration,
+    ) -> (std::process::ExitStatus, String, Duration) {
+        let mut p = Plugin {
+            child: None,
+            holder: None,
+            socket: dir.join("plugin.sock"),
+            store_url: store_url.to_string(),
+            host_id: host_id.to_string(),
+            dir: dir.to_path_buf(),
+            netns: ns.name.clone(),
+            log: dir.join(format!("plugin-{host_id}.log")),
+        };
+        let started = Instant::now();
+        p.launch(extra);
+        loop {
+            if let Some(status) = p.child.as_mut().unwrap().try_wait().unwrap() {
+                p.child = None;
+                return (status, p.log_text(), started.elapsed());
+            }
+            assert!(
+                started.elapsed() < within,
+                "plugin still runs after {within:?}:\n{}",
+                p.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Start the plugin process (in the holder's mount namespace and the
+    /// host's network namespace) without waiting for it.
+    fn launch(&mut self, extra: &[&str]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -220,21 +278,6 @@ impl Plugin {
             .spawn()
             .expect("start the plugin");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if UnixStream::connect(&self.socket).await.is_ok() {
-                return;
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("plugin exited with {status} at start:\n{}", self.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "plugin did not listen within 20 s:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
 
     pub fn log_text(&self) -> String {
