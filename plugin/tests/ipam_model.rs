@@ -98,11 +98,16 @@ async fn hosts_share_pools_gateways_and_references() {
         .to_string();
     assert!(err.contains("overlaps subnet 10.5.0.0/24"), "{err}");
 
-    // Aux addresses are shared once marked by a network.
+    // An aux address is one reservation shared by every host's network,
+    // and never a container's (tests/aux_addresses.rs has the details).
     let aux: IpAddr = "10.5.0.200".parse().unwrap();
-    h1.request_address(pool, Some(aux), false).await.unwrap();
+    h1.reserve_aux(pool, aux).await.unwrap();
     h1.mark_aux(pool, &[aux]).await.unwrap();
-    h2.request_address(pool, Some(aux), false).await.unwrap();
+    h2.reserve_aux(pool, aux).await.unwrap();
+    assert!(
+        h2.request_address(pool, Some(aux), false).await.is_err(),
+        "a container never gets an aux address"
+    );
 
     // Only the holder releases an address.
     let mine = h1.request_address(pool, None, false).await.unwrap().ip();

@@ -4,10 +4,12 @@
 
 mod fake_host;
 
-use fake_host::{eventually, store, Ep, HookStore, Host, SUBNET, VNI};
+use fake_host::{store, Ep, HookStore, Host, SUBNET, VNI};
 use futures::FutureExt;
 use kvstore_backends::{KeyValue, KvStore};
-use rustoverlay::control::reclaim::{census, gc, reclaim_host, Holdings};
+use rustoverlay::control::ipam::Ipam;
+use rustoverlay::control::reclaim::{census, gc, reclaim_host, Holdings, UnboundAddress};
+use rustoverlay::driver::EndpointSpec;
 use rustoverlay::error::PluginError;
 use rustoverlay::state::codec::{decode, encode};
 use rustoverlay::state::keys;
@@ -327,4 +329,137 @@ async fn gc_with_apply_reclaims_a_gone_host() {
     assert!(holdings_of(c.store.as_ref(), "a").await.is_empty());
     assert!(is_free(&c.b, c.ea.ip()).await);
     assert!(!is_free(&c.b, c.eb.ip()).await);
+}
+
+/// `a` releases `ip` and takes it again for a new, joined endpoint: what
+/// happens when an old unbound address is reused for a container.
+async fn retake_for_a_new_endpoint(a: &Host, ip: IpAddr) {
+    a.ipam.release_address(POOL, ip).await.unwrap();
+    let again = a
+        .create_endpoint_with("net-a", "againaaaaaaaaaaa", Some(ip), None)
+        .await;
+    a.driver.join("net-a", &again.endpoint_id).await.unwrap();
+}
+
+async fn endpoint_holds(h: &Host, network_id: &str, endpoint_id: &str, ip: IpAddr) -> bool {
+    let net = h.overlays.lookup(network_id).await.unwrap();
+    h.overlays
+        .get_endpoint(&net, endpoint_id)
+        .await
+        .unwrap()
+        .is_some_and(|(ep, _)| ep.ipv4.map(|a| a.ip()) == Some(ip))
+}
+
+#[tokio::test]
+async fn gc_does_not_free_an_address_taken_again_after_its_census() {
+    // Directly: the release step with a stale census entry.
+    let c = cluster().await;
+    let x = c.a_unbound;
+    age_address(c.store.as_ref(), x, "a", 2 * 3600).await;
+    let listed: UnboundAddress = census(c.store.as_ref())
+        .await
+        .unwrap()
+        .unbound
+        .into_iter()
+        .find(|u| u.ip == x)
+        .expect("the census lists the unbound address");
+    assert_eq!(listed.holder, "a");
+    retake_for_a_new_endpoint(&c.a, x).await;
+
+    let err = Ipam::releasing_for(c.store.clone(), &listed.holder)
+        .release_listed_address(&listed.pool, x, listed.revision)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PluginError::Unknown(_)), "{err:?}");
+    assert!(!is_free(&c.b, x).await, "{x} stays allocated");
+    assert!(endpoint_holds(&c.a, "net-a", "againaaaaaaaaaaa", x).await);
+
+    // Through gc: the address is released and taken again right after gc's
+    // census, when the release step reads the pool.
+    let c = cluster().await;
+    let x = c.a_unbound;
+    age_address(c.store.as_ref(), x, "a", 2 * 3600).await;
+    let hooked = HookStore::new(c.store.clone());
+    // a's own IPAM and driver, on the store the hook wraps.
+    let (ipam, driver) = (c.a.ipam.clone(), c.a.driver.clone());
+    hooked.after_get(
+        &keys::pool_record(SEG),
+        Box::new(move |_: Arc<dyn KvStore>| {
+            async move {
+                ipam.release_address(POOL, x).await.unwrap();
+                let addr = ipam.request_address(POOL, Some(x), false).await.unwrap();
+                driver
+                    .create_endpoint(EndpointSpec {
+                        network_id: "net-a".into(),
+                        endpoint_id: "againaaaaaaaaaaa".into(),
+                        ipv4: Some(addr),
+                        ipv6: None,
+                        mac: None,
+                    })
+                    .await
+                    .unwrap();
+                driver.join("net-a", "againaaaaaaaaaaa").await.unwrap();
+            }
+            .boxed()
+        }),
+    );
+
+    let report = gc(hooked.clone(), true, HOUR).await.unwrap();
+    assert!(hooked.fired(), "gc read the pool after its census");
+    assert!(
+        report.contains(&format!("address {x} ")),
+        "gc listed {x}: {report}"
+    );
+    assert!(!report.contains(&format!("freed {x}")), "{report}");
+    assert!(report.contains("left alone"), "{report}");
+    assert!(!is_free(&c.b, x).await, "{x} stays allocated");
+    assert!(
+        endpoint_holds(&c.a, "net-a", "againaaaaaaaaaaa", x).await,
+        "the new endpoint keeps {x}"
+    );
+}
+
+#[tokio::test]
+async fn a_network_reclaimed_while_its_host_was_cut_off_is_unknown_to_it_afterwards() {
+    let c = cluster().await;
+    // a's network is in a's cache: a created it and ran an endpoint on it.
+    c.a.overlays.lookup("net-a").await.unwrap();
+
+    // a is cut off: its registration expires and b reclaims it.
+    c.a.unregister().await;
+    let held = holdings_of(c.store.as_ref(), "a").await;
+    assert_eq!(held.networks, vec!["net-a".to_string()]);
+    reclaim_host(c.store.clone(), "a", &held).await.unwrap();
+
+    // a is back: it registers again and reconciles, as after a lost lease.
+    c.a.register().await;
+    c.a.reconciler.recover().await.unwrap();
+    assert!(
+        c.a.fake.network(VNI).is_none(),
+        "the reclaimed endpoint's devices went"
+    );
+
+    let spec = EndpointSpec {
+        network_id: "net-a".into(),
+        endpoint_id: "newaaaaaaaaaaaaa".into(),
+        ipv4: Some(format!("{}/24", c.a_unbound).parse().unwrap()),
+        ipv6: None,
+        mac: None,
+    };
+    let err = c.a.driver.create_endpoint(spec.clone()).await.unwrap_err();
+    assert!(
+        matches!(err, PluginError::Unknown(_)),
+        "CreateEndpoint on a reclaimed network: {err:?}"
+    );
+    // Just as a freshly started plugin on a answers.
+    let fresh = Host::unregistered(&c.store, "a", "192.0.2.1");
+    let err = fresh.driver.create_endpoint(spec).await.unwrap_err();
+    assert!(matches!(err, PluginError::Unknown(_)), "{err:?}");
+    let net_b = c.b.overlays.lookup("net-b").await.unwrap();
+    let (eps, _) = c.b.overlays.endpoints(&net_b.overlay).await.unwrap();
+    assert_eq!(
+        eps.iter().map(|e| e.host.as_str()).collect::<Vec<_>>(),
+        vec!["b"],
+        "no endpoint of a on the overlay"
+    );
 }

@@ -185,3 +185,82 @@ async fn the_sweep_removes_an_old_endpoint_without_a_port_and_frees_its_address(
     assert!(endpoint_exists(&h, &net, "runningxxxxxxxxx").await);
     assert_eq!(h.reconciler.sweep_orphans(Duration::ZERO).await.unwrap(), 0);
 }
+
+/// Show that `h` runs no peer sync any more: `other` runs a new endpoint on
+/// the overlay and, for a second, `h`'s kernel sees no peer call at all (`h`
+/// has this one overlay only, so the fake's call counts are its calls). A
+/// fixed wait, because it shows that something does NOT happen: a running
+/// peer sync acts on the new endpoint within milliseconds.
+async fn peer_sync_is_stopped(h: &Host, other: &Host, network_id: &str) {
+    let ops = [FakeOp::Peers, FakeOp::AddPeer, FakeOp::RemovePeer];
+    let before: Vec<usize> = ops.iter().map(|op| h.fake.calls(*op)).collect();
+    other.run(network_id, "latexxxxxxxxxxxx").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after: Vec<usize> = ops.iter().map(|op| h.fake.calls(*op)).collect();
+    assert_eq!(
+        after, before,
+        "calls of {ops:?}: a peer sync still acts on overlay {VNI} of {}",
+        h.name
+    );
+}
+
+#[tokio::test]
+async fn sweeping_the_last_local_endpoint_removes_the_overlays_devices() {
+    let s = store();
+    let h = Host::start(&s, "h1", "192.0.2.1").await;
+    let other = Host::start(&s, "h2", "192.0.2.2").await;
+    let net = h.create_network("net1", SUBNET).await;
+    other.create_network("net2", SUBNET).await;
+    let theirs = other.run("net2", "theirsxxxxxxxxxx").await;
+    let e1 = h.run("net1", "e1aaaaaaaaaaaaaa").await;
+    // Created, never joined: its container went while the store was
+    // unreachable.
+    let orphan = h.create_endpoint("net1", "orphanxxxxxxxxxx").await;
+    eventually("h1's peer sync installs h2's endpoint", || {
+        h.has_peer(VNI, &theirs)
+    })
+    .await;
+    h.stop(&e1).await;
+    assert_eq!(
+        h.fake.network(VNI).map(|n| n.ports),
+        Some(BTreeSet::new()),
+        "the orphan, a local endpoint, keeps the devices"
+    );
+
+    assert_eq!(h.reconciler.sweep_orphans(Duration::ZERO).await.unwrap(), 1);
+    assert!(!endpoint_exists(&h, &net, &orphan.endpoint_id).await);
+    assert!(
+        h.fake.network(VNI).is_none(),
+        "the devices went with the overlay's last local endpoint"
+    );
+    peer_sync_is_stopped(&h, &other, "net2").await;
+}
+
+#[tokio::test]
+async fn recover_stops_the_peer_sync_of_an_overlay_whose_devices_it_removes() {
+    let s = store();
+    let h = Host::start(&s, "h1", "192.0.2.1").await;
+    let other = Host::start(&s, "h2", "192.0.2.2").await;
+    let net = h.create_network("net1", SUBNET).await;
+    other.create_network("net2", SUBNET).await;
+    let theirs = other.run("net2", "theirsxxxxxxxxxx").await;
+    let e1 = h.run("net1", "e1aaaaaaaaaaaaaa").await;
+    eventually("h1's peer sync installs h2's endpoint", || {
+        h.has_peer(VNI, &theirs)
+    })
+    .await;
+
+    // The endpoint goes from the store behind the driver's back (reclaimed
+    // while h1 was cut off): devices and peer sync are left over.
+    assert!(h
+        .overlays
+        .delete_endpoint(&net, &e1.endpoint_id)
+        .await
+        .unwrap());
+    h.reconciler.recover().await.unwrap();
+    assert!(
+        h.fake.network(VNI).is_none(),
+        "recovery removed the devices of the overlay without a local endpoint"
+    );
+    peer_sync_is_stopped(&h, &other, "net2").await;
+}

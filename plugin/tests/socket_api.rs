@@ -27,7 +27,9 @@ async fn every_method_answers_and_repeats_are_idempotent() {
         json!({"Scope": "local", "ConnectivityScope": "global"})
     );
     let ipam_caps = c.raw("IpamDriver.GetCapabilities", b"").await.ok();
-    assert_eq!(ipam_caps["RequiresMACAddress"], json!(false));
+    // Docker then marks containers' RequestAddress with the MAC, which
+    // tells them apart from aux reservations.
+    assert_eq!(ipam_caps["RequiresMACAddress"], json!(true));
     assert!(ipam_caps["RequiresRequestReplay"].is_boolean());
     let spaces = c.raw("IpamDriver.GetDefaultAddressSpaces", b"").await.ok();
     let space = spaces["LocalDefaultAddressSpace"]
@@ -46,8 +48,14 @@ async fn every_method_answers_and_repeats_are_idempotent() {
         c.request_gateway("10.77.0.0/24").await.ok()["Address"],
         json!("10.77.0.1/24")
     );
-    let aux = c.request_address("10.77.0.0/24", "10.77.0.250").await.ok();
+    let aux = c.request_aux("10.77.0.0/24", "10.77.0.250").await.ok();
     assert_eq!(aux["Address"], json!("10.77.0.250/24"));
+    // A container's --ip never takes an aux address.
+    let e = c.request_address("10.77.0.0/24", "10.77.0.250").await.err();
+    assert!(
+        e.contains("10.77.0.250") && e.contains("aux address"),
+        "{e}"
+    );
 
     let create = json!({
         "NetworkID": "net1",

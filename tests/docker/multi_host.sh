@@ -6,7 +6,8 @@
 # restart reconciles what changed meanwhile), and etcd stopped, then cut off
 # (docker run fails in bounded time with a store error and allocates nothing;
 # everything works again once etcd is back; nothing leaks in Docker, the
-# kernel or the store). Measured times are printed.
+# kernel or the store); a network's --aux-address is refused to docker run --ip
+# on every host. Measured times are printed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=tests/lib/harness.sh
@@ -254,6 +255,31 @@ assert_ok "host 1: remove o1" hdocker 1 rm -f o1
 assert_ok "host 2: remove o2" hdocker 2 rm -f o2
 assert_eventually "host 1 removed ro-$VNI2 with its last container" 10 eval "! has_ovl_ns 1 $VNI2"
 assert_eventually "host 2 removed ro-$VNI2 with its last container" 10 eval "! has_ovl_ns 2 $VNI2"
+
+# --- 3b. a network's aux address is never a container's ---------------------
+AUXNET=auxnet
+AUX_SUBNET=10.89.0.0/24
+AUX_IP=10.89.0.50
+phase "$AUXNET with --aux-address rtr=$AUX_IP on hosts 1 and 2: no container gets $AUX_IP"
+for h in 1 2; do
+    assert_ok "host $h: create $AUXNET with --aux-address rtr=$AUX_IP" \
+        hdocker "$h" network create -d rustoverlay --ipam-driver rustoverlay \
+        --subnet "$AUX_SUBNET" --aux-address "rtr=$AUX_IP" "$AUXNET"
+done
+assert_contains "the store keeps $AUX_IP as the network's shared aux reservation, held by no container" \
+    '"kind":"aux"' "$(harness_store_dump "$STORE" | awk -v k="/rustoverlay/v1/ipam/pool/10.89.0.0_24/addr/$AUX_IP" '$1 == k')"
+for h in 1 2; do
+    out="$(hdocker "$h" run -d --network "$AUXNET" --ip "$AUX_IP" --name "aux$h" "$img" sleep 3600 2>&1)" && rc=0 || rc=$?
+    assert_ok "host $h: docker run --ip $AUX_IP is refused" test "$rc" -ne 0
+    assert_contains "host $h: the refusal names the aux address" "address $AUX_IP is an aux address" "$out"
+    hdocker "$h" rm -f "aux$h" >/dev/null 2>&1 || true
+done
+assert_ok "host 1: a container without --ip on $AUXNET starts" run_c 1 auxd "$AUXNET"
+assert_ok "and does not get $AUX_IP" test "$(hcontainer_ip 1 auxd "$AUXNET")" != "$AUX_IP"
+assert_ok "host 1: remove auxd" hdocker 1 rm -f auxd
+for h in 1 2; do
+    assert_ok "host $h: remove $AUXNET" hdocker "$h" network rm "$AUXNET"
+done
 
 # --- 4. peer removal reaches the other hosts within 2 s ---------------------
 phase "container removed on host 1: its FDB/neighbour entries leave hosts 2 and 3"

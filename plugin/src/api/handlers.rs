@@ -1,7 +1,7 @@
 //! One handler per Docker method: parse the request (`parse`), call the
 //! driver or the IPAM, shape the answer (`wire`).
 
-use super::parse;
+use super::parse::{self, AddressPurpose};
 use super::response::ApiResult;
 use super::wire::*;
 use super::{AppState, DockerJson};
@@ -140,9 +140,12 @@ pub(super) async fn leave(
 
 pub(super) async fn ipam_capabilities(_body: Bytes) -> Json<IpamCapabilitiesResponse> {
     // No replay: pools and addresses live in the store and survive Docker's
-    // restarts; a replay would only count references twice.
+    // restarts; a replay would only count references twice. The MAC: Docker
+    // then adds it to every container's RequestAddress, which tells those
+    // apart from a network's aux reservations (sent with no options), so a
+    // container's --ip can never take an aux address.
     Json(IpamCapabilitiesResponse {
-        requires_mac_address: false,
+        requires_mac_address: true,
         requires_request_replay: false,
     })
 }
@@ -184,15 +187,15 @@ pub(super) async fn request_address(
 ) -> ApiResult<Json<RequestAddressResponse>> {
     parse::require_pool_id(&req.pool_id)?;
     let wanted = parse::plain_ip(&req.address)?;
-    let gateway = req
-        .options
-        .as_ref()
-        .and_then(|o| o.get(REQUEST_ADDRESS_TYPE))
-        .is_some_and(|t| t == GATEWAY_ADDRESS_TYPE);
-    let addr = s
-        .ipam
-        .request_address(&req.pool_id, wanted, gateway)
-        .await?;
+    let addr = match (parse::address_purpose(req.options.as_ref()), wanted) {
+        (AddressPurpose::Aux, Some(ip)) => s.ipam.reserve_aux(&req.pool_id, ip).await?,
+        (purpose, wanted) => {
+            let gateway = purpose == AddressPurpose::Gateway;
+            s.ipam
+                .request_address(&req.pool_id, wanted, gateway)
+                .await?
+        }
+    };
     Ok(Json(RequestAddressResponse {
         address: addr.to_string(),
         data: HashMap::new(),

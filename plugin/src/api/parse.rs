@@ -3,14 +3,15 @@
 //! spaces) happens here, with a message that names the field and the fix.
 
 use super::wire::{
-    CreateEndpointRequest, CreateNetworkRequest, IpamData, GLOBAL_ADDRESS_SPACE,
-    LOCAL_ADDRESS_SPACE,
+    CreateEndpointRequest, CreateNetworkRequest, IpamData, ENDPOINT_OPTION_PREFIX,
+    GATEWAY_ADDRESS_TYPE, GLOBAL_ADDRESS_SPACE, LOCAL_ADDRESS_SPACE, REQUEST_ADDRESS_TYPE,
 };
 use crate::control::ipam::{parse_pool_id, PoolRequest};
 use crate::driver::{EndpointSpec, NetworkSpec, PoolSpec, CREATE_HINT};
 use crate::error::{PluginError, Result};
 use crate::util::mac::parse_mac;
 use ipnetwork::IpNetwork;
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 fn require(field: &str, value: &str) -> Result<()> {
@@ -160,6 +161,42 @@ pub fn require_pool_id(pool_id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Why Docker asks for an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressPurpose {
+    /// The network's gateway (`RequestAddressType` says so).
+    Gateway,
+    /// A container's address: Docker adds the endpoint's MAC to the options
+    /// because our capabilities say `RequiresMACAddress` (newer engines add
+    /// the endpoint's name too).
+    Endpoint,
+    /// A network's `--aux-address`: Docker reserves each while it creates
+    /// the network, with no options at all.
+    Aux,
+}
+
+/// Tell from RequestAddress's options what the address is for. Only aux
+/// reservations come without an endpoint option, so a container's `--ip`
+/// can never take an aux address.
+pub fn address_purpose(options: Option<&HashMap<String, String>>) -> AddressPurpose {
+    let Some(options) = options else {
+        return AddressPurpose::Aux;
+    };
+    if options
+        .get(REQUEST_ADDRESS_TYPE)
+        .is_some_and(|t| t == GATEWAY_ADDRESS_TYPE)
+    {
+        return AddressPurpose::Gateway;
+    }
+    if options
+        .keys()
+        .any(|k| k.starts_with(ENDPOINT_OPTION_PREFIX))
+    {
+        return AddressPurpose::Endpoint;
+    }
+    AddressPurpose::Aux
+}
+
 /// Docker sends a plain IP; accept a CIDR too, since some tools do.
 pub fn plain_ip(s: &str) -> Result<Option<IpAddr>> {
     let s = s.trim();
@@ -188,6 +225,29 @@ mod tests {
         for bad in ["", " ", "a/b", "ééé", "a b", &"x".repeat(129)] {
             assert!(require_id("EndpointID", bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn address_purpose_follows_the_options_docker_sends() {
+        let opts = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(address_purpose(None), AddressPurpose::Aux);
+        assert_eq!(address_purpose(Some(&opts(&[]))), AddressPurpose::Aux);
+        assert_eq!(
+            address_purpose(Some(&opts(&[(REQUEST_ADDRESS_TYPE, GATEWAY_ADDRESS_TYPE)]))),
+            AddressPurpose::Gateway
+        );
+        assert_eq!(
+            address_purpose(Some(&opts(&[(
+                "com.docker.network.endpoint.macaddress",
+                "02:42:ac:11:00:02"
+            )]))),
+            AddressPurpose::Endpoint
+        );
     }
 
     #[test]

@@ -65,7 +65,10 @@ pub struct AddressRecord {
 #[serde(rename_all = "lowercase")]
 pub enum AddressKind {
     Gateway,
+    /// A container's address, held by one host.
     Address,
+    /// A network's `--aux-address`: shared, freed with the pool.
+    Aux,
 }
 
 /// `overlay/<overlay>/record`: one overlay (a subnet shared by hosts).

@@ -92,8 +92,10 @@ impl Ipam {
                 )));
             }
             if rec.aux.contains(&ip) {
-                // Aux addresses are shared by every host of the network.
-                return Ok(ip);
+                return Err(PluginError::Conflict(format!(
+                    "address {ip} is an aux address (--aux-address) of the network on {pool_id}, \
+                     which is never given to a container; pick another --ip"
+                )));
             }
             let compares = vec![Compare::mod_revision(keys::pool_record(&seg), rev)];
             if self
@@ -105,6 +107,44 @@ impl Ipam {
             }
         }
         Err(too_contended("allocate a given address"))
+    }
+
+    /// Reserve one of a network's aux addresses (`--aux-address`); Docker
+    /// asks for each while it creates the network on a host. The
+    /// reservation is shared by every host of the network, freed with the
+    /// pool, and never handed to a container (its address key keeps the
+    /// allocator off it). Idempotent.
+    #[tracing::instrument(skip(self), fields(host = %self.host))]
+    pub async fn reserve_aux(&self, pool_id: &str, ip: IpAddr) -> Result<IpNetwork> {
+        let subnet = parse_pool_id(pool_id)?;
+        check_usable(&subnet, ip)?;
+        let mut retry = Retry::new();
+        while retry.next().await {
+            let (_, seg, rec, rev) = self.read_known_pool(pool_id).await?;
+            if rec.gateway == Some(ip) {
+                return Err(PluginError::Conflict(format!(
+                    "address {ip} is the gateway of the network on {pool_id}; it cannot be an \
+                     aux address too: pick another --aux-address"
+                )));
+            }
+            if !rec.aux.contains(&ip) {
+                let mut with = rec.clone();
+                with.aux.insert(ip);
+                let compares = vec![Compare::mod_revision(keys::pool_record(&seg), rev)];
+                let ops = vec![Op::put(keys::pool_record(&seg), encode(&with))];
+                if self
+                    .take_specific(&seg, ip, AddressKind::Aux, compares, ops)
+                    .await?
+                    .is_none()
+                {
+                    continue;
+                }
+                tracing::info!(pool = %pool_id, aux = %ip, "reserved an aux address");
+            }
+            return IpNetwork::new(ip, subnet.prefix())
+                .map_err(|e| PluginError::Internal(e.to_string()));
+        }
+        Err(too_contended("reserve an aux address"))
     }
 
     /// Take one given address. `Ok(None)` when the extra compares failed (the
@@ -137,8 +177,13 @@ impl Ipam {
             let holder = decode::<AddressRecord>(kv)
                 .map(|r| format!(" (held by host {})", r.host))
                 .unwrap_or_default();
+            let hint = match kind {
+                AddressKind::Aux => "it cannot be an aux address too: pick another --aux-address",
+                AddressKind::Gateway => "pick another --gateway or leave --gateway out",
+                AddressKind::Address => "pick another --ip or leave --ip out",
+            };
             return Err(PluginError::Conflict(format!(
-                "address {ip} is already in use{holder}; pick another --ip or leave --ip out"
+                "address {ip} is already in use{holder}; {hint}"
             )));
         }
         Ok(None)
@@ -278,25 +323,9 @@ impl Ipam {
     /// that every other host's request for them succeeds and releasing them
     /// frees nothing until the pool goes.
     pub async fn mark_aux(&self, pool_id: &str, aux: &[IpAddr]) -> Result<()> {
-        if aux.is_empty() {
-            return Ok(());
+        for ip in aux {
+            self.reserve_aux(pool_id, *ip).await?;
         }
-        let mut retry = Retry::new();
-        while retry.next().await {
-            let (_, seg, mut rec, rev) = self.read_known_pool(pool_id).await?;
-            if aux.iter().all(|ip| rec.aux.contains(ip)) {
-                return Ok(());
-            }
-            rec.aux.extend(aux.iter().copied());
-            let resp = self
-                .store
-                .compare_and_swap(&keys::pool_record(&seg), rev, encode(&rec))
-                .await
-                .ctx(|| format!("record aux addresses of pool {pool_id}"))?;
-            if resp.is_ok() {
-                return Ok(());
-            }
-        }
-        Err(too_contended("record aux addresses"))
+        Ok(())
     }
 }
