@@ -27,9 +27,8 @@ async fn every_method_answers_and_repeats_are_idempotent() {
         json!({"Scope": "local", "ConnectivityScope": "global"})
     );
     let ipam_caps = c.raw("IpamDriver.GetCapabilities", b"").await.ok();
-    // Docker then marks containers' RequestAddress with the MAC, which
-    // tells them apart from aux reservations.
-    assert_eq!(ipam_caps["RequiresMACAddress"], json!(true));
+    // No MAC from Docker: the driver derives it from the address.
+    assert_eq!(ipam_caps["RequiresMACAddress"], json!(false));
     assert!(ipam_caps["RequiresRequestReplay"].is_boolean());
     let spaces = c.raw("IpamDriver.GetDefaultAddressSpaces", b"").await.ok();
     let space = spaces["LocalDefaultAddressSpace"]
@@ -50,12 +49,6 @@ async fn every_method_answers_and_repeats_are_idempotent() {
     );
     let aux = c.request_aux("10.77.0.0/24", "10.77.0.250").await.ok();
     assert_eq!(aux["Address"], json!("10.77.0.250/24"));
-    // A container's --ip never takes an aux address.
-    let e = c.request_address("10.77.0.0/24", "10.77.0.250").await.err();
-    assert!(
-        e.contains("10.77.0.250") && e.contains("aux address"),
-        "{e}"
-    );
 
     let create = json!({
         "NetworkID": "net1",
@@ -73,6 +66,13 @@ async fn every_method_answers_and_repeats_are_idempotent() {
     assert_eq!(
         c.call("NetworkDriver.CreateNetwork", create).await.ok(),
         json!({})
+    );
+    // Once the network exists here, a given address is a container's (--ip),
+    // and a container never gets an aux address.
+    let e = c.request_address("10.77.0.0/24", "10.77.0.250").await.err();
+    assert!(
+        e.contains("10.77.0.250") && e.contains("aux address"),
+        "{e}"
     );
 
     let addr = c.request_address("10.77.0.0/24", "").await.ok();
@@ -257,6 +257,14 @@ async fn bad_input_gets_a_clear_error_and_the_plugin_keeps_serving() {
     // Addresses: outside, taken, double release, exhausted.
     c.request_pool("10.78.0.0/29").await.ok(); // 6 usable addresses
     c.request_gateway("10.78.0.0/29").await.ok();
+    // The network exists on this host, so a given address is a container's
+    // (--ip), not an aux reservation.
+    c.call(
+        "NetworkDriver.CreateNetwork",
+        json!({"NetworkID": "n78", "IPv4Data": [{"AddressSpace": "RustOverlayLocal", "Pool": "10.78.0.0/29"}]}),
+    )
+    .await
+    .ok();
     let e = c.request_address("10.78.0.0/29", "10.9.9.9").await.err();
     assert!(e.contains("not in subnet"), "{e}");
     let e = c.request_address("10.78.0.0/29", "10.78.0.7").await.err();
@@ -299,12 +307,6 @@ async fn bad_input_gets_a_clear_error_and_the_plugin_keeps_serving() {
     );
 
     // An unknown endpoint on a known network.
-    c.call(
-        "NetworkDriver.CreateNetwork",
-        json!({"NetworkID": "n78", "IPv4Data": [{"AddressSpace": "RustOverlayLocal", "Pool": "10.78.0.0/29"}]}),
-    )
-    .await
-    .ok();
     for m in [
         "NetworkDriver.Join",
         "NetworkDriver.Leave",

@@ -5,7 +5,7 @@ use super::parse::{self, AddressPurpose};
 use super::response::ApiResult;
 use super::wire::*;
 use super::{AppState, DockerJson};
-use crate::control::ipam::pool_id;
+use crate::control::ipam::{parse_pool_id, pool_id};
 use crate::error::PluginError;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -140,12 +140,12 @@ pub(super) async fn leave(
 
 pub(super) async fn ipam_capabilities(_body: Bytes) -> Json<IpamCapabilitiesResponse> {
     // No replay: pools and addresses live in the store and survive Docker's
-    // restarts; a replay would only count references twice. The MAC: Docker
-    // then adds it to every container's RequestAddress, which tells those
-    // apart from a network's aux reservations (sent with no options), so a
-    // container's --ip can never take an aux address.
+    // restarts; a replay would only count references twice. No MAC: the
+    // driver derives each container's MAC from its IPv4 address, so an
+    // address handed out again keeps its MAC and no container's ARP cache
+    // goes stale (with a MAC from Docker it would be random).
     Json(IpamCapabilitiesResponse {
-        requires_mac_address: true,
+        requires_mac_address: false,
         requires_request_replay: false,
     })
 }
@@ -187,8 +187,19 @@ pub(super) async fn request_address(
 ) -> ApiResult<Json<RequestAddressResponse>> {
     parse::require_pool_id(&req.pool_id)?;
     let wanted = parse::plain_ip(&req.address)?;
-    let addr = match (parse::address_purpose(req.options.as_ref()), wanted) {
-        (AddressPurpose::Aux, Some(ip)) => s.ipam.reserve_aux(&req.pool_id, ip).await?,
+    let purpose = parse::address_purpose(req.options.as_ref());
+    let addr = match (purpose, wanted) {
+        // Docker reserves a network's aux addresses while it creates the
+        // network on this host, before CreateNetwork: an unmarked request
+        // for a given address on a pool this host has no network on yet.
+        (AddressPurpose::Unmarked, Some(ip))
+            if !s
+                .driver
+                .has_network_on(&parse_pool_id(&req.pool_id)?)
+                .await? =>
+        {
+            s.ipam.reserve_aux(&req.pool_id, ip).await?
+        }
         (purpose, wanted) => {
             let gateway = purpose == AddressPurpose::Gateway;
             s.ipam

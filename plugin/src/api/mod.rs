@@ -18,6 +18,7 @@ use crate::control::ipam::Ipam;
 use crate::driver::Driver;
 use crate::error::PluginError;
 use crate::sync::readiness::Readiness;
+use crate::util::backoff::with_request_deadline;
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -129,7 +130,11 @@ async fn bounded(
     }
     async move {
         let started = std::time::Instant::now();
-        let resp = match tokio::time::timeout(limit, next.run(req)).await {
+        // Retries stop at 60% of the limit: the last round's store calls
+        // (each bounded by --store-timeout) then still fit before it.
+        let retry_deadline = tokio::time::Instant::now() + limit.mul_f64(0.6);
+        let run = with_request_deadline(retry_deadline, next.run(req));
+        let resp = match tokio::time::timeout(limit, run).await {
             Ok(resp) => resp,
             Err(_) => ApiError(PluginError::Internal(format!(
                 "{method} did not finish within {limit:?}; the store or the kernel is not answering, \

@@ -161,26 +161,22 @@ pub fn require_pool_id(pool_id: &str) -> Result<()> {
     Ok(())
 }
 
-/// Why Docker asks for an address.
+/// What RequestAddress's options say the address is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AddressPurpose {
     /// The network's gateway (`RequestAddressType` says so).
     Gateway,
-    /// A container's address: Docker adds the endpoint's MAC to the options
-    /// because our capabilities say `RequiresMACAddress` (newer engines add
-    /// the endpoint's name too).
+    /// A container's address: newer engines name the endpoint in the options.
     Endpoint,
-    /// A network's `--aux-address`: Docker reserves each while it creates
-    /// the network, with no options at all.
-    Aux,
+    /// Nothing says: a container's address on older engines, or one of a
+    /// network's aux addresses, which Docker reserves with no options at all
+    /// while it creates the network on a host.
+    Unmarked,
 }
 
-/// Tell from RequestAddress's options what the address is for. Only aux
-/// reservations come without an endpoint option, so a container's `--ip`
-/// can never take an aux address.
 pub fn address_purpose(options: Option<&HashMap<String, String>>) -> AddressPurpose {
     let Some(options) = options else {
-        return AddressPurpose::Aux;
+        return AddressPurpose::Unmarked;
     };
     if options
         .get(REQUEST_ADDRESS_TYPE)
@@ -194,7 +190,7 @@ pub fn address_purpose(options: Option<&HashMap<String, String>>) -> AddressPurp
     {
         return AddressPurpose::Endpoint;
     }
-    AddressPurpose::Aux
+    AddressPurpose::Unmarked
 }
 
 /// Docker sends a plain IP; accept a CIDR too, since some tools do.
@@ -235,16 +231,16 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect()
         };
-        assert_eq!(address_purpose(None), AddressPurpose::Aux);
-        assert_eq!(address_purpose(Some(&opts(&[]))), AddressPurpose::Aux);
+        assert_eq!(address_purpose(None), AddressPurpose::Unmarked);
+        assert_eq!(address_purpose(Some(&opts(&[]))), AddressPurpose::Unmarked);
         assert_eq!(
             address_purpose(Some(&opts(&[(REQUEST_ADDRESS_TYPE, GATEWAY_ADDRESS_TYPE)]))),
             AddressPurpose::Gateway
         );
         assert_eq!(
             address_purpose(Some(&opts(&[(
-                "com.docker.network.endpoint.macaddress",
-                "02:42:ac:11:00:02"
+                "com.docker.network.endpoint.name",
+                "web-1"
             )]))),
             AddressPurpose::Endpoint
         );

@@ -18,8 +18,8 @@ pub const IPAM_DRIVER: &str = "IpamDriver";
 /// Option key Docker uses on RequestAddress for the gateway request.
 pub const REQUEST_ADDRESS_TYPE: &str = "RequestAddressType";
 pub const GATEWAY_ADDRESS_TYPE: &str = "com.docker.network.gateway";
-/// Options of an endpoint's RequestAddress start with this (the MAC, which
-/// `RequiresMACAddress` makes Docker send; newer engines add the name).
+/// Options of a container's RequestAddress start with this on newer engines
+/// (the endpoint's name).
 pub const ENDPOINT_OPTION_PREFIX: &str = "com.docker.network.endpoint.";
 /// Generic options of a network (`-o key=value`).
 pub const GENERIC_OPTIONS: &str = "com.docker.network.generic";

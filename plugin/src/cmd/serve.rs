@@ -60,7 +60,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     ));
     let overlays = Arc::new(Overlays::new(store.clone(), &host));
     let live = watch_live_hosts(store.clone());
-    let peers = PeerSync::new(store.clone(), dataplane.clone(), host.clone(), live);
+    let peers = PeerSync::new(store.clone(), dataplane.clone(), host.clone(), live.clone());
     let devices = Arc::new(Devices::new(
         host.clone(),
         overlays.clone(),
@@ -89,6 +89,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             grace: Duration::from_secs(args.reclaim_grace),
             orphan_age: Duration::from_secs(args.orphan_age),
         },
+        live,
     );
     let driver = Arc::new(Driver::new(host.clone(), ipam.clone(), overlays, devices));
     let listener = socket::bind(&args.socket).await?;

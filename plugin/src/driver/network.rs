@@ -66,6 +66,16 @@ impl Driver {
         Ok(())
     }
 
+    /// True when one of this host's Docker networks uses the subnet.
+    pub async fn has_network_on(&self, subnet: &IpNetwork) -> Result<bool> {
+        Ok(self
+            .overlays
+            .local_networks()
+            .await?
+            .iter()
+            .any(|n| n.subnets.contains(subnet)))
+    }
+
     #[tracing::instrument(skip_all, fields(network = %network_id))]
     pub async fn delete_network(&self, network_id: &str) -> Result<()> {
         let Some(net) = self.overlays.delete_network(network_id).await? else {

@@ -1,15 +1,23 @@
-//! The reaper: every period, sweep this host's orphaned endpoints, notice
-//! hosts that hold state but are not registered, and reclaim each once it
-//! has been gone for the grace period without a break. What reclaiming
-//! writes, and its fence, is `control::reclaim`.
+//! The reaper: reclaims a gone host once it has been gone for the grace
+//! period without a break, and sweeps this host's orphaned endpoints. What
+//! reclaiming writes, and its fence, is `control::reclaim`.
+//!
+//! "Gone since" follows the live-hosts watch, not samples: a host that
+//! registers again, even briefly, starts its grace over, and a host is
+//! reclaimed when its grace ends (a timer), not at the next sample after.
+//! The period only paces the orphan sweep and the census that finds hosts
+//! holding state that were gone before this plugin started.
 
+use super::membership::LiveSet;
 use super::readiness::Readiness;
 use super::reconcile::Reconciler;
 use crate::control::reclaim::{census, reclaim_host};
 use kvstore_backends::KvStore;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
 
 #[derive(Debug, Clone)]
 pub struct ReaperConfig {
@@ -18,46 +26,153 @@ pub struct ReaperConfig {
     pub orphan_age: Duration,
 }
 
+/// When each gone host was last seen going.
+#[derive(Debug, Default)]
+struct GoneSince {
+    hosts: HashMap<String, Instant>,
+}
+
+impl GoneSince {
+    /// Follow a new live set: hosts in it are not gone; hosts that left it
+    /// are gone from now on (unless already counted).
+    fn update(&mut self, live: &LiveSet, before: &LiveSet, now: Instant) {
+        let Some(live) = live else { return };
+        self.hosts.retain(|h, _| !live.contains(h));
+        if let Some(before) = before {
+            for h in before.iter().filter(|h| !live.contains(*h)) {
+                self.hosts.entry(h.clone()).or_insert(now);
+            }
+        }
+    }
+
+    /// The earliest moment a gone host's grace ends.
+    fn next_due(&self, grace: Duration) -> Option<Instant> {
+        self.hosts.values().map(|t| *t + grace).min()
+    }
+}
+
 pub async fn run(
     store: Arc<dyn KvStore>,
     me: String,
     ready: Readiness,
     reconciler: Arc<Reconciler>,
     config: ReaperConfig,
+    mut live: watch::Receiver<LiveSet>,
 ) {
-    let mut gone_since: HashMap<String, Instant> = HashMap::new();
+    let mut gone = GoneSince::default();
+    let mut seen: LiveSet = live.borrow_and_update().clone();
+    let mut next_tick = Instant::now() + config.period;
     loop {
-        tokio::time::sleep(config.period).await;
-        if ready.is_ready() {
-            if let Err(e) = reconciler.sweep_orphans(config.orphan_age).await {
-                tracing::warn!(error = %e, "orphaned-endpoint sweep failed");
-            }
-        }
-        let census = match census(store.as_ref()).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "reaper could not read the store");
-                continue;
-            }
-        };
-        gone_since.retain(|h, _| !census.registered.contains(h));
-        for (host, held) in &census.holdings {
-            if *host == me || census.registered.contains(host) || held.is_empty() {
-                continue;
-            }
-            let since = *gone_since.entry(host.clone()).or_insert_with(|| {
-                tracing::warn!(host = %host, grace = ?config.grace, "host is gone; reclaiming after the grace period");
-                Instant::now()
-            });
-            if since.elapsed() < config.grace {
-                continue;
-            }
-            match reclaim_host(store.clone(), host, held).await {
-                Ok(()) => {
-                    gone_since.remove(host);
+        let due = gone.next_due(config.grace);
+        tokio::select! {
+            changed = live.changed() => {
+                if changed.is_err() {
+                    return;
                 }
-                Err(e) => tracing::warn!(host = %host, error = %e, "reclaim stopped"),
+                let now_live = live.borrow_and_update().clone();
+                gone.update(&now_live, &seen, Instant::now());
+                seen = now_live;
+                continue;
             }
+            _ = tokio::time::sleep_until(next_tick) => {
+                next_tick = Instant::now() + config.period;
+                if ready.is_ready() {
+                    if let Err(e) = reconciler.sweep_orphans(config.orphan_age).await {
+                        tracing::warn!(error = %e, "orphaned-endpoint sweep failed");
+                    }
+                }
+            }
+            _ = sleep_until_opt(due) => {}
         }
+        reap(store.as_ref(), &store, &me, &mut gone, &config, &seen).await;
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Read who holds what; count hosts holding state that are not registered
+/// as gone (from now, if not counted yet); reclaim those past their grace.
+async fn reap(
+    store: &dyn KvStore,
+    shared: &Arc<dyn KvStore>,
+    me: &str,
+    gone: &mut GoneSince,
+    config: &ReaperConfig,
+    live: &LiveSet,
+) {
+    let census = match census(store).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "reaper could not read the store");
+            return;
+        }
+    };
+    let now = Instant::now();
+    for (host, held) in &census.holdings {
+        let registered =
+            census.registered.contains(host) || live.as_ref().is_some_and(|l| l.contains(host));
+        if host == me || registered || held.is_empty() {
+            gone.hosts.remove(host);
+            continue;
+        }
+        let since = *gone.hosts.entry(host.clone()).or_insert_with(|| {
+            tracing::warn!(host = %host, grace = ?config.grace, "host is gone; reclaiming after the grace period");
+            now
+        });
+        if now.duration_since(since) < config.grace {
+            continue;
+        }
+        // The fence in every write makes this safe even if the host
+        // registers again right now.
+        match reclaim_host(shared.clone(), host, held).await {
+            Ok(()) => {
+                gone.hosts.remove(host);
+            }
+            Err(e) => tracing::warn!(host = %host, error = %e, "reclaim stopped"),
+        }
+    }
+    // Hosts gone that hold nothing any more need no timer.
+    gone.hosts
+        .retain(|h, _| census.holdings.get(h).is_some_and(|held| !held.is_empty()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    fn set(hosts: &[&str]) -> LiveSet {
+        Some(Arc::new(
+            hosts.iter().map(|h| h.to_string()).collect::<HashSet<_>>(),
+        ))
+    }
+
+    #[test]
+    fn a_host_that_comes_back_starts_its_grace_over() {
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(10);
+        let mut gone = GoneSince::default();
+        gone.update(&set(&["a"]), &set(&["a", "b"]), t0);
+        assert_eq!(gone.next_due(grace), Some(t0 + grace));
+        // b registers again briefly, then goes again 7 s later.
+        gone.update(&set(&["a", "b"]), &set(&["a"]), t0 + Duration::from_secs(5));
+        assert_eq!(gone.next_due(grace), None, "b is back: no timer");
+        let t1 = t0 + Duration::from_secs(7);
+        gone.update(&set(&["a"]), &set(&["a", "b"]), t1);
+        assert_eq!(gone.next_due(grace), Some(t1 + grace), "a fresh grace");
+    }
+
+    #[test]
+    fn an_unknown_live_set_changes_nothing() {
+        let t0 = Instant::now();
+        let mut gone = GoneSince::default();
+        gone.update(&set(&["a"]), &set(&["a", "b"]), t0);
+        gone.update(&None, &set(&["a"]), t0 + Duration::from_secs(1));
+        assert_eq!(gone.hosts.len(), 1);
     }
 }

@@ -2,7 +2,7 @@
 //! readiness, and reacts to the registration's lease events. Loops get what
 //! they need (a store, a reconciler, a channel), never the whole driver.
 
-use super::membership::{LeaseEvent, Registration};
+use super::membership::{LeaseEvent, LiveSet, Registration};
 use super::readiness::Readiness;
 use super::reaper::{self, ReaperConfig};
 use super::reconcile::Reconciler;
@@ -26,6 +26,7 @@ pub fn start(
     registration: Registration,
     reconciler: Arc<Reconciler>,
     reaper_config: ReaperConfig,
+    live: watch::Receiver<LiveSet>,
 ) -> Running {
     let ready = Readiness::new(true);
     let (fatal_tx, fatal) = watch::channel(None);
@@ -57,6 +58,7 @@ pub fn start(
                 ready.clone(),
                 reconciler.clone(),
                 reaper_config.clone(),
+                live.clone(),
             )
         });
     }

@@ -12,8 +12,22 @@
 //! down, a watch that broke), doubling from a minimum to a maximum and reset
 //! by a success, so a dead store costs little and a live one is found fast.
 
+use std::future::Future;
 use std::time::Duration;
 use tokio::time::Instant;
+
+tokio::task_local! {
+    /// When the Docker request this task serves must have an answer.
+    static REQUEST_DEADLINE: Instant;
+}
+
+/// Run `f` with a request deadline: every [`Retry`] inside ends by it, so
+/// retries nested in one request (a pool reference inside a pool claim, an
+/// allocation inside a gateway request) share one budget and the request
+/// answers with our own error instead of being cut off mid-transaction.
+pub async fn with_request_deadline<F: Future>(deadline: Instant, f: F) -> F::Output {
+    REQUEST_DEADLINE.scope(deadline, f).await
+}
 
 /// Longest single pause between CAS retries.
 const MAX_PAUSE_MS: u64 = 50;
@@ -27,10 +41,16 @@ pub struct Retry {
 }
 
 impl Retry {
+    /// Retries for [`RETRY_BUDGET`], or until the request deadline if one
+    /// is set and earlier.
     pub fn new() -> Self {
+        let budget = Instant::now() + RETRY_BUDGET;
+        let deadline = REQUEST_DEADLINE
+            .try_with(|d| (*d).min(budget))
+            .unwrap_or(budget);
         Retry {
             attempt: 0,
-            deadline: Instant::now() + RETRY_BUDGET,
+            deadline,
         }
     }
 
@@ -104,6 +124,25 @@ mod tests {
             }
         }
         assert!(n > 10 && n < 100_000, "{n} tries");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nested_retries_share_the_request_deadline() {
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(3);
+        with_request_deadline(deadline, async {
+            let mut outer = Retry::new();
+            while outer.next().await {
+                let mut inner = Retry::new();
+                while inner.next().await {}
+            }
+        })
+        .await;
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_secs(3) && took < Duration::from_secs(4),
+            "{took:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -415,18 +415,17 @@ impl Client {
         .await
     }
 
-    /// A container's address, as Docker asks for it: with the endpoint's
-    /// MAC in the options (our capabilities say RequiresMACAddress).
+    /// A container's address, as Docker 20.10 asks for it (no options).
     pub async fn request_address(&self, pool_id: &str, address: &str) -> Reply {
         self.call(
             "IpamDriver.RequestAddress",
-            serde_json::json!({"PoolID": pool_id, "Address": address,
-                "Options": {"com.docker.network.endpoint.macaddress": "02:42:ac:11:00:02"}}),
+            serde_json::json!({"PoolID": pool_id, "Address": address, "Options": {}}),
         )
         .await
     }
 
-    /// A network's aux address, as Docker reserves it: no options.
+    /// A network's aux address, as Docker reserves it before CreateNetwork:
+    /// no options.
     pub async fn request_aux(&self, pool_id: &str, address: &str) -> Reply {
         self.call(
             "IpamDriver.RequestAddress",
