@@ -86,3 +86,29 @@ async fn a_host_id_whose_registration_expired_can_be_taken_by_another_vtep() {
         Some("192.0.2.9")
     );
 }
+
+#[tokio::test]
+async fn one_host_is_the_reaper_and_another_takes_over_when_its_lease_ends() {
+    use rustoverlay::sync::leader::Leadership;
+    let store: Arc<dyn KvStore> = Arc::new(MemoryStore::new());
+    let ttl = Duration::from_secs(1);
+    let mut a = Leadership::new(store.clone(), "a".into(), ttl);
+    let mut b = Leadership::new(store.clone(), "b".into(), ttl);
+    assert!(a.hold().await, "the first to ask becomes the reaper");
+    assert!(!b.hold().await, "one reaper at a time");
+    assert!(a.hold().await, "the reaper keeps the role while it renews");
+    assert!(!b.hold().await);
+    // a stops renewing (dies): its lease ends, and b takes the role.
+    drop(a);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !b.hold().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b never became the reaper after a's lease ended"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A restarted a (a fresh lease) does not take the role back.
+    let mut a = Leadership::new(store.clone(), "a".into(), ttl);
+    assert!(!a.hold().await);
+}

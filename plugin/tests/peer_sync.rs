@@ -197,3 +197,49 @@ async fn every_host_holds_every_other_hosts_endpoints() {
         .await;
     }
 }
+
+#[tokio::test]
+async fn removing_a_stale_record_keeps_the_entries_of_the_address_s_new_owner() {
+    use kvstore_backends::KvStore;
+    use rustoverlay::state::keys;
+    let s = store();
+    let a = Host::start(&s, "a", "192.0.2.1").await;
+    let b = Host::start(&s, "b", "192.0.2.2").await;
+    let c = Host::start(&s, "c", "192.0.2.3").await;
+    let net_a = a.create_network("net-a", SUBNET).await;
+    b.create_network("net-b", SUBNET).await;
+    c.create_network("net-c", SUBNET).await;
+    let eb = b.run("net-b", "ebbbbbbbbbbbbbbb").await;
+    let stale = a.run("net-a", "eaaaaaaaaaaaaaaa").await;
+    eventually("b learns a's endpoint", || b.has_peer(VNI, &stale)).await;
+    // a's DeleteEndpoint timed out (the record stayed) but its address was
+    // released, and c was given the same address (and so the same MAC).
+    a.ipam
+        .release_address(&stale.pool, stale.ip())
+        .await
+        .unwrap();
+    let owner = c
+        .create_endpoint_with("net-c", "ecccccccccccccccc", Some(stale.ip()), None)
+        .await;
+    assert_eq!(owner.mac, stale.mac, "the address derives the MAC");
+    eventually("b sends the address to its new owner's host", || {
+        b.has_peer(VNI, &owner)
+    })
+    .await;
+    // The stale record goes (the orphan sweep, or a late DeleteEndpoint).
+    s.delete(&keys::endpoint(&net_a.overlay, &stale.endpoint_id))
+        .await
+        .unwrap();
+    // A marker endpoint after it: once b has it, b has applied the delete.
+    let marker = a.run("net-a", "emmmmmmmmmmmmmmm").await;
+    eventually("b applied everything up to the marker", || {
+        b.has_peer(VNI, &marker)
+    })
+    .await;
+    assert_eq!(
+        b.kernel_peers(VNI),
+        exactly(&[&owner, &marker]),
+        "the new owner's entries survive the stale record's removal"
+    );
+    let _ = eb;
+}

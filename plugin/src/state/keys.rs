@@ -13,6 +13,7 @@
 //! /rustoverlay/v1/overlay/<overlay>/ep/<ep>       endpoint: address, MAC, host, VTEP
 //! /rustoverlay/v1/host/<host>/net/<docker-net>    this host's Docker network -> overlay
 //! /rustoverlay/v1/hosts/<host>                    live host registration (under a lease)
+//! /rustoverlay/v1/reaper                          the host that reclaims gone hosts (under its lease)
 //! ```
 //!
 //! `<pool>` and `<overlay>` are the subnet with `/` replaced by `_`
@@ -91,6 +92,10 @@ pub fn hosts() -> String {
 
 pub fn host_registration(host: &str) -> String {
     format!("{ROOT}hosts/{host}")
+}
+
+pub fn reaper() -> String {
+    format!("{ROOT}reaper")
 }
 
 #[cfg(test)]

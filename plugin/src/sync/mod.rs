@@ -3,10 +3,12 @@
 //! (`peers`), membership (`membership`: registration and the live set), the
 //! devices that follow local endpoints (`devices`), reconciliation at start,
 //! after a lost lease and of orphans (`reconcile`), the gone-host reaper
-//! (`reaper`), and the supervisor that starts them and owns readiness.
+//! (`reaper`, one per cluster, elected in `leader`), and the supervisor that
+//! starts them and owns readiness.
 
 pub mod devices;
 pub mod follow;
+pub mod leader;
 pub mod membership;
 pub mod peers;
 pub mod readiness;

@@ -18,6 +18,7 @@ use crate::util::task::spawn_supervised;
 use async_trait::async_trait;
 use kvstore_backends::{EventKind, KvStore, RangeResponse, WatchEvent};
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -138,60 +139,54 @@ impl Follower for Worker {
                 Err(e) => tracing::warn!(key = %kv.key, error = %e, "unreadable endpoint record"),
             }
         }
-        let wanted: Vec<PeerEntry> = known
-            .values()
-            .filter(|ep| self.is_remote(ep))
-            .flat_map(entries)
-            .collect();
+        self.known = known;
+        let want = self.desired();
         let have = self.dataplane.peers(self.vni).await?;
         let (mut added, mut removed) = (0, 0);
-        let wanted_macs: HashSet<[u8; 6]> = wanted.iter().map(|e| e.mac).collect();
-        let wanted_ips: HashSet<std::net::IpAddr> = wanted.iter().filter_map(|e| e.ip).collect();
-        for (mac, _) in have.fdb.iter().filter(|(m, _)| !wanted_macs.contains(*m)) {
+        for mac in have.fdb.keys().filter(|m| !want.fdb.contains_key(*m)) {
             self.dataplane.remove_peer(self.vni, *mac, None).await?;
             removed += 1;
         }
-        for ip in have.neigh.keys().filter(|ip| !wanted_ips.contains(*ip)) {
+        for ip in have.neigh.keys().filter(|ip| !want.neigh.contains_key(*ip)) {
             self.dataplane.remove_neighbour(self.vni, *ip).await?;
             removed += 1;
         }
-        for e in &wanted {
-            let fdb_ok = have.fdb.get(&e.mac) == Some(&e.vtep);
-            let neigh_ok = e.ip.is_none_or(|ip| have.neigh.get(&ip) == Some(&e.mac));
+        for entry in want.entries() {
+            let fdb_ok = have.fdb.get(&entry.mac) == Some(&entry.vtep);
+            let neigh_ok = entry
+                .ip
+                .is_none_or(|ip| have.neigh.get(&ip) == Some(&entry.mac));
             if !(fdb_ok && neigh_ok) {
-                self.dataplane.add_peer(self.vni, e).await?;
+                self.dataplane.add_peer(self.vni, &entry).await?;
                 added += 1;
             }
         }
         tracing::info!(
-            endpoints = known.len(),
+            endpoints = self.known.len(),
             added,
             removed,
             revision = snapshot.revision,
             "peers reconciled"
         );
-        self.known = known;
         Ok(())
     }
 
     async fn apply(&mut self, event: WatchEvent) -> anyhow::Result<()> {
         let id = self.id_of(&event.kv.key);
-        match event.kind {
+        let (old, new) = match event.kind {
             EventKind::Put => match serde_json::from_slice::<EndpointRecord>(&event.kv.value) {
-                Ok(ep) => {
-                    let old = self.known.insert(id, ep.clone());
-                    self.apply_put(old.as_ref(), &ep).await
-                }
+                Ok(ep) => (self.known.insert(id, ep.clone()), Some(ep)),
                 Err(e) => {
                     tracing::warn!(key = %event.kv.key, error = %e, "unreadable endpoint record");
-                    Ok(())
+                    return Ok(());
                 }
             },
-            EventKind::Delete => match self.known.remove(&id) {
-                Some(old) => self.apply_delete(&old).await,
-                None => Ok(()),
-            },
-        }
+            EventKind::Delete => (self.known.remove(&id), None),
+        };
+        // The entries of every MAC and IP the change touches are derived
+        // again from all records: another record may share them.
+        let touched: Vec<PeerEntry> = old.iter().chain(new.iter()).flat_map(entries).collect();
+        self.settle(&touched).await
     }
 
     /// A host came or went: the wanted entries changed.
@@ -220,41 +215,105 @@ impl Worker {
             }
     }
 
-    async fn apply_put(
-        &self,
-        old: Option<&EndpointRecord>,
-        ep: &EndpointRecord,
-    ) -> anyhow::Result<()> {
-        if let Some(old) = old {
-            if old.host != self.host
-                && (old.mac != ep.mac || old.ipv4 != ep.ipv4 || !self.is_remote(ep))
-            {
-                self.apply_delete(old).await?;
+    /// What the kernel should hold: for every MAC and IP of a live remote
+    /// endpoint, the entry of the newest record that has it. Two records can
+    /// share an address for a moment (a stale record beside a re-issued
+    /// one); deriving entries from all records means removing one record
+    /// never removes the other's entries.
+    fn desired(&self) -> Desired {
+        let mut remote: Vec<&EndpointRecord> = self
+            .known
+            .values()
+            .filter(|ep| self.is_remote(ep))
+            .collect();
+        remote.sort_by(|a, b| (a.created_at, &a.endpoint_id).cmp(&(b.created_at, &b.endpoint_id)));
+        let mut want = Desired::default();
+        for ep in remote {
+            for entry in entries(ep) {
+                want.fdb.insert(entry.mac, entry.vtep);
+                if let Some(ip) = entry.ip {
+                    want.neigh.insert(ip, entry.mac);
+                }
             }
         }
-        if !self.is_remote(ep) {
-            return Ok(());
-        }
-        for entry in entries(ep) {
-            self.dataplane.add_peer(self.vni, &entry).await?;
-        }
-        tracing::debug!(endpoint = %ep.endpoint_id, host = %ep.host, "peer added");
-        Ok(())
+        want
     }
 
-    async fn apply_delete(&self, ep: &EndpointRecord) -> anyhow::Result<()> {
-        // Whatever the host's liveness: a local endpoint has no entries, a
-        // remote one's must go.
-        if ep.host == self.host {
+    /// Make the kernel's entries for these MACs and IPs what the records
+    /// say (see [`Worker::desired`]).
+    async fn settle(&self, touched: &[PeerEntry]) -> anyhow::Result<()> {
+        if touched.is_empty() {
             return Ok(());
         }
-        for entry in entries(ep) {
-            self.dataplane
-                .remove_peer(self.vni, entry.mac, entry.ip)
-                .await?;
+        let want = self.desired();
+        let mut macs_done = HashSet::new();
+        for ip in touched.iter().filter_map(|e| e.ip) {
+            match want.neigh.get(&ip) {
+                Some(mac) => {
+                    let vtep = want.fdb[mac];
+                    let entry = PeerEntry {
+                        mac: *mac,
+                        ip: Some(ip),
+                        vtep,
+                    };
+                    self.dataplane.add_peer(self.vni, &entry).await?;
+                    macs_done.insert(*mac);
+                }
+                None => self.dataplane.remove_neighbour(self.vni, ip).await?,
+            }
         }
-        tracing::debug!(endpoint = %ep.endpoint_id, host = %ep.host, "peer removed");
+        for mac in touched.iter().map(|e| e.mac) {
+            if !macs_done.insert(mac) {
+                continue;
+            }
+            match want.fdb.get(&mac) {
+                Some(vtep) => {
+                    let entry = PeerEntry {
+                        mac,
+                        ip: None,
+                        vtep: *vtep,
+                    };
+                    self.dataplane.add_peer(self.vni, &entry).await?
+                }
+                None => self.dataplane.remove_peer(self.vni, mac, None).await?,
+            }
+        }
+        tracing::debug!(entries = touched.len(), "peers settled");
         Ok(())
+    }
+}
+
+/// The entries the kernel should hold for an overlay.
+#[derive(Debug, Default)]
+struct Desired {
+    fdb: HashMap<[u8; 6], IpAddr>,
+    neigh: HashMap<IpAddr, [u8; 6]>,
+}
+
+impl Desired {
+    /// As add operations: each IP with its MAC, then MACs without an IP.
+    fn entries(&self) -> Vec<PeerEntry> {
+        let mut out: Vec<PeerEntry> = self
+            .neigh
+            .iter()
+            .map(|(ip, mac)| PeerEntry {
+                mac: *mac,
+                ip: Some(*ip),
+                vtep: self.fdb[mac],
+            })
+            .collect();
+        let with_ip: HashSet<[u8; 6]> = out.iter().map(|e| e.mac).collect();
+        out.extend(
+            self.fdb
+                .iter()
+                .filter(|(mac, _)| !with_ip.contains(*mac))
+                .map(|(mac, vtep)| PeerEntry {
+                    mac: *mac,
+                    ip: None,
+                    vtep: *vtep,
+                }),
+        );
+        out
     }
 }
 
@@ -264,7 +323,7 @@ fn entries(ep: &EndpointRecord) -> Vec<PeerEntry> {
         tracing::warn!(endpoint = %ep.endpoint_id, mac = %ep.mac, "endpoint with an invalid MAC");
         return vec![];
     };
-    let ips: Vec<Option<std::net::IpAddr>> = match (ep.ipv4, ep.ipv6) {
+    let ips: Vec<Option<IpAddr>> = match (ep.ipv4, ep.ipv6) {
         (None, None) => vec![None],
         (a, b) => [a, b].into_iter().flatten().map(|n| Some(n.ip())).collect(),
     };

@@ -6,8 +6,11 @@
 //! registers again, even briefly, starts its grace over, and a host is
 //! reclaimed when its grace ends (a timer), not at the next sample after.
 //! The period only paces the orphan sweep and the census that finds hosts
-//! holding state that were gone before this plugin started.
+//! holding state that were gone before this plugin started. Every host
+//! follows liveness and sweeps its own orphans; only the elected reaper
+//! (`leader`) reads the census and reclaims.
 
+use super::leader::Leadership;
 use super::membership::LiveSet;
 use super::readiness::Readiness;
 use super::reconcile::Reconciler;
@@ -26,10 +29,17 @@ pub struct ReaperConfig {
     pub orphan_age: Duration,
 }
 
-/// When each gone host was last seen going.
+/// A gone host: since when, and when a failed reclaim may be tried again.
+#[derive(Debug, Clone, Copy)]
+struct Gone {
+    since: Instant,
+    retry_at: Option<Instant>,
+}
+
+/// The gone hosts this plugin knows of.
 #[derive(Debug, Default)]
 struct GoneSince {
-    hosts: HashMap<String, Instant>,
+    hosts: HashMap<String, Gone>,
 }
 
 impl GoneSince {
@@ -40,14 +50,23 @@ impl GoneSince {
         self.hosts.retain(|h, _| !live.contains(h));
         if let Some(before) = before {
             for h in before.iter().filter(|h| !live.contains(*h)) {
-                self.hosts.entry(h.clone()).or_insert(now);
+                self.hosts.entry(h.clone()).or_insert(Gone {
+                    since: now,
+                    retry_at: None,
+                });
             }
         }
     }
 
-    /// The earliest moment a gone host's grace ends.
+    /// The earliest moment a gone host may be reclaimed.
     fn next_due(&self, grace: Duration) -> Option<Instant> {
-        self.hosts.values().map(|t| *t + grace).min()
+        self.hosts
+            .values()
+            .map(|g| match g.retry_at {
+                Some(r) => r.max(g.since + grace),
+                None => g.since + grace,
+            })
+            .min()
     }
 }
 
@@ -61,9 +80,17 @@ pub async fn run(
 ) {
     let mut gone = GoneSince::default();
     let mut seen: LiveSet = live.borrow_and_update().clone();
+    // The role lapses three missed periods after its holder stops.
+    let mut leader = Leadership::new(store.clone(), me.clone(), config.period * 3);
     let mut next_tick = Instant::now() + config.period;
+    let mut leading = false;
     loop {
-        let due = gone.next_due(config.grace);
+        // Only the reaper wakes for a grace's end; the others just follow.
+        let due = if leading {
+            gone.next_due(config.grace)
+        } else {
+            None
+        };
         tokio::select! {
             changed = live.changed() => {
                 if changed.is_err() {
@@ -84,7 +111,10 @@ pub async fn run(
             }
             _ = sleep_until_opt(due) => {}
         }
-        reap(store.as_ref(), &store, &me, &mut gone, &config, &seen).await;
+        leading = leader.hold().await;
+        if leading {
+            reap(store.as_ref(), &store, &me, &mut gone, &config, &seen).await;
+        }
     }
 }
 
@@ -120,11 +150,15 @@ async fn reap(
             gone.hosts.remove(host);
             continue;
         }
-        let since = *gone.hosts.entry(host.clone()).or_insert_with(|| {
+        let entry = gone.hosts.entry(host.clone()).or_insert_with(|| {
             tracing::warn!(host = %host, grace = ?config.grace, "host is gone; reclaiming after the grace period");
-            now
+            Gone {
+                since: now,
+                retry_at: None,
+            }
         });
-        if now.duration_since(since) < config.grace {
+        if now.duration_since(entry.since) < config.grace || entry.retry_at.is_some_and(|r| now < r)
+        {
             continue;
         }
         // The fence in every write makes this safe even if the host
@@ -133,7 +167,10 @@ async fn reap(
             Ok(()) => {
                 gone.hosts.remove(host);
             }
-            Err(e) => tracing::warn!(host = %host, error = %e, "reclaim stopped"),
+            Err(e) => {
+                entry.retry_at = Some(now + config.period);
+                tracing::warn!(host = %host, error = %e, retry_in = ?config.period, "reclaim stopped");
+            }
         }
     }
     // Hosts gone that hold nothing any more need no timer.
@@ -174,5 +211,16 @@ mod tests {
         gone.update(&set(&["a"]), &set(&["a", "b"]), t0);
         gone.update(&None, &set(&["a"]), t0 + Duration::from_secs(1));
         assert_eq!(gone.hosts.len(), 1);
+    }
+
+    #[test]
+    fn a_failed_reclaim_waits_before_the_next_try() {
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(10);
+        let mut gone = GoneSince::default();
+        gone.update(&set(&[]), &set(&["b"]), t0);
+        let retry = t0 + Duration::from_secs(15);
+        gone.hosts.get_mut("b").unwrap().retry_at = Some(retry);
+        assert_eq!(gone.next_due(grace), Some(retry));
     }
 }
