@@ -463,3 +463,68 @@ async fn a_network_reclaimed_while_its_host_was_cut_off_is_unknown_to_it_afterwa
         "no endpoint of a on the overlay"
     );
 }
+
+#[tokio::test]
+async fn the_reaper_frees_an_address_that_stays_unbound_and_spares_young_and_bound_ones() {
+    use rustoverlay::sync::readiness::Readiness;
+    use rustoverlay::sync::reaper::{self, ReaperConfig};
+    let s = store();
+    let a = Host::start(&s, "a", "192.0.2.1").await;
+    a.create_network("net-a", SUBNET).await;
+    let bound = a.run("net-a", "eaaaaaaaaaaaaaaa").await;
+    // A RequestAddress whose endpoint never came.
+    let leaked = a
+        .ipam
+        .request_address(POOL, None, false)
+        .await
+        .unwrap()
+        .ip();
+    let orphan_age = Duration::from_millis(600);
+    let started = std::time::Instant::now();
+    let task = tokio::spawn(reaper::run(
+        s.clone(),
+        "a".into(),
+        Readiness::new(true),
+        a.reconciler.clone(),
+        ReaperConfig {
+            period: Duration::from_millis(100),
+            grace: HOUR,
+            orphan_age,
+        },
+        a.live.clone(),
+    ));
+    let addr_key = keys::pool_addr(SEG, leaked);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.get(&addr_key).await.unwrap().is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the leaked address was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        started.elapsed() >= orphan_age,
+        "freed after {:?}, before it was unbound for {orphan_age:?}",
+        started.elapsed()
+    );
+    // A new unbound address is young: left alone for now.
+    let young = a
+        .ipam
+        .request_address(POOL, None, false)
+        .await
+        .unwrap()
+        .ip();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        s.get(&keys::pool_addr(SEG, young)).await.unwrap().is_some(),
+        "young address freed"
+    );
+    assert!(
+        s.get(&keys::pool_addr(SEG, bound.ip()))
+            .await
+            .unwrap()
+            .is_some(),
+        "a bound address is never collected"
+    );
+    task.abort();
+}

@@ -8,15 +8,18 @@
 //! The period only paces the orphan sweep and the census that finds hosts
 //! holding state that were gone before this plugin started. Every host
 //! follows liveness and sweeps its own orphans; only the elected reaper
-//! (`leader`) reads the census and reclaims.
+//! (`leader`) reads the census, reclaims, and frees addresses that stayed
+//! bound to no endpoint for `--orphan-age`.
 
 use super::leader::Leadership;
 use super::membership::LiveSet;
 use super::readiness::Readiness;
 use super::reconcile::Reconciler;
-use crate::control::reclaim::{census, reclaim_host};
-use kvstore_backends::KvStore;
+use crate::control::ipam::Ipam;
+use crate::control::reclaim::{census, reclaim_host, Census, UnboundAddress};
+use kvstore_backends::{KvStore, Revision};
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -41,6 +44,11 @@ struct Gone {
 struct GoneSince {
     hosts: HashMap<String, Gone>,
 }
+
+/// Addresses handed out but bound to no endpoint, by (pool, address, record
+/// revision), with when this reaper first saw each so. Ages are measured on
+/// this process's own monotonic clock, never by comparing hosts' clocks.
+type Unbound = HashMap<(String, IpAddr, Revision), Instant>;
 
 impl GoneSince {
     /// Follow a new live set: hosts in it are not gone; hosts that left it
@@ -84,6 +92,7 @@ pub async fn run(
     let mut leader = Leadership::new(store.clone(), me.clone(), config.period * 3);
     let mut next_tick = Instant::now() + config.period;
     let mut leading = false;
+    let mut unbound = Unbound::new();
     loop {
         // Only the reaper wakes for a grace's end; the others just follow.
         let due = if leading {
@@ -113,7 +122,53 @@ pub async fn run(
         }
         leading = leader.hold().await;
         if leading {
-            reap(store.as_ref(), &store, &me, &mut gone, &config, &seen).await;
+            reap(
+                store.as_ref(),
+                &store,
+                &me,
+                &mut gone,
+                &config,
+                &seen,
+                &mut unbound,
+            )
+            .await;
+        } else {
+            unbound.clear();
+        }
+    }
+}
+
+/// Free addresses that stayed bound to no endpoint, unchanged, for
+/// `min_age` as this reaper saw them: a RequestAddress whose endpoint never
+/// came (Docker gave up after a timeout that had committed, or crashed in
+/// between). A young one is left alone: its endpoint may be on its way.
+/// Addresses of gone hosts are left to reclaiming.
+async fn collect_unbound(
+    store: &Arc<dyn KvStore>,
+    census: &Census,
+    unbound: &mut Unbound,
+    min_age: Duration,
+    now: Instant,
+) {
+    let current: HashMap<(String, IpAddr, Revision), &UnboundAddress> = census
+        .unbound
+        .iter()
+        .filter(|u| census.registered.contains(&u.holder))
+        .map(|u| ((u.pool.clone(), u.ip, u.revision), u))
+        .collect();
+    unbound.retain(|k, _| current.contains_key(k));
+    for (key, u) in current {
+        let first_seen = *unbound.entry(key.clone()).or_insert(now);
+        if now.duration_since(first_seen) < min_age {
+            continue;
+        }
+        let ipam = Ipam::releasing_for(store.clone(), &u.holder);
+        match ipam.release_listed_address(&u.pool, u.ip, u.revision).await {
+            Ok(()) => {
+                tracing::warn!(address = %u.ip, pool = %u.pool, holder = %u.holder, "freed an address bound to no endpoint");
+                unbound.remove(&key);
+            }
+            Err(e) => tracing::info!(address = %u.ip, error = %e, "left an unbound address alone"),
         }
     }
 }
@@ -134,6 +189,7 @@ async fn reap(
     gone: &mut GoneSince,
     config: &ReaperConfig,
     live: &LiveSet,
+    unbound: &mut Unbound,
 ) {
     let census = match census(store).await {
         Ok(c) => c,
@@ -173,6 +229,7 @@ async fn reap(
             }
         }
     }
+    collect_unbound(shared, &census, unbound, config.orphan_age, now).await;
     // Hosts gone that hold nothing any more need no timer.
     gone.hosts
         .retain(|h, _| census.holdings.get(h).is_some_and(|held| !held.is_empty()));
