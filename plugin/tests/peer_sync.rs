@@ -6,19 +6,11 @@
 
 mod fake_host;
 
-use fake_host::{eventually, store, Ep, Host, PATIENCE, SUBNET, VNI};
-use rustoverlay::dataplane::{Dataplane, KernelPeers, PeerEntry};
+use fake_host::{eventually, exactly, store, Ep, Host, PATIENCE, SUBNET, VNI};
+use rustoverlay::dataplane::{Dataplane, PeerEntry};
 use rustoverlay::sync::membership::Registration;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-
-/// Exactly these endpoints' entries.
-fn exactly(eps: &[&Ep]) -> KernelPeers {
-    KernelPeers {
-        fdb: eps.iter().map(|e| (e.mac, e.vtep)).collect(),
-        neigh: eps.iter().map(|e| (e.ip(), e.mac)).collect(),
-    }
-}
 
 #[tokio::test]
 async fn an_endpoint_joined_on_one_host_becomes_entries_on_another_host_with_a_local_endpoint() {

@@ -8,17 +8,10 @@
 
 mod fake_host;
 
-use fake_host::{entered, eventually, finish, store, Ep, Host, SUBNET, SUBNET_2, VNI, VNI_2};
+use fake_host::{entered, eventually, exactly, finish, store, Host, SUBNET, SUBNET_2, VNI, VNI_2};
 use rustoverlay::dataplane::fake::FakeOp;
-use rustoverlay::dataplane::{Dataplane, KernelPeers};
+use rustoverlay::dataplane::Dataplane;
 use std::collections::BTreeSet;
-
-fn exactly(eps: &[&Ep]) -> KernelPeers {
-    KernelPeers {
-        fdb: eps.iter().map(|e| (e.mac, e.vtep)).collect(),
-        neigh: eps.iter().map(|e| (e.ip(), e.mac)).collect(),
-    }
-}
 
 /// Start-up reconciliation decides from one read of the store which
 /// overlays have a local endpoint, then visits the kernel's overlays one by

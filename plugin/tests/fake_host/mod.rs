@@ -61,6 +61,14 @@ pub struct Host {
     pub live: watch::Receiver<LiveSet>,
 }
 
+/// A kernel that holds exactly these endpoints' entries.
+pub fn exactly(eps: &[&Ep]) -> KernelPeers {
+    KernelPeers {
+        fdb: eps.iter().map(|e| (e.mac, e.vtep)).collect(),
+        neigh: eps.iter().map(|e| (e.ip(), e.mac)).collect(),
+    }
+}
+
 /// An endpoint as a test made it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ep {
