@@ -1,6 +1,7 @@
 //! The connections to etcd: one client per endpoint, built by the first call
 //! that needs it; calls that go to the endpoint that answered last and move
-//! on to the next only when it cannot be reached; and the connect options
+//! on to the next when it cannot be reached or is sick (no leader, stalled);
+//! and the connect options
 //! (timeouts, keep-alive pings, credentials, TLS) every client is built with.
 //! Every other part of the backend talks to etcd through [`Connections::call`].
 
@@ -12,7 +13,9 @@ use etcd_client::{
     Certificate, Client, ConnectOptions, Identity, KvClient, LeaseClient, TlsOptions, WatchClient,
 };
 
-use super::error::{describe, is_connect_error, map_error};
+use super::error::{
+    describe, is_connect_error, is_member_trouble, is_refused_without_leader, map_error,
+};
 use crate::{Result, StoreError, TlsFiles};
 
 /// Answers bigger than tonic's 4 MiB default (a large range) must not fail.
@@ -136,6 +139,21 @@ impl Connections {
                 }
                 Err(e) if is_connect_error(&e) => {
                     unreachable.push(format!("{}: {}", self.endpoints[i], describe(&e)));
+                }
+                Err(e) if !connecting && is_member_trouble(&e) => {
+                    // A sick member (no leader, stalled): leave it for the next
+                    // calls and watches, whoever answered last.
+                    let _ = self.preferred.compare_exchange(
+                        i,
+                        (i + 1) % n,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                    if is_refused_without_leader(&e) {
+                        unreachable.push(format!("{}: {}", self.endpoints[i], describe(&e)));
+                        continue;
+                    }
+                    return Err(map_error(&self.at(i), self.request_timeout, &what(), e));
                 }
                 Err(e) => {
                     return Err(match (&self.user, connecting) {

@@ -51,6 +51,28 @@ pub(super) fn is_connect_error(e: &etcd_client::Error) -> bool {
     false
 }
 
+/// An answer that says more about the member than about the request: it has
+/// no leader (in a minority), or it did not answer in time (stalled). Calls
+/// after it should go to another member, and so should watches.
+pub(super) fn is_member_trouble(e: &etcd_client::Error) -> bool {
+    matches!(
+        status_code(e),
+        Some(Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled)
+    )
+}
+
+/// The member refused the request because it has no leader: the request
+/// was not applied anywhere, so it can go to another member at once. (A
+/// timed-out request may have been applied, so it is never sent again.)
+pub(super) fn is_refused_without_leader(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            status.code() == Code::Unavailable && status.message().contains("no leader")
+        }
+        _ => false,
+    }
+}
+
 /// The message of an error with its causes, without tonic's metadata dump.
 pub(super) fn describe(e: &etcd_client::Error) -> String {
     let mut text = match e {

@@ -34,7 +34,7 @@ pub struct EtcdServer {
     pub probe_user: Option<(String, String)>,
 }
 
-fn etcd_binary() -> String {
+pub fn etcd_binary() -> String {
     let bin = std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".into());
     match Command::new(&bin).arg("--version").output() {
         Ok(out) if out.status.success() => bin,
