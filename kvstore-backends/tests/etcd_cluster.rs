@@ -2,6 +2,7 @@
 //! member that stops answering (stalled, or the leader gone) costs one call
 //! at most; the calls after it, and watches, go to the healthy members.
 
+#[allow(dead_code)] // shared test support; this file uses two helpers of it
 mod etcd_server;
 
 use etcd_server::{etcd_binary, free_port};
