@@ -25,9 +25,10 @@ pub enum Command {
     /// plugin that owns it is stopped.
     Dump(DumpArgs),
     /// List addresses bound to no endpoint and everything held by hosts that
-    /// are gone (unregistered); free them with --apply. Safe at any time:
-    /// nothing of a registered host is touched, and young addresses are left
-    /// alone.
+    /// are gone (unregistered); free the addresses with --apply (and the gone
+    /// hosts' holdings with --apply --gone-hosts). Safe at any time without
+    /// --gone-hosts: nothing of a host is reclaimed, and young addresses are
+    /// left alone.
     Gc(GcArgs),
 }
 
@@ -41,6 +42,11 @@ pub struct GcArgs {
     /// Only addresses handed out at least this many seconds ago.
     #[arg(long, default_value_t = 600)]
     pub min_age: u64,
+    /// With --apply, also reclaim hosts that are not registered, at once.
+    /// Only for machines gone for good: a plugin that is down or restarting
+    /// is not registered either (the cluster's reaper waits --reclaim-grace).
+    #[arg(long)]
+    pub gone_hosts: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]

@@ -13,7 +13,13 @@ pub async fn gc(args: GcArgs) -> anyhow::Result<()> {
         &args.store,
         secs(args.store.store_timeout, "--store-timeout")?,
     )?;
-    let report = reclaim::gc(store, args.apply, Duration::from_secs(args.min_age)).await?;
+    let report = reclaim::gc(
+        store,
+        args.apply,
+        Duration::from_secs(args.min_age),
+        args.gone_hosts,
+    )
+    .await?;
     print!("{report}");
     Ok(())
 }

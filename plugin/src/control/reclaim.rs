@@ -193,7 +193,12 @@ pub async fn reclaim_host(store: Arc<dyn KvStore>, host: &str, held: &Holdings) 
 
 /// `rustoverlay gc`: list (and with `apply` free) addresses bound to no
 /// endpoint and older than `min_age`, and everything of hosts that are gone.
-pub async fn gc(store: Arc<dyn KvStore>, apply: bool, min_age: Duration) -> Result<String> {
+pub async fn gc(
+    store: Arc<dyn KvStore>,
+    apply: bool,
+    min_age: Duration,
+    gone_hosts: bool,
+) -> Result<String> {
     let census = census(store.as_ref()).await?;
     let now = unix_now();
     let mut out = String::new();
@@ -211,9 +216,16 @@ pub async fn gc(store: Arc<dyn KvStore>, apply: bool, min_age: Duration) -> Resu
             held.addresses.len(),
             held.pool_refs.values().sum::<u32>()
         ));
-        if apply {
+        if apply && gone_hosts {
             reclaim_host(store.clone(), host, held).await?;
             out.push_str(&format!("  reclaimed host {host}\n"));
+        } else {
+            // A plugin that is down or restarting is not registered either:
+            // the cluster's reaper reclaims after --reclaim-grace.
+            out.push_str(&format!(
+                "  left to the cluster's reaper (after --reclaim-grace); --apply --gone-hosts \
+                 reclaims it now, only if host {host} is gone for good\n"
+            ));
         }
     }
     let gone_hosts: HashSet<&String> = gone.iter().map(|(h, _)| *h).collect();
