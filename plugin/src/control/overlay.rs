@@ -309,37 +309,65 @@ impl Overlays {
         ))
     }
 
-    /// Store an endpoint. Idempotent for the same endpoint; refuses an ID that
-    /// is already used differently.
+    /// Store an endpoint, bound to its addresses in the same transaction.
+    /// Idempotent for the same endpoint; refuses an ID that is already used
+    /// differently, and an address bound to another endpoint.
     pub async fn create_endpoint(&self, net: &LocalNetwork, ep: &EndpointRecord) -> Result<()> {
         let key = keys::endpoint(&net.overlay, &ep.endpoint_id);
-        let existing = self
+        let bound = bound_keys(net, ep);
+        let mut compares = vec![Compare::absent(&key)];
+        let mut ops = vec![Op::put(&key, encode(ep))];
+        let mut reads = vec![Op::get(&key)];
+        for b in &bound {
+            compares.push(Compare::absent(b));
+            ops.push(Op::put(b, ep.endpoint_id.clone()));
+            reads.push(Op::get(b));
+        }
+        let resp = self
             .store
-            .create_if_absent(&key, encode(ep))
+            .txn(Txn::new().when(compares).and_then(ops).or_else(reads))
             .await
             .ctx(|| format!("store endpoint {}", ep.endpoint_id))?;
-        match existing {
-            None => Ok(()),
-            Some(kv) => {
-                let current: EndpointRecord = decode(&kv)?;
-                // A replay: the same endpoint, only created at another time.
-                let replay = EndpointRecord {
-                    created_at: current.created_at,
-                    ..ep.clone()
-                };
-                if current == replay {
-                    Ok(())
-                } else {
-                    Err(PluginError::Conflict(format!(
-                        "endpoint {} already exists with other settings (host {}, address {}); \
-                         remove the container and start it again",
-                        ep.endpoint_id,
-                        current.host,
-                        current.ipv4.map(|a| a.to_string()).unwrap_or_default()
-                    )))
-                }
+        if resp.succeeded {
+            return Ok(());
+        }
+        let mut results = resp.results.into_iter().map(|r| match r {
+            OpResult::Get(kv) => kv,
+            _ => None,
+        });
+        if let Some(kv) = results.next().flatten() {
+            let current: EndpointRecord = decode(&kv)?;
+            // A replay: the same endpoint, only created at another time.
+            let replay = EndpointRecord {
+                created_at: current.created_at,
+                ..ep.clone()
+            };
+            return if current == replay {
+                Ok(())
+            } else {
+                Err(PluginError::Conflict(format!(
+                    "endpoint {} already exists with other settings (host {}, address {}); \
+                     remove the container and start it again",
+                    ep.endpoint_id,
+                    current.host,
+                    current.ipv4.map(|a| a.to_string()).unwrap_or_default()
+                )))
+            };
+        }
+        for (kv, addr) in results.zip([ep.ipv4, ep.ipv6].into_iter().flatten()) {
+            if let Some(kv) = kv {
+                return Err(PluginError::Conflict(format!(
+                    "address {} is bound to endpoint {}, whose record was not removed; it is \
+                     freed with that endpoint (the orphan sweep removes it after --orphan-age)",
+                    addr.ip(),
+                    String::from_utf8_lossy(&kv.value)
+                )));
             }
         }
+        Err(PluginError::Conflict(format!(
+            "endpoint {} changed while it was stored; retry",
+            ep.endpoint_id
+        )))
     }
 
     pub async fn get_endpoint(
@@ -355,22 +383,47 @@ impl Overlays {
         kv.map(|kv| Ok((decode(&kv)?, kv.mod_revision))).transpose()
     }
 
-    /// Delete an endpoint; true when it existed.
+    /// Delete an endpoint (and its address bindings); true when it existed.
     pub async fn delete_endpoint(&self, net: &LocalNetwork, endpoint_id: &str) -> Result<bool> {
+        let mut retry = Retry::new();
+        while retry.next().await {
+            let Some((ep, rev)) = self.get_endpoint(net, endpoint_id).await? else {
+                return Ok(false);
+            };
+            if self.delete_endpoint_record(net, &ep, rev).await? {
+                return Ok(true);
+            }
+        }
+        Err(PluginError::Conflict(format!(
+            "could not delete endpoint {endpoint_id}: its record kept changing; retry"
+        )))
+    }
+
+    /// Delete an endpoint record read at revision `rev`, with its address
+    /// bindings. False when the record changed since (the caller re-reads).
+    pub async fn delete_endpoint_record(
+        &self,
+        net: &LocalNetwork,
+        ep: &EndpointRecord,
+        rev: Revision,
+    ) -> Result<bool> {
         GoneHostFence::check(&self.fence, self.store.as_ref()).await?;
-        let txn = Txn::new().and_then(vec![Op::delete(keys::endpoint(&net.overlay, endpoint_id))]);
+        let key = keys::endpoint(&net.overlay, &ep.endpoint_id);
+        let mut ops = vec![Op::delete(&key)];
+        ops.extend(bound_keys(net, ep).into_iter().map(Op::delete));
+        let txn = Txn::new()
+            .when(vec![Compare::mod_revision(&key, rev)])
+            .and_then(ops);
         let resp = self
             .store
             .txn(GoneHostFence::apply(&self.fence, txn))
             .await
-            .ctx(|| format!("delete endpoint {endpoint_id}"))?;
-        if !resp.succeeded {
-            return Err(PluginError::Conflict(format!(
-                "host {} registered again; endpoint {endpoint_id} is its own again",
-                self.host
-            )));
+            .ctx(|| format!("delete endpoint {}", ep.endpoint_id))?;
+        if resp.succeeded {
+            return Ok(true);
         }
-        Ok(matches!(resp.results.first(), Some(OpResult::Delete { deleted }) if *deleted > 0))
+        GoneHostFence::check(&self.fence, self.store.as_ref()).await?;
+        Ok(false)
     }
 
     /// Every endpoint of an overlay, on all hosts.
@@ -383,6 +436,19 @@ impl Overlays {
         let eps = resp.kvs.iter().map(decode).collect::<Result<Vec<_>>>()?;
         Ok((eps, resp.revision))
     }
+}
+
+/// The binding keys of an endpoint's addresses, in the pools of the
+/// network's subnets (IPv4 first, as the record lists them).
+fn bound_keys(net: &LocalNetwork, ep: &EndpointRecord) -> Vec<String> {
+    [ep.ipv4, ep.ipv6]
+        .into_iter()
+        .flatten()
+        .filter_map(|a| {
+            let subnet = net.subnets.iter().find(|s| s.contains(a.ip()))?;
+            Some(keys::pool_bound(&keys::subnet_segment(subnet), a.ip()))
+        })
+        .collect()
 }
 
 fn join(nets: &[IpNetwork]) -> String {

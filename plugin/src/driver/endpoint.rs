@@ -126,7 +126,8 @@ impl Driver {
             Err(PluginError::Unknown(_)) => return Ok(()),
             Err(e) => return Err(e),
         };
-        if let Some((ep, _)) = self.overlays.get_endpoint(&net, endpoint_id).await? {
+        let existing = self.overlays.get_endpoint(&net, endpoint_id).await?;
+        if let Some((ep, _)) = &existing {
             if ep.host != self.host {
                 return Err(PluginError::Conflict(format!(
                     "endpoint {endpoint_id} belongs to host {}, not to this host",
@@ -139,7 +140,12 @@ impl Driver {
             .dataplane()
             .remove_endpoint_link(net.vni, endpoint_id)
             .await?;
-        self.overlays.delete_endpoint(&net, endpoint_id).await?;
+        if let Some((ep, rev)) = existing {
+            // With the revision just read: no second read in the common case.
+            if !self.overlays.delete_endpoint_record(&net, &ep, rev).await? {
+                self.overlays.delete_endpoint(&net, endpoint_id).await?;
+            }
+        }
         self.remove_devices_if_unused(&net, &lock).await;
         Ok(())
     }

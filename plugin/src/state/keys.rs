@@ -7,6 +7,7 @@
 //! /rustoverlay/v1/ipam/pool/<pool>/alloc          allocation cursor and free-queue bounds
 //! /rustoverlay/v1/ipam/pool/<pool>/addr/<ip>      one allocated address
 //! /rustoverlay/v1/ipam/pool/<pool>/free/<seq>     released address waiting for reuse (FIFO)
+//! /rustoverlay/v1/ipam/pool/<pool>/bound/<ip>     the endpoint an address is bound to
 //! /rustoverlay/v1/vni/next                        VNI allocation cursor
 //! /rustoverlay/v1/vni/<vni>                       VNI claim -> overlay
 //! /rustoverlay/v1/overlay/<overlay>/record        VNI, subnets, Docker networks per host
@@ -51,6 +52,13 @@ pub fn pool_addr_prefix(pool: &str) -> String {
 
 pub fn pool_addr(pool: &str, ip: IpAddr) -> String {
     format!("{ROOT}ipam/pool/{pool}/addr/{ip}")
+}
+
+/// The endpoint an address is bound to: written and removed with the
+/// endpoint's record, so one address has at most one endpoint, and the
+/// address cannot be released while its endpoint's record stays.
+pub fn pool_bound(pool: &str, ip: IpAddr) -> String {
+    format!("{ROOT}ipam/pool/{pool}/bound/{ip}")
 }
 
 pub fn pool_free(pool: &str, seq: u64) -> String {

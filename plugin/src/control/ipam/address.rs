@@ -228,6 +228,7 @@ impl Ipam {
         }
         let addr_key = keys::pool_addr(&seg, ip);
         let alloc_key = keys::pool_alloc(&seg);
+        let bound_key = keys::pool_bound(&seg, ip);
         let mut addr = self
             .store
             .get(&addr_key)
@@ -277,10 +278,14 @@ impl Ipam {
                 ));
                 ops.push(Op::put(&alloc_key, encode(&new_state)));
             }
-            let txn = Txn::new()
-                .when(compares)
-                .and_then(ops)
-                .or_else(vec![Op::get(&alloc_key), Op::get(&addr_key)]);
+            // Never while an endpoint record is bound to it: its DeleteEndpoint
+            // did not complete, and the address would go to a second one.
+            compares.push(Compare::absent(&bound_key));
+            let txn = Txn::new().when(compares).and_then(ops).or_else(vec![
+                Op::get(&alloc_key),
+                Op::get(&addr_key),
+                Op::get(&bound_key),
+            ]);
             let resp = self
                 .store
                 .txn(GoneHostFence::apply(&self.fence, txn))
@@ -314,6 +319,14 @@ impl Ipam {
             };
             if let Some(OpResult::Get(now)) = results.next() {
                 addr = now;
+            }
+            if let Some(OpResult::Get(Some(bound))) = results.next() {
+                return Err(PluginError::Conflict(format!(
+                    "address {ip} in pool {pool_id} is still bound to endpoint {}, whose record was \
+                     not removed (a DeleteEndpoint that did not complete); it is freed with that \
+                     endpoint (the orphan sweep removes it after --orphan-age)",
+                    String::from_utf8_lossy(&bound.value)
+                )));
             }
         }
         Err(too_contended("release an address"))
