@@ -1,10 +1,12 @@
-//! The subcommands: `serve` wires the layers together and serves Docker;
-//! `gc` and `dump` read (and with `gc --apply` clean) the store.
+//! The subcommands: `serve` wires the layers together (`parts`) and serves
+//! Docker; `gc` and `dump` read (and with `gc --apply` clean) the store.
 
 mod inspect;
+pub mod parts;
 mod serve;
 
 pub use inspect::{dump, gc};
+pub use parts::HostParts;
 pub use serve::serve;
 
 use std::time::Duration;

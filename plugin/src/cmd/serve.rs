@@ -1,19 +1,14 @@
 //! `rustoverlay serve`: build every layer for this host, start the loops,
 //! and serve Docker on the plugin socket until SIGTERM or SIGINT.
 
+use super::parts::HostParts;
 use super::secs;
 use crate::api::{self, socket, AppState};
 use crate::cli::ServeArgs;
-use crate::control::ipam::Ipam;
-use crate::control::overlay::Overlays;
 use crate::dataplane::{Dataplane, Netlink};
-use crate::driver::Driver;
 use crate::state::open;
-use crate::sync::devices::Devices;
-use crate::sync::membership::{watch_live_hosts, Registration};
-use crate::sync::peers::PeerSync;
+use crate::sync::membership::Registration;
 use crate::sync::reaper::ReaperConfig;
-use crate::sync::reconcile::Reconciler;
 use crate::sync::supervisor;
 use anyhow::Context;
 use std::sync::Arc;
@@ -52,27 +47,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .context("find the underlay")?,
     );
-    let ipam = Arc::new(Ipam::new(
+    let parts = HostParts::new(
         store.clone(),
+        dataplane.clone(),
         &host,
         args.default_pool,
         args.default_pool_size,
-    ));
-    let overlays = Arc::new(Overlays::new(store.clone(), &host));
-    let live = watch_live_hosts(store.clone());
-    let peers = PeerSync::new(store.clone(), dataplane.clone(), host.clone(), live.clone());
-    let devices = Arc::new(Devices::new(
-        host.clone(),
-        overlays.clone(),
-        dataplane.clone(),
-        peers,
-    ));
-    let reconciler = Arc::new(Reconciler::new(
-        host.clone(),
-        overlays.clone(),
-        ipam.clone(),
-        devices.clone(),
-    ));
+    );
     let registration = Registration::new(
         store.clone(),
         host.clone(),
@@ -83,20 +64,19 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         store.clone(),
         host.clone(),
         registration,
-        reconciler,
+        parts.reconciler.clone(),
         ReaperConfig {
             period: Duration::from_secs(args.host_ttl.max(5)),
             grace: Duration::from_secs(args.reclaim_grace),
             orphan_age: Duration::from_secs(args.orphan_age),
         },
-        live,
+        parts.live.clone(),
     );
-    let driver = Arc::new(Driver::new(host.clone(), ipam.clone(), overlays, devices));
     let listener = socket::bind(&args.socket).await?;
     let app = api::router(
         AppState {
-            driver,
-            ipam,
+            driver: parts.driver,
+            ipam: parts.ipam,
             ready: running.ready,
         },
         secs(args.request_timeout, "--request-timeout")?,

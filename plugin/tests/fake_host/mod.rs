@@ -13,6 +13,7 @@ use kvstore_backends::{
     WatchFidelity, WatchStream,
 };
 use rustoverlay::api::parse::pool_request;
+use rustoverlay::cmd::HostParts;
 use rustoverlay::control::ipam::{pool_id, Ipam};
 use rustoverlay::control::overlay::Overlays;
 use rustoverlay::dataplane::fake::FakeDataplane;
@@ -22,8 +23,7 @@ use rustoverlay::state::codec::encode;
 use rustoverlay::state::keys;
 use rustoverlay::state::records::{HostRecord, LocalNetwork};
 use rustoverlay::sync::devices::Devices;
-use rustoverlay::sync::membership::{watch_live_hosts, LiveSet};
-use rustoverlay::sync::peers::PeerSync;
+use rustoverlay::sync::membership::LiveSet;
 use rustoverlay::sync::reconcile::Reconciler;
 use rustoverlay::util::mac::parse_mac;
 use std::future::Future;
@@ -118,49 +118,23 @@ impl Host {
     }
 
     fn on(store: &Arc<dyn KvStore>, name: &str, fake: Arc<FakeDataplane>) -> Host {
-        let dataplane: Arc<dyn Dataplane> = fake.clone();
-        let ipam = Arc::new(Ipam::new(
+        let parts = HostParts::new(
             store.clone(),
+            fake.clone(),
             name,
             "10.200.0.0/16".parse().unwrap(),
             24,
-        ));
-        let overlays = Arc::new(Overlays::new(store.clone(), name));
-        let live = watch_live_hosts(store.clone());
-        let peers = PeerSync::new(
-            store.clone(),
-            dataplane.clone(),
-            name.to_string(),
-            live.clone(),
         );
-        let devices = Arc::new(Devices::new(
-            name.to_string(),
-            overlays.clone(),
-            dataplane,
-            peers,
-        ));
-        let reconciler = Arc::new(Reconciler::new(
-            name.to_string(),
-            overlays.clone(),
-            ipam.clone(),
-            devices.clone(),
-        ));
-        let driver = Arc::new(Driver::new(
-            name.to_string(),
-            ipam.clone(),
-            overlays.clone(),
-            devices.clone(),
-        ));
         Host {
             name: name.to_string(),
             store: store.clone(),
             fake,
-            ipam,
-            overlays,
-            devices,
-            driver,
-            reconciler,
-            live,
+            ipam: parts.ipam,
+            overlays: parts.overlays,
+            devices: parts.devices,
+            driver: parts.driver,
+            reconciler: parts.reconciler,
+            live: parts.live,
         }
     }
 

@@ -1,0 +1,74 @@
+//! Every part of one host, wired the way `serve` runs them: the one place
+//! that knows how the layers fit together, so tests and benchmarks build a
+//! host exactly as the plugin does.
+
+use crate::control::ipam::Ipam;
+use crate::control::overlay::Overlays;
+use crate::dataplane::Dataplane;
+use crate::driver::Driver;
+use crate::sync::devices::Devices;
+use crate::sync::membership::{watch_live_hosts, LiveSet};
+use crate::sync::peers::PeerSync;
+use crate::sync::reconcile::Reconciler;
+use ipnetwork::Ipv4Network;
+use kvstore_backends::KvStore;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+pub struct HostParts {
+    pub ipam: Arc<Ipam>,
+    pub overlays: Arc<Overlays>,
+    pub devices: Arc<Devices>,
+    pub reconciler: Arc<Reconciler>,
+    pub driver: Arc<Driver>,
+    /// The registered hosts, as this host follows them.
+    pub live: watch::Receiver<LiveSet>,
+}
+
+impl HostParts {
+    /// Build the parts and start following the live hosts (the other loops
+    /// start with `sync::supervisor::start`).
+    pub fn new(
+        store: Arc<dyn KvStore>,
+        dataplane: Arc<dyn Dataplane>,
+        host: &str,
+        default_pool: Ipv4Network,
+        default_pool_size: u8,
+    ) -> Self {
+        let ipam = Arc::new(Ipam::new(
+            store.clone(),
+            host,
+            default_pool,
+            default_pool_size,
+        ));
+        let overlays = Arc::new(Overlays::new(store.clone(), host));
+        let live = watch_live_hosts(store.clone());
+        let peers = PeerSync::new(store, dataplane.clone(), host.to_string(), live.clone());
+        let devices = Arc::new(Devices::new(
+            host.to_string(),
+            overlays.clone(),
+            dataplane,
+            peers,
+        ));
+        let reconciler = Arc::new(Reconciler::new(
+            host.to_string(),
+            overlays.clone(),
+            ipam.clone(),
+            devices.clone(),
+        ));
+        let driver = Arc::new(Driver::new(
+            host.to_string(),
+            ipam.clone(),
+            overlays.clone(),
+            devices.clone(),
+        ));
+        HostParts {
+            ipam,
+            overlays,
+            devices,
+            reconciler,
+            driver,
+            live,
+        }
+    }
+}
