@@ -191,14 +191,18 @@ async fn reap(
     live: &LiveSet,
     unbound: &mut Unbound,
 ) {
+    let now = Instant::now();
     let census = match census(store).await {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(error = %e, "reaper could not read the store");
+            tracing::warn!(error = %e, retry_in = ?config.period, "reaper could not read the store");
+            // No second try before a period has passed, due or not.
+            for g in gone.hosts.values_mut() {
+                g.retry_at = Some(now + config.period);
+            }
             return;
         }
     };
-    let now = Instant::now();
     for (host, held) in &census.holdings {
         let registered =
             census.registered.contains(host) || live.as_ref().is_some_and(|l| l.contains(host));
