@@ -43,10 +43,6 @@ impl Driver {
         }
     }
 
-    pub fn host(&self) -> &str {
-        &self.host
-    }
-
     /// This host's endpoint, or an error that says why it is not.
     async fn known_endpoint(
         &self,
