@@ -143,7 +143,14 @@ impl Plugin {
         store_url: &str,
         extra: &[&str],
     ) -> Plugin {
-        let mut p = Plugin {
+        let mut p = Plugin::unstarted(ns, dir, host_id, store_url);
+        p.spawn(extra).await;
+        p
+    }
+
+    /// A plugin not started yet.
+    fn unstarted(ns: &Netns, dir: &Path, host_id: &str, store_url: &str) -> Plugin {
+        Plugin {
             child: None,
             holder: None,
             socket: dir.join("plugin.sock"),
@@ -152,9 +159,7 @@ impl Plugin {
             dir: dir.to_path_buf(),
             netns: ns.name.clone(),
             log: dir.join(format!("plugin-{host_id}.log")),
-        };
-        p.spawn(extra).await;
-        p
+        }
     }
 
     async fn spawn(&mut self, extra: &[&str]) {
@@ -187,16 +192,7 @@ impl Plugin {
         extra: &[&str],
         within: Duration,
     ) -> (std::process::ExitStatus, String, Duration) {
-        let mut p = Plugin {
-            child: None,
-            holder: None,
-            socket: dir.join("plugin.sock"),
-            store_url: store_url.to_string(),
-            host_id: host_id.to_string(),
-            dir: dir.to_path_buf(),
-            netns: ns.name.clone(),
-            log: dir.join(format!("plugin-{host_id}.log")),
-        };
+        let mut p = Plugin::unstarted(ns, dir, host_id, store_url);
         let started = Instant::now();
         p.launch(extra);
         loop {
