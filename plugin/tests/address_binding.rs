@@ -4,10 +4,13 @@
 
 mod fake_host;
 
-use fake_host::{store, Host, SUBNET};
+use fake_host::{store, HookStore, Host, SUBNET};
+use kvstore_backends::KvStore;
 use rustoverlay::error::PluginError;
 use rustoverlay::state::records::EndpointRecord;
 use rustoverlay::util::clock::unix_now;
+use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[tokio::test]
@@ -82,4 +85,71 @@ async fn a_second_record_for_a_bound_address_is_refused() {
         .release_address(&first.pool, first.ip())
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn calls_whose_answer_was_lost_are_retried_and_leave_nothing_behind() {
+    let hooked = HookStore::new(store());
+    let s: Arc<dyn KvStore> = hooked.clone();
+    let a = Host::start(&s, "a", "192.0.2.1").await;
+    let net = a.create_network("net-a", SUBNET).await;
+    let pool = "10.77.0.0/24";
+    let x: IpAddr = "10.77.0.9".parse().unwrap();
+
+    // RequestAddress --ip: applied, answer lost; Docker's retry gets it.
+    hooked.lose_answers(1);
+    let err = a
+        .ipam
+        .request_address(pool, Some(x), false)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PluginError::Store { .. }), "{err}");
+    let again = a.ipam.request_address(pool, Some(x), false).await.unwrap();
+    assert_eq!(
+        again.ip(),
+        x,
+        "the retry gets the allocation the first try made"
+    );
+
+    // CreateEndpoint: applied, answer lost; the call still succeeds (it
+    // checks what it wrote), so Docker goes on and later cleans up normally.
+    hooked.lose_answers(1);
+    let spec = rustoverlay::driver::EndpointSpec {
+        network_id: "net-a".into(),
+        endpoint_id: "e9aaaaaaaaaaaaaa".into(),
+        ipv4: Some(again),
+        ipv6: None,
+        mac: None,
+    };
+    a.driver.create_endpoint(spec).await.unwrap();
+    a.driver.join("net-a", "e9aaaaaaaaaaaaaa").await.unwrap();
+
+    // DeleteEndpoint applied with its answer lost (Docker logs it and goes
+    // on), then ReleaseAddress: Docker's clean-up leaves nothing.
+    a.driver.leave("net-a", "e9aaaaaaaaaaaaaa").await.unwrap();
+    hooked.lose_answers(1);
+    let err = a
+        .driver
+        .delete_endpoint("net-a", "e9aaaaaaaaaaaaaa")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PluginError::Store { .. }), "{err}");
+    a.ipam.release_address(pool, x).await.unwrap();
+    let left = s
+        .range(&rustoverlay::state::keys::overlay_endpoints(&net.overlay))
+        .await
+        .unwrap();
+    assert!(left.kvs.is_empty(), "endpoint records left: {:?}", left.kvs);
+    let bound = s
+        .get(&rustoverlay::state::keys::pool_bound("10.77.0.0_24", x))
+        .await
+        .unwrap();
+    assert!(bound.is_none(), "a binding left behind");
+    assert!(
+        s.get(&rustoverlay::state::keys::pool_addr("10.77.0.0_24", x))
+            .await
+            .unwrap()
+            .is_none(),
+        "the address is free again"
+    );
 }

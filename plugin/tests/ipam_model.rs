@@ -211,8 +211,11 @@ proptest! {
                     Step::Take(n) => {
                         let ip: IpAddr = format!("10.7.0.{n}").parse().unwrap();
                         let r = ipam.request_address(pool, Some(ip), false).await;
-                        prop_assert_eq!(r.is_ok(), !live.contains(&ip));
-                        if r.is_ok() {
+                        // Free: taken. Already this host's and bound to no
+                        // endpoint (none are, here): the same allocation
+                        // again, as for a retried --ip.
+                        prop_assert!(r.is_ok(), "{ip}: {:?}", r.err());
+                        if !live.contains(&ip) {
                             live.push_back(ip);
                         }
                     }

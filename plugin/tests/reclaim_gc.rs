@@ -63,10 +63,18 @@ async fn everything(store: &dyn KvStore) -> Vec<KeyValue> {
     store.range(keys::ROOT).await.unwrap().kvs
 }
 
+/// Free: a host that holds nothing can take it. (Not `h` itself: a host
+/// asking again for its own unbound address gets it back, as a retry does.)
 async fn is_free(h: &Host, ip: IpAddr) -> bool {
-    match h.ipam.request_address(POOL, Some(ip), false).await {
+    let probe = Ipam::new(
+        h.store.clone(),
+        "probe",
+        "10.200.0.0/16".parse().unwrap(),
+        24,
+    );
+    match probe.request_address(POOL, Some(ip), false).await {
         Ok(_) => {
-            h.ipam.release_address(POOL, ip).await.unwrap();
+            probe.release_address(POOL, ip).await.unwrap();
             true
         }
         Err(PluginError::Conflict(_)) => false,

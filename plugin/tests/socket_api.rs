@@ -270,6 +270,16 @@ async fn bad_input_gets_a_clear_error_and_the_plugin_keeps_serving() {
     let e = c.request_address("10.78.0.0/29", "10.78.0.7").await.err();
     assert!(e.contains("broadcast"), "{e}");
     c.request_address("10.78.0.0/29", "10.78.0.5").await.ok();
+    // A retry (the first answer lost) gets the same allocation: it is this
+    // host's and no endpoint is bound to it yet.
+    c.request_address("10.78.0.0/29", "10.78.0.5").await.ok();
+    // Once an endpoint is bound to it, it is in use.
+    c.call(
+        "NetworkDriver.CreateEndpoint",
+        json!({"NetworkID": "n78", "EndpointID": "e5", "Interface": {"Address": "10.78.0.5/29"}}),
+    )
+    .await
+    .ok();
     let e = c.request_address("10.78.0.0/29", "10.78.0.5").await.err();
     assert!(e.contains("already in use"), "{e}");
     let e = c.request_address("10.78.0.0/29", "10.78.0.1").await.err();

@@ -13,7 +13,7 @@ use crate::state::keys;
 use crate::state::records::{EndpointRecord, LocalNetwork, OverlayRecord};
 use crate::util::backoff::Retry;
 use ipnetwork::IpNetwork;
-use kvstore_backends::{Compare, KvStore, Op, OpResult, Revision, Txn};
+use kvstore_backends::{Compare, KvStore, Op, OpResult, Revision, StoreError, Txn};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
@@ -323,11 +323,24 @@ impl Overlays {
             ops.push(Op::put(b, ep.endpoint_id.clone()));
             reads.push(Op::get(b));
         }
-        let resp = self
+        let resp = match self
             .store
             .txn(Txn::new().when(compares).and_then(ops).or_else(reads))
             .await
-            .ctx(|| format!("store endpoint {}", ep.endpoint_id))?;
+        {
+            Ok(resp) => resp,
+            // The answer was lost: if the record is there as written, the
+            // call applied, and Docker (which would not delete it) must
+            // hear so.
+            Err(e @ StoreError::Timeout(_)) => {
+                let applied = self.get_endpoint(net, &ep.endpoint_id).await;
+                return match applied {
+                    Ok(Some((current, _))) if current == *ep => Ok(()),
+                    _ => Err(e).ctx(|| format!("store endpoint {}", ep.endpoint_id)),
+                };
+            }
+            Err(e) => return Err(e).ctx(|| format!("store endpoint {}", ep.endpoint_id)),
+        };
         if resp.succeeded {
             return Ok(());
         }

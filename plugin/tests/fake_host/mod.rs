@@ -323,6 +323,8 @@ type Action = Box<dyn FnOnce(Arc<dyn KvStore>) -> BoxFuture<'static, ()> + Send>
 pub struct HookStore {
     inner: Arc<dyn KvStore>,
     hook: Mutex<Option<(String, Action)>>,
+    /// Transactions still to apply whose answer is then lost (a timeout).
+    lost_answers: std::sync::atomic::AtomicUsize,
 }
 
 impl HookStore {
@@ -330,6 +332,7 @@ impl HookStore {
         Arc::new(HookStore {
             inner,
             hook: Mutex::new(None),
+            lost_answers: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -337,6 +340,13 @@ impl HookStore {
     /// (the read returns what it saw before the action).
     pub fn after_get(&self, key: &str, action: Action) {
         *self.hook.lock().unwrap() = Some((key.to_string(), action));
+    }
+
+    /// The next `n` transactions are applied, and then time out: a commit
+    /// whose answer was lost on the way back.
+    pub fn lose_answers(&self, n: usize) {
+        self.lost_answers
+            .store(n, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// True once the hook has run.
@@ -371,7 +381,21 @@ impl KvStore for HookStore {
     }
 
     async fn txn(&self, txn: Txn) -> kvstore_backends::Result<TxnResponse> {
-        self.inner.txn(txn).await
+        let resp = self.inner.txn(txn).await;
+        let lost = self
+            .lost_answers
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            )
+            .is_ok();
+        if lost {
+            return Err(kvstore_backends::StoreError::Timeout(Duration::from_secs(
+                5,
+            )));
+        }
+        resp
     }
 
     async fn watch(

@@ -98,15 +98,64 @@ impl Ipam {
                 )));
             }
             let compares = vec![Compare::mod_revision(keys::pool_record(&seg), rev)];
-            if self
+            match self
                 .take_specific(&seg, ip, AddressKind::Address, compares, vec![])
-                .await?
-                .is_some()
+                .await
             {
-                return Ok(ip);
+                Ok(Some(())) => return Ok(ip),
+                Ok(None) => {}
+                Err(taken @ PluginError::Conflict(_)) => {
+                    return match self.retake_own_unbound(&seg, ip).await? {
+                        true => Ok(ip),
+                        false => Err(taken),
+                    };
+                }
+                Err(e) => return Err(e),
             }
         }
         Err(too_contended("allocate a given address"))
+    }
+
+    /// A retried `--ip`: the address is already this host's, and no endpoint
+    /// is bound to it (the first try applied but its answer was lost). It is
+    /// handed out again, with a fresh record so that nothing that listed the
+    /// old one (gc, the reaper's unbound collection) frees it. Safe even for
+    /// a second container asking for the same address: only one endpoint
+    /// can bind it.
+    async fn retake_own_unbound(&self, seg: &str, ip: IpAddr) -> Result<bool> {
+        let addr_key = keys::pool_addr(seg, ip);
+        let bound_key = keys::pool_bound(seg, ip);
+        let Some(kv) = self
+            .store
+            .get(&addr_key)
+            .await
+            .ctx(|| format!("read address {ip}"))?
+        else {
+            return Ok(false);
+        };
+        let held = decode::<AddressRecord>(&kv)?;
+        if held.host != self.host || held.kind != AddressKind::Address {
+            return Ok(false);
+        }
+        let resp = self
+            .store
+            .txn(
+                Txn::new()
+                    .when(vec![
+                        Compare::mod_revision(&addr_key, kv.mod_revision),
+                        Compare::absent(&bound_key),
+                    ])
+                    .and_then(vec![Op::put(
+                        &addr_key,
+                        self.address_record(AddressKind::Address),
+                    )]),
+            )
+            .await
+            .ctx(|| format!("take address {ip} again"))?;
+        if resp.succeeded {
+            tracing::info!(address = %ip, "a retried request: the address is this host's and bound to no endpoint");
+        }
+        Ok(resp.succeeded)
     }
 
     /// Reserve one of a network's aux addresses (`--aux-address`); Docker
