@@ -94,7 +94,24 @@ async fn calls_whose_answer_was_lost_are_retried_and_leave_nothing_behind() {
     let a = Host::start(&s, "a", "192.0.2.1").await;
     let net = a.create_network("net-a", SUBNET).await;
     let pool = "10.77.0.0/24";
+    assert_eq!(pool, SUBNET);
     let x: IpAddr = "10.77.0.9".parse().unwrap();
+
+    // CreateNetwork (a second Docker network on the overlay): applied,
+    // answer lost; the call finds its own mapping and succeeds.
+    hooked.lose_answers(1);
+    a.driver
+        .create_network(rustoverlay::driver::NetworkSpec {
+            network_id: "net-a2".into(),
+            ipv4: vec![rustoverlay::driver::PoolSpec {
+                subnet: pool.parse().unwrap(),
+                aux: vec![],
+            }],
+            ipv6: vec![],
+        })
+        .await
+        .unwrap();
+    a.driver.delete_network("net-a2").await.unwrap();
 
     // RequestAddress --ip: applied, answer lost; Docker's retry gets it.
     hooked.lose_answers(1);

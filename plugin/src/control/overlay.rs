@@ -178,7 +178,7 @@ impl Overlays {
                 Op::put(&rec_key, encode(&rec)),
             ];
             ops.append(&mut extra_ops);
-            let resp = self
+            let written = self
                 .store
                 .txn(
                     Txn::new()
@@ -186,8 +186,14 @@ impl Overlays {
                         .and_then(ops)
                         .or_else(vec![Op::get(keys::vni_claim(rec.vni))]),
                 )
-                .await
-                .ctx(|| format!("create overlay {overlay}"))?;
+                .await;
+            let resp = match written {
+                Ok(resp) => resp,
+                // The answer was lost: the next round's read shows whether
+                // the mapping was written (and returns it) or not.
+                Err(StoreError::Timeout(_)) => continue,
+                Err(e) => return Err(e).ctx(|| format!("create overlay {overlay}")),
+            };
             if resp.succeeded {
                 tracing::info!(overlay = %overlay, vni = rec.vni, "network joined its overlay");
                 self.remember(&net);

@@ -342,8 +342,8 @@ impl HookStore {
         *self.hook.lock().unwrap() = Some((key.to_string(), action));
     }
 
-    /// The next `n` transactions are applied, and then time out: a commit
-    /// whose answer was lost on the way back.
+    /// The next `n` writing transactions are applied, and then time out: a
+    /// commit whose answer was lost on the way back.
     pub fn lose_answers(&self, n: usize) {
         self.lost_answers
             .store(n, std::sync::atomic::Ordering::SeqCst);
@@ -381,15 +381,20 @@ impl KvStore for HookStore {
     }
 
     async fn txn(&self, txn: Txn) -> kvstore_backends::Result<TxnResponse> {
+        let writes = txn
+            .success
+            .iter()
+            .any(|op| !matches!(op, kvstore_backends::Op::Get { .. }));
         let resp = self.inner.txn(txn).await;
-        let lost = self
-            .lost_answers
-            .fetch_update(
-                std::sync::atomic::Ordering::SeqCst,
-                std::sync::atomic::Ordering::SeqCst,
-                |n| n.checked_sub(1),
-            )
-            .is_ok();
+        let lost = writes
+            && self
+                .lost_answers
+                .fetch_update(
+                    std::sync::atomic::Ordering::SeqCst,
+                    std::sync::atomic::Ordering::SeqCst,
+                    |n| n.checked_sub(1),
+                )
+                .is_ok();
         if lost {
             return Err(kvstore_backends::StoreError::Timeout(Duration::from_secs(
                 5,
