@@ -4,7 +4,7 @@
 //! hosts; if the leader dies, its lease ends and another host takes over.
 
 use crate::state::keys;
-use kvstore_backends::{KvStore, LeaseId, StoreError};
+use kvstore_backends::{Compare, KvStore, LeaseId, Op, StoreError, Txn};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,19 +59,13 @@ impl Leadership {
                 l
             }
         };
-        let taken = self
-            .store
-            .txn(
-                kvstore_backends::Txn::new()
-                    .when(vec![kvstore_backends::Compare::absent(&key)])
-                    .and_then(vec![kvstore_backends::Op::put_with_lease(
-                        &key,
-                        self.me.as_bytes().to_vec(),
-                        lease,
-                    )]),
-            )
-            .await?
-            .succeeded;
+        let taken =
+            self.store
+                .txn(Txn::new().when(vec![Compare::absent(&key)]).and_then(vec![
+                    Op::put_with_lease(&key, self.me.as_bytes().to_vec(), lease),
+                ]))
+                .await?
+                .succeeded;
         if taken {
             tracing::info!(host = %self.me, "this host is the cluster's reaper");
         }

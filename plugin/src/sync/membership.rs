@@ -88,7 +88,7 @@ impl Registration {
                 None => Compare::absent(&key),
                 Some(rev) => Compare::mod_revision(&key, rev),
             };
-            let resp = self
+            let written = self
                 .store
                 .txn(
                     Txn::new()
@@ -96,7 +96,15 @@ impl Registration {
                         .and_then(vec![put])
                         .or_else(vec![Op::get(&key)]),
                 )
-                .await?;
+                .await;
+            let resp = match written {
+                Ok(resp) => resp,
+                Err(e) => {
+                    // Best effort: a lease nobody uses only lasts its TTL.
+                    let _ = self.store.revoke_lease(lease).await;
+                    return Err(e.into());
+                }
+            };
             if resp.succeeded {
                 tracing::info!(host = %self.record.host, vtep = %self.record.vtep, lease = %lease, "host registered");
                 return Ok(lease);

@@ -248,16 +248,19 @@ impl Worker {
         let want = self.desired();
         let mut macs_done = HashSet::new();
         for ip in touched.iter().filter_map(|e| e.ip) {
-            match want.neigh.get(&ip) {
-                Some(mac) => {
-                    let vtep = want.fdb[mac];
+            match want
+                .neigh
+                .get(&ip)
+                .and_then(|mac| Some((*mac, *want.fdb.get(mac)?)))
+            {
+                Some((mac, vtep)) => {
                     let entry = PeerEntry {
-                        mac: *mac,
+                        mac,
                         ip: Some(ip),
                         vtep,
                     };
                     self.dataplane.add_peer(self.vni, &entry).await?;
-                    macs_done.insert(*mac);
+                    macs_done.insert(mac);
                 }
                 None => self.dataplane.remove_neighbour(self.vni, ip).await?,
             }
@@ -293,13 +296,16 @@ struct Desired {
 impl Desired {
     /// As add operations: each IP with its MAC, then MACs without an IP.
     fn entries(&self) -> Vec<PeerEntry> {
+        // Every neighbour's MAC has an FDB entry (both come from one record).
         let mut out: Vec<PeerEntry> = self
             .neigh
             .iter()
-            .map(|(ip, mac)| PeerEntry {
-                mac: *mac,
-                ip: Some(*ip),
-                vtep: self.fdb[mac],
+            .filter_map(|(ip, mac)| {
+                Some(PeerEntry {
+                    mac: *mac,
+                    ip: Some(*ip),
+                    vtep: *self.fdb.get(mac)?,
+                })
             })
             .collect();
         let with_ip: HashSet<[u8; 6]> = out.iter().map(|e| e.mac).collect();

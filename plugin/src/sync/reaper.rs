@@ -122,16 +122,7 @@ pub async fn run(
         }
         leading = leader.hold().await;
         if leading {
-            reap(
-                store.as_ref(),
-                &store,
-                &me,
-                &mut gone,
-                &config,
-                &seen,
-                &mut unbound,
-            )
-            .await;
+            reap(&store, &me, &mut gone, &config, &seen, &mut unbound).await;
         } else {
             unbound.clear();
         }
@@ -183,8 +174,7 @@ async fn sleep_until_opt(at: Option<Instant>) {
 /// Read who holds what; count hosts holding state that are not registered
 /// as gone (from now, if not counted yet); reclaim those past their grace.
 async fn reap(
-    store: &dyn KvStore,
-    shared: &Arc<dyn KvStore>,
+    store: &Arc<dyn KvStore>,
     me: &str,
     gone: &mut GoneSince,
     config: &ReaperConfig,
@@ -192,7 +182,7 @@ async fn reap(
     unbound: &mut Unbound,
 ) {
     let now = Instant::now();
-    let census = match census(store).await {
+    let census = match census(store.as_ref()).await {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, retry_in = ?config.period, "reaper could not read the store");
@@ -223,7 +213,7 @@ async fn reap(
         }
         // The fence in every write makes this safe even if the host
         // registers again right now.
-        match reclaim_host(shared.clone(), host, held).await {
+        match reclaim_host(store.clone(), host, held).await {
             Ok(()) => {
                 gone.hosts.remove(host);
             }
@@ -233,7 +223,7 @@ async fn reap(
             }
         }
     }
-    collect_unbound(shared, &census, unbound, config.orphan_age, now).await;
+    collect_unbound(store, &census, unbound, config.orphan_age, now).await;
     // Hosts gone that hold nothing any more need no timer.
     gone.hosts
         .retain(|h, _| census.holdings.get(h).is_some_and(|held| !held.is_empty()));
