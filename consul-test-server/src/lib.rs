@@ -19,10 +19,17 @@
 //!   per-operation `Errors`, 200 with `Results`; only KV operations.
 //! - Sessions: create (TTL between `session_ttl_min` and 24 h, `Behavior`
 //!   release or delete, `LockDelay`), renew, destroy, info, list. A session
-//!   expires between TTL and 2x TTL after its last renewal, as Consul allows.
+//!   expires exactly 2x TTL after its last renewal: Consul promises only
+//!   "between TTL and 2x TTL", and the late end is the worst case.
 //! - One raft-like index for everything, taken by every write (also a txn
 //!   that fails, and session writes).
 //! - ACL: when started with a token, every request without it gets 403.
+//! - Failures on demand, as a cluster without a leader (500 "No cluster
+//!   leader") or a rate-limiting server (429) answers them: for the next N
+//!   requests or for a while, from the test ([`TestServer::fail_next`],
+//!   [`TestServer::fail_for`]) or over HTTP for shell tests
+//!   (`PUT /test-server/fail?failure=no-leader|too-many-requests&count=N` or
+//!   `&for=2s`; `DELETE /test-server/fail` stops). Not part of Consul's API.
 //!
 //! Everything listens on 127.0.0.1 only.
 
@@ -38,6 +45,28 @@ use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
 pub use state::Behavior;
+
+/// An answer a real Consul gives when it cannot serve a request, which
+/// tests can make the server give on purpose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// 500 "No cluster leader": the servers are electing a leader (or have
+    /// lost quorum). Nothing was applied.
+    NoLeader,
+    /// 429 "rate limit exceeded": the server's request rate limit refused
+    /// the request. Nothing was applied.
+    TooManyRequests,
+}
+
+impl Failure {
+    pub fn parse(s: &str) -> Option<Failure> {
+        match s {
+            "no-leader" | "500" => Some(Failure::NoLeader),
+            "too-many-requests" | "429" => Some(Failure::TooManyRequests),
+            _ => None,
+        }
+    }
+}
 
 /// How the test server behaves.
 #[derive(Clone, Debug)]
@@ -178,6 +207,31 @@ impl TestServer {
     /// delete); list indexes of prefixes with deletes can go backwards.
     pub fn reap_tombstones(&self) -> usize {
         self.shared.reap_now()
+    }
+
+    /// The next `n` requests (blocking queries included, this server's own
+    /// `/test-server/` endpoints not) fail with `failure`.
+    pub fn fail_next(&self, n: usize, failure: Failure) {
+        self.shared.set_fault(Some(shared::Fault {
+            failure,
+            remaining: Some(n),
+            until: None,
+        }));
+    }
+
+    /// Every request fails with `failure` for `d` from now.
+    pub fn fail_for(&self, d: Duration, failure: Failure) {
+        self.shared.set_fault(Some(shared::Fault {
+            failure,
+            remaining: None,
+            until: Some(Instant::now() + d),
+        }));
+    }
+
+    /// Ends a fault started by [`TestServer::fail_next`] or
+    /// [`TestServer::fail_for`].
+    pub fn stop_failing(&self) {
+        self.shared.set_fault(None);
     }
 
     /// IDs of the live sessions.

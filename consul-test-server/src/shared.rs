@@ -1,13 +1,14 @@
 //! The server's state behind its lock, shared by the connections: changes
 //! wake the blocking queries (a renewal or a read-only txn, which are no
 //! raft writes in Consul, do not); the random numbers for jitter and session
-//! IDs; and the clock that expires sessions and reaps tombstones.
+//! IDs; the failures a test injects; and the clock that expires sessions
+//! and reaps tombstones.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::state::State;
-use crate::{lock, Config};
+use crate::{lock, Config, Failure};
 
 pub(crate) struct Shared {
     state: Mutex<State>,
@@ -15,6 +16,17 @@ pub(crate) struct Shared {
     changed: tokio::sync::watch::Sender<u64>,
     config: Config,
     rng: Mutex<u64>,
+    /// Failures injected by the test (see [`crate::TestServer::fail_next`]).
+    fault: Mutex<Option<Fault>>,
+}
+
+/// Requests failing on purpose: the next `remaining` ones, or all until
+/// `until`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Fault {
+    pub failure: Failure,
+    pub remaining: Option<usize>,
+    pub until: Option<Instant>,
 }
 
 impl Shared {
@@ -30,6 +42,7 @@ impl Shared {
             changed: tokio::sync::watch::channel(0).0,
             config,
             rng: Mutex::new(seed),
+            fault: Mutex::new(None),
         }
     }
 
@@ -68,14 +81,40 @@ impl Shared {
         *x
     }
 
-    /// A session's next deadline: between TTL and 2x TTL from now, the range
-    /// Consul documents (it uses 2x TTL; tests must cope with either end).
+    /// A session's next deadline: exactly 2x TTL from now. Consul documents
+    /// the TTL as a lower bound and invalidates some time between TTL and 2x
+    /// TTL (its timers run at 2x TTL); the latest end is the worst case a
+    /// client must cope with, so that is what the tests see.
     pub(crate) fn deadline(&self, ttl: Option<Duration>, now: Instant) -> Option<Instant> {
-        ttl.map(|ttl| {
-            let extra = ttl.as_nanos() as u64;
-            let extra = if extra == 0 { 0 } else { self.random() % extra };
-            now + ttl + Duration::from_nanos(extra)
-        })
+        ttl.map(|ttl| now + ttl * 2)
+    }
+
+    /// Makes requests fail as `fault` says from now on (replacing any
+    /// earlier fault).
+    pub(crate) fn set_fault(&self, fault: Option<Fault>) {
+        *lock(&self.fault) = fault;
+    }
+
+    /// The failure the next request gets, if a fault is active; counts it.
+    pub(crate) fn take_fault(&self) -> Option<Failure> {
+        let mut slot = lock(&self.fault);
+        let fault = slot.as_mut()?;
+        let failure = fault.failure;
+        let active = match (&mut fault.remaining, fault.until) {
+            (Some(n), _) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            (Some(_), _) => false,
+            (None, Some(until)) => Instant::now() < until,
+            (None, None) => true,
+        };
+        if active {
+            Some(failure)
+        } else {
+            *slot = None;
+            None
+        }
     }
 
     pub fn reset_session_timers(&self) {

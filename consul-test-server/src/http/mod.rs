@@ -1,9 +1,10 @@
 //! The HTTP side: the accept loop (plain or TLS, one task per connection),
-//! the routes, and the ACL check in front of them. The handlers live next
-//! to each other by endpoint: `kv`, `txn`, `session`; what they share is in
-//! `common`.
+//! the routes, and the ACL check and the failures on demand in front of
+//! them. The handlers live next to each other by endpoint: `kv`, `txn`,
+//! `session`; the failures in `faults`; what they share is in `common`.
 
 mod common;
+mod faults;
 mod kv;
 mod session;
 mod txn;
@@ -117,6 +118,10 @@ fn router(shared: Arc<Shared>) -> Router {
         // The KV path is the key itself, read raw (see `kv`).
         .fallback(kv::kv)
         .layer(middleware::from_fn_with_state(Arc::clone(&shared), acl))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&shared),
+            faults::inject,
+        ))
         .with_state(shared)
 }
 

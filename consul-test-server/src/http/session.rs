@@ -1,8 +1,9 @@
 //! The session endpoints: create (TTL between the configured
 //! `session_ttl_min` and 24 h, `Behavior` release or delete, `LockDelay` with
 //! Consul's reading of small numbers as seconds), renew (no raft write: no
-//! index, no wake-up), destroy, info and list. A session's deadline is
-//! between TTL and 2x TTL after its last renewal, as Consul allows.
+//! index, no wake-up), destroy, info and list (at the sessions table's
+//! index). A session's deadline is 2x TTL after its last renewal, the late
+//! end of what Consul allows.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -183,7 +184,7 @@ pub(super) async fn session_info(
 ) -> Response {
     let (index, sessions) = shared.with_state(|s| {
         (
-            s.index,
+            s.sessions_index,
             s.sessions.get(&id).map(session_json).into_iter().collect(),
         )
     });
@@ -191,7 +192,11 @@ pub(super) async fn session_info(
 }
 
 pub(super) async fn session_list(AxState(shared): AxState<Arc<Shared>>) -> Response {
-    let (index, sessions) =
-        shared.with_state(|s| (s.index, s.sessions.values().map(session_json).collect()));
+    let (index, sessions) = shared.with_state(|s| {
+        (
+            s.sessions_index,
+            s.sessions.values().map(session_json).collect(),
+        )
+    });
     json_response(StatusCode::OK, Some(index), Value::Array(sessions))
 }

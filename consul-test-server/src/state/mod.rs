@@ -27,6 +27,9 @@ pub struct State {
     pub index: u64,
     pub tables: Tables,
     pub sessions: BTreeMap<String, Session>,
+    /// Highest index that wrote the sessions table (a session read's
+    /// X-Consul-Index).
+    pub sessions_index: u64,
     lock_delays: HashMap<String, Instant>,
 }
 
@@ -107,6 +110,7 @@ impl State {
         let idx = self.next_index();
         session.create_index = idx;
         session.modify_index = idx;
+        self.sessions_index = idx;
         let id = session.id.clone();
         self.sessions.insert(id.clone(), session);
         id
@@ -120,6 +124,7 @@ impl State {
         let Some(session) = self.sessions.remove(id) else {
             return;
         };
+        self.sessions_index = idx;
         let held: Vec<Entry> = self.tables.held_by(id);
         for mut e in held {
             match session.behavior {
@@ -154,6 +159,7 @@ mod tests {
     fn op(verb: Verb, key: &str) -> KvOp {
         KvOp {
             verb,
+            verb_name: String::new(),
             key: key.into(),
             value: b"v".to_vec(),
             flags: 0,

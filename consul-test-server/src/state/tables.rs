@@ -266,6 +266,7 @@ impl Tables {
                 self.delete_tree(idx, key, now);
                 None
             }
+            Verb::Unknown => return Err(format!("unknown KV verb {:?}", op.verb_name)),
         };
         // Only reads return the value.
         Ok(found

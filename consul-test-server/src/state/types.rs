@@ -87,11 +87,14 @@ pub enum Verb {
     Delete,
     DeleteCas,
     DeleteTree,
+    /// A verb Consul does not know: the op fails (with the txn's other
+    /// failures), as in Consul's state store.
+    Unknown,
 }
 
 impl Verb {
-    pub fn parse(s: &str) -> Option<Verb> {
-        Some(match s {
+    pub fn parse(s: &str) -> Verb {
+        match s {
             "set" => Verb::Set,
             "cas" => Verb::Cas,
             "lock" => Verb::Lock,
@@ -105,11 +108,12 @@ impl Verb {
             "delete" => Verb::Delete,
             "delete-cas" => Verb::DeleteCas,
             "delete-tree" => Verb::DeleteTree,
-            _ => return None,
-        })
+            _ => Verb::Unknown,
+        }
     }
 
-    /// Consul's `isWrite`: a txn with one of these goes through raft.
+    /// Consul's `isWrite`: a txn with one of these goes through raft (an
+    /// unknown verb does not make it a write).
     pub fn is_write(self) -> bool {
         matches!(
             self,
@@ -127,6 +131,8 @@ impl Verb {
 #[derive(Clone, Debug)]
 pub struct KvOp {
     pub verb: Verb,
+    /// The verb as the client wrote it, for the error of an unknown one.
+    pub verb_name: String,
     pub key: String,
     pub value: Vec<u8>,
     pub flags: u64,
