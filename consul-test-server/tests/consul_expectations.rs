@@ -73,6 +73,9 @@ async fn txn(s: &TestServer, ops: Value) -> Reply {
     call(s, "PUT", "/v1/txn", &ops.to_string(), None).await
 }
 
+/// A txn result as compared: key, value, indexes, session.
+type Seen<'a> = (&'a str, Value, (u64, u64, u64), Value);
+
 fn indexes(e: &Value) -> (u64, u64, u64) {
     let n = |f: &str| e[f].as_u64().unwrap_or_else(|| panic!("{f} in {e}"));
     (n("CreateIndex"), n("ModifyIndex"), n("LockIndex"))
@@ -656,7 +659,7 @@ async fn txn_results_carry_indexes_for_every_op_and_values_only_for_reads() {
         .map(|x| &x["KV"])
         .collect();
     let t = indexes(results[2]).1;
-    let got: Vec<(&str, Value, (u64, u64, u64), Value)> = results
+    let got: Vec<Seen> = results
         .iter()
         .map(|e| {
             (
@@ -669,7 +672,7 @@ async fn txn_results_carry_indexes_for_every_op_and_values_only_for_reads() {
         .collect();
     let sid = json!(id);
     let up = (update_create, update_modify, 0);
-    let want: Vec<(&str, Value, (u64, u64, u64), Value)> = vec![
+    let want: Vec<Seen> = vec![
         (
             "foo/bar/baz",
             json!(b64("baz")),

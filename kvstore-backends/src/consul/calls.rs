@@ -22,6 +22,25 @@ use crate::{Result, Revision, StoreError};
 const RANGE_CACHE: usize = 16;
 const RANGE_CACHE_MAX_KEYS: usize = 4096;
 
+/// Pauses between retries of a request Consul refused unapplied.
+const REFUSED_PAUSE_MIN: Duration = Duration::from_millis(50);
+const REFUSED_PAUSE_MAX: Duration = Duration::from_millis(800);
+
+/// An answer by which Consul says it applied nothing and the same request
+/// may simply be sent again: 429 and 503 (its rate limiter: "try again
+/// later", "try another server") and 500 "No cluster leader" (no leader to
+/// apply or read through). Other 500s (an RPC that broke mid-way, a leader
+/// lost while committing) may have applied and are not retried here.
+fn refused_unapplied(reply: &Reply) -> bool {
+    match reply.status {
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => true,
+        StatusCode::INTERNAL_SERVER_ERROR => {
+            String::from_utf8_lossy(&reply.body).contains("No cluster leader")
+        }
+        _ => false,
+    }
+}
+
 /// What a store shares with its watches.
 pub(super) struct Inner {
     pub(super) http: Arc<Http>,
@@ -89,6 +108,13 @@ impl Inner {
         }
     }
 
+    /// A request bounded by the request timeout. Answers that say Consul
+    /// refused it without applying anything (no leader, rate limited; see
+    /// [`refused_unapplied`]) are retried after a short pause while half the
+    /// timeout is left unused, so a short election or burst costs a delay
+    /// rather than an error; after that the caller gets the last answer and
+    /// maps it to [`StoreError::Unavailable`]. The whole call stays within
+    /// the request timeout.
     pub(super) async fn request(
         &self,
         what: &(dyn Fn() -> String + Sync),
@@ -96,8 +122,30 @@ impl Inner {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Reply> {
-        self.call(what, method, path, body, self.request_timeout)
-            .await
+        let start = tokio::time::Instant::now();
+        let deadline = start + self.request_timeout;
+        let retry_until = start + self.request_timeout / 2;
+        let mut pause = REFUSED_PAUSE_MIN;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(StoreError::Timeout(self.request_timeout));
+            }
+            let reply = self
+                .call(what, method.clone(), path, body.clone(), left)
+                .await?;
+            if !refused_unapplied(&reply) || tokio::time::Instant::now() + pause > retry_until {
+                return Ok(reply);
+            }
+            tracing::debug!(
+                status = reply.status.as_u16(),
+                "{}: {} refused the request; retrying",
+                what(),
+                self.target
+            );
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(REFUSED_PAUSE_MAX);
+        }
     }
 
     /// The error for an answer that is not a success the caller expects.
@@ -118,19 +166,26 @@ impl Inner {
             StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => StoreError::Invalid(
                 format!("{context}: {detail} (Consul's limits: 64 operations per txn, 512 KiB per value and per txn)"),
             ),
-            StatusCode::TOO_MANY_REQUESTS
-            | StatusCode::BAD_GATEWAY
-            | StatusCode::SERVICE_UNAVAILABLE
-            | StatusCode::GATEWAY_TIMEOUT => StoreError::Unavailable(format!("{context}: {detail}")),
+            StatusCode::TOO_MANY_REQUESTS => StoreError::Unavailable(format!(
+                "{context}: {detail} (Consul's request rate limit refused it; nothing was applied)"
+            )),
+            StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT => {
+                StoreError::Unavailable(format!("{context}: {detail}"))
+            }
             StatusCode::INTERNAL_SERVER_ERROR
                 if body.contains("Permission denied") || body.contains("ACL not found") =>
             {
                 StoreError::backend(context, format!("{detail} (check the ACL token)"))
             }
-            // The agent could not reach a server, or there is no leader.
+            StatusCode::INTERNAL_SERVER_ERROR if body.contains("No cluster leader") => {
+                StoreError::Unavailable(format!(
+                    "{context}: {detail} (the Consul servers have no leader: an election, or \
+                     quorum lost; nothing was applied)"
+                ))
+            }
+            // The agent could not reach a server.
             StatusCode::INTERNAL_SERVER_ERROR
-                if body.contains("No cluster leader")
-                    || body.contains("no leader")
+                if body.contains("no leader")
                     || body.contains("rpc error")
                     || body.contains("i/o timeout") =>
             {
@@ -170,21 +225,23 @@ impl Inner {
         block: Option<(u64, Duration)>,
     ) -> Result<(u64, BTreeMap<String, Entry>)> {
         let what = || format!("list prefix {:?}", format!("/{prefix}"));
-        let (path, timeout) = match block {
-            Some((index, wait)) => (
-                format!(
+        let reply = match block {
+            // A watch retries a refused blocking query itself, with its own
+            // back-off.
+            Some((index, wait)) => {
+                let path = format!(
                     "{}?recurse&index={index}&wait={}ms",
                     kv_path(prefix),
                     wait.as_millis()
-                ),
-                wait + wait / 16 + self.request_timeout,
-            ),
-            None => (
-                format!("{}?recurse&consistent", kv_path(prefix)),
-                self.request_timeout,
-            ),
+                );
+                let timeout = wait + wait / 16 + self.request_timeout;
+                self.call(&what, Method::GET, &path, None, timeout).await?
+            }
+            None => {
+                let path = format!("{}?recurse&consistent", kv_path(prefix));
+                self.request(&what, Method::GET, &path, None).await?
+            }
         };
-        let reply = self.call(&what, Method::GET, &path, None, timeout).await?;
         let entries: Vec<Entry> = match reply.status {
             StatusCode::OK => self.decode(&what(), &reply)?,
             StatusCode::NOT_FOUND => Vec::new(),

@@ -154,11 +154,14 @@ impl Watcher {
     /// puts at that index, keys gone are deletes at the snapshot's index (the
     /// first revision known to lack them).
     fn absorb(&mut self, index: u64, entries: BTreeMap<String, Entry>) -> Result<()> {
-        if index < self.index {
-            // Normal after Consul reaped tombstones under the prefix (its
-            // index then falls back to the newest entry's); Consul's docs
-            // say to reset. The snapshot just read is the fresh one.
-            tracing::debug!(prefix = %self.prefix, from = self.index, to = index, "Consul index went backwards");
+        // Normal after Consul reaped tombstones under the prefix (its index
+        // then falls back to the newest entry's). Consul's docs: reset the
+        // index to 0 when it goes backwards, so the next query does not
+        // block on an index that may not come back soon. The snapshot just
+        // read is the fresh one either way.
+        let went_back = index < self.index;
+        if went_back {
+            tracing::debug!(prefix = %self.prefix, from = self.index, to = index, "Consul index went backwards; resetting the blocking query");
         }
         let mut events: Vec<(u64, WatchEvent)> = Vec::new();
         for (key, e) in &entries {
@@ -217,7 +220,7 @@ impl Watcher {
             }
         }
         self.state = entries;
-        self.index = index;
+        self.index = if went_back { 0 } else { index };
         self.high = self.high.max(index);
         self.next = self.next.max(index.saturating_add(1));
         Ok(())
@@ -273,6 +276,14 @@ mod tests {
         // The index falls back (tombstones reaped) with nothing new: no event.
         let same = w.state.clone();
         w.backlog.clear();
+        w.absorb(12, same.clone()).unwrap();
+        assert!(w.backlog.is_empty());
+        assert_eq!(
+            (w.index, w.next),
+            (0, 14),
+            "reset: the next query does not block"
+        );
+        // The next (non-blocking) answer sets the index again.
         w.absorb(12, same).unwrap();
         assert!(w.backlog.is_empty());
         assert_eq!((w.index, w.next), (12, 14));
