@@ -39,8 +39,9 @@ pub struct GcArgs {
     /// Free what is listed.
     #[arg(long)]
     pub apply: bool,
-    /// Only addresses handed out at least this many seconds ago.
-    #[arg(long, default_value_t = 600)]
+    /// Only addresses that stay bound to no endpoint, unchanged, for this
+    /// many seconds while gc watches (gc waits this long; 0: no wait).
+    #[arg(long, default_value_t = 60)]
     pub min_age: u64,
     /// With --apply, also reclaim hosts that are not registered, at once.
     /// Only for machines gone for good: a plugin that is down or restarting

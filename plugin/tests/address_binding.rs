@@ -170,3 +170,59 @@ async fn calls_whose_answer_was_lost_are_retried_and_leave_nothing_behind() {
         "the address is free again"
     );
 }
+
+#[tokio::test]
+async fn pool_and_dynamic_address_calls_whose_answer_was_lost_succeed_and_leave_nothing_behind() {
+    use rustoverlay::api::parse::pool_request;
+    use rustoverlay::state::keys;
+    let hooked = HookStore::new(store());
+    let s: Arc<dyn KvStore> = hooked.clone();
+    let a = Host::start(&s, "a", "192.0.2.1").await;
+    let b = Host::start(&s, "b", "192.0.2.2").await;
+    let req = pool_request(SUBNET, "", false).unwrap();
+    let seg = "10.77.0.0_24";
+    let refs = || async {
+        a.ipam
+            .read_pool(seg)
+            .await
+            .unwrap()
+            .map(|(rec, _)| rec.refs)
+            .unwrap_or_default()
+    };
+
+    // RequestPool claiming the subnet, then one taking another reference:
+    // both applied with their answers lost, both succeed, one reference each
+    // (Docker calls ReleasePool once for each success, never for a failure).
+    hooked.lose_answers(1);
+    a.ipam.request_pool(&req).await.unwrap();
+    hooked.lose_answers(1);
+    b.ipam.request_pool(&req).await.unwrap();
+    let both = refs().await;
+    assert_eq!(both.get("a"), Some(&1), "{both:?}");
+    assert_eq!(both.get("b"), Some(&1), "{both:?}");
+
+    // A dynamic RequestAddress (and a gateway) applied with the answer lost:
+    // the call finds its own allocation and returns it.
+    hooked.lose_answers(1);
+    let gw = a.ipam.request_address(SUBNET, None, true).await.unwrap();
+    hooked.lose_answers(1);
+    let x = a.ipam.request_address(SUBNET, None, false).await.unwrap();
+    assert_ne!(gw.ip(), x.ip());
+    let y = b.ipam.request_address(SUBNET, None, false).await.unwrap();
+    assert_ne!(y.ip(), x.ip(), "no address handed out twice");
+
+    // Docker's clean-up, with every release's answer lost too.
+    for (h, ip) in [(&a, x.ip()), (&b, y.ip())] {
+        hooked.lose_answers(1);
+        h.ipam.release_address(SUBNET, ip).await.unwrap();
+        let addr = s.get(&keys::pool_addr(seg, ip)).await.unwrap();
+        assert!(addr.is_none(), "{ip} released");
+    }
+    hooked.lose_answers(1);
+    a.ipam.release_pool(SUBNET).await.unwrap();
+    assert_eq!(refs().await.get("a"), None, "a's one reference is gone");
+    hooked.lose_answers(1);
+    b.ipam.release_pool(SUBNET).await.unwrap();
+    let left = s.range(&keys::pool_prefix(seg)).await.unwrap().kvs;
+    assert!(left.is_empty(), "left in the store: {left:?}");
+}

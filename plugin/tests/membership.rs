@@ -88,27 +88,30 @@ async fn a_host_id_whose_registration_expired_can_be_taken_by_another_vtep() {
 }
 
 #[tokio::test]
-async fn one_host_is_the_reaper_and_another_takes_over_when_its_lease_ends() {
+async fn one_host_is_the_reaper_and_the_role_ends_with_its_registration() {
     use rustoverlay::sync::leader::Leadership;
+    use tokio::sync::watch;
     let store: Arc<dyn KvStore> = Arc::new(MemoryStore::new());
-    let ttl = Duration::from_secs(1);
-    let mut a = Leadership::new(store.clone(), "a".into(), ttl);
-    let mut b = Leadership::new(store.clone(), "b".into(), ttl);
+    let ttl = Duration::from_secs(60);
+    let lease_a = store.grant_lease(ttl).await.unwrap();
+    let lease_b = store.grant_lease(ttl).await.unwrap();
+    let (tx_a, rx_a) = watch::channel(Some(lease_a.clone()));
+    let (_tx_b, rx_b) = watch::channel(Some(lease_b));
+    let mut a = Leadership::new(store.clone(), "a".into(), rx_a);
+    let mut b = Leadership::new(store.clone(), "b".into(), rx_b);
     assert!(a.hold().await, "the first to ask becomes the reaper");
     assert!(!b.hold().await, "one reaper at a time");
-    assert!(a.hold().await, "the reaper keeps the role while it renews");
+    assert!(a.hold().await, "the reaper keeps the role while registered");
     assert!(!b.hold().await);
-    // a stops renewing (dies): its lease ends, and b takes the role.
-    drop(a);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !b.hold().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "b never became the reaper after a's lease ended"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // A restarted a (a fresh lease) does not take the role back.
-    let mut a = Leadership::new(store.clone(), "a".into(), ttl);
+    // a's registration ends (its lease expires): the role goes with it in
+    // the same expiry, so b takes it at its very next try.
+    store.revoke_lease(lease_a).await.unwrap();
+    assert!(b.hold().await, "b takes the role as soon as a's lease ends");
+    // a registered again (a fresh lease) does not take the role back, and
+    // an unregistered host never holds it.
+    let lease_a2 = store.grant_lease(ttl).await.unwrap();
+    tx_a.send_replace(Some(lease_a2));
+    assert!(!a.hold().await);
+    tx_a.send_replace(None);
     assert!(!a.hold().await);
 }

@@ -4,7 +4,7 @@
 
 mod fake_host;
 
-use fake_host::{store, Ep, HookStore, Host, SUBNET, VNI};
+use fake_host::{eventually, store, Ep, HookStore, Host, SUBNET, VNI};
 use futures::FutureExt;
 use kvstore_backends::{KeyValue, KvStore};
 use rustoverlay::control::ipam::Ipam;
@@ -273,12 +273,13 @@ async fn a_host_that_registers_again_right_after_the_fence_is_read_keeps_everyth
     assert_eq!(after, before_but_registration, "nothing reclaimed");
 }
 
-/// Make an address look handed out `age_secs` ago.
-async fn age_address(store: &dyn KvStore, ip: IpAddr, holder: &str, age_secs: u64) {
+/// Make an address look handed out `age_secs` ago by its holder's clock
+/// (negative: a clock ahead of ours).
+async fn age_address(store: &dyn KvStore, ip: IpAddr, holder: &str, age_secs: i64) {
     let rec = AddressRecord {
         host: holder.into(),
         kind: AddressKind::Address,
-        at: unix_now() - age_secs,
+        at: unix_now().saturating_add_signed(-age_secs),
     };
     store
         .put(&keys::pool_addr(SEG, ip), encode(&rec))
@@ -286,41 +287,57 @@ async fn age_address(store: &dyn KvStore, ip: IpAddr, holder: &str, age_secs: u6
         .unwrap();
 }
 
-#[tokio::test]
-async fn gc_lists_an_old_unbound_address_and_frees_it_only_with_apply() {
-    let c = cluster().await;
-    age_address(c.store.as_ref(), c.a_unbound, "a", 2 * 3600).await;
-    age_address(c.store.as_ref(), c.ea.ip(), "a", 2 * 3600).await;
-    let young =
-        c.b.ipam
-            .request_address(POOL, None, false)
-            .await
-            .unwrap()
-            .ip();
+/// How long gc watches in these tests.
+const WATCH: Duration = Duration::from_millis(800);
 
-    let report = gc(c.store.clone(), false, HOUR, false).await.unwrap();
-    assert!(
-        report.contains(&format!("address {} ", c.a_unbound)),
-        "{report}"
-    );
-    assert!(!report.contains(&format!("address {} ", young)), "{report}");
-    assert!(
-        !report.contains(&format!("address {} ", c.ea.ip())),
-        "{report}"
-    );
+#[tokio::test]
+async fn gc_frees_only_what_stayed_unbound_while_it_watched_whatever_the_holders_clock() {
+    let c = cluster().await;
+    // The holder's clock says the address is two hours old, or is yet to
+    // be handed out: gc never reads it.
+    age_address(c.store.as_ref(), c.a_unbound, "a", 2 * 3600).await;
+    let ahead = c.b.ipam.request_address(POOL, None, false).await.unwrap();
+    age_address(c.store.as_ref(), ahead.ip(), "b", -3600).await;
+
+    // Listing: an address handed out while gc watches is not listed.
+    let listing = tokio::spawn(gc(c.store.clone(), false, WATCH, false));
+    tokio::time::sleep(WATCH / 4).await;
+    let late = c.b.ipam.request_address(POOL, None, false).await.unwrap();
+    let report = listing.await.unwrap().unwrap();
+    for listed in [c.a_unbound, ahead.ip()] {
+        assert!(report.contains(&format!("address {listed} ")), "{report}");
+    }
+    for spared in [late.ip(), c.ea.ip()] {
+        assert!(!report.contains(&format!("address {spared} ")), "{report}");
+    }
     assert!(report.contains("--apply"), "{report}");
     assert!(!is_free(&c.b, c.a_unbound).await, "listing frees nothing");
 
-    let report = gc(c.store.clone(), true, HOUR, false).await.unwrap();
+    // Applying: an address whose endpoint comes while gc watches stays.
+    let applying = tokio::spawn(gc(c.store.clone(), true, WATCH, false));
+    tokio::time::sleep(WATCH / 4).await;
+    c.b.driver
+        .create_endpoint(EndpointSpec {
+            network_id: "net-b".into(),
+            endpoint_id: "latebbbbbbbbbbbb".into(),
+            ipv4: Some(late),
+            ipv6: None,
+            mac: None,
+        })
+        .await
+        .unwrap();
+    let report = applying.await.unwrap().unwrap();
+    for freed in [c.a_unbound, ahead.ip()] {
+        assert!(report.contains(&format!("freed {freed}")), "{report}");
+        assert!(is_free(&c.b, freed).await);
+    }
     assert!(
-        report.contains(&format!("freed {}", c.a_unbound)),
-        "{report}"
+        !is_free(&c.b, late.ip()).await,
+        "bound while gc watched: stays"
     );
-    assert!(is_free(&c.b, c.a_unbound).await);
-    assert!(!is_free(&c.b, young).await, "young addresses stay");
     assert!(!is_free(&c.b, c.ea.ip()).await, "bound addresses stay");
 
-    let report = gc(c.store.clone(), true, HOUR, false).await.unwrap();
+    let report = gc(c.store.clone(), true, WATCH, false).await.unwrap();
     assert_eq!(report, "nothing to collect\n");
 }
 
@@ -328,15 +345,21 @@ async fn gc_lists_an_old_unbound_address_and_frees_it_only_with_apply() {
 async fn gc_reclaims_a_gone_host_only_when_told_it_is_gone_for_good() {
     let c = cluster().await;
     c.a.unregister().await;
-    let report = gc(c.store.clone(), false, HOUR, false).await.unwrap();
+    let report = gc(c.store.clone(), false, Duration::ZERO, false)
+        .await
+        .unwrap();
     assert!(report.contains("host a is gone"), "{report}");
     assert!(!holdings_of(c.store.as_ref(), "a").await.is_empty());
 
     // --apply alone leaves a gone host to the reaper: it may be restarting.
-    let report = gc(c.store.clone(), true, HOUR, false).await.unwrap();
+    let report = gc(c.store.clone(), true, Duration::ZERO, false)
+        .await
+        .unwrap();
     assert!(report.contains("left to the cluster's reaper"), "{report}");
     assert!(!holdings_of(c.store.as_ref(), "a").await.is_empty());
-    let report = gc(c.store.clone(), true, HOUR, true).await.unwrap();
+    let report = gc(c.store.clone(), true, Duration::ZERO, true)
+        .await
+        .unwrap();
     assert!(report.contains("reclaimed host a"), "{report}");
     assert!(holdings_of(c.store.as_ref(), "a").await.is_empty());
     assert!(is_free(&c.b, c.ea.ip()).await);
@@ -416,7 +439,9 @@ async fn gc_does_not_free_an_address_taken_again_after_its_census() {
         }),
     );
 
-    let report = gc(hooked.clone(), true, HOUR, false).await.unwrap();
+    let report = gc(hooked.clone(), true, Duration::ZERO, false)
+        .await
+        .unwrap();
     assert!(hooked.fired(), "gc read the pool after its census");
     assert!(
         report.contains(&format!("address {x} ")),
@@ -492,6 +517,8 @@ async fn the_reaper_frees_an_address_that_stays_unbound_and_spares_young_and_bou
         .unwrap()
         .ip();
     let orphan_age = Duration::from_millis(600);
+    let lease = s.grant_lease(HOUR).await.unwrap();
+    let (_registered, lease) = tokio::sync::watch::channel(Some(lease));
     let started = std::time::Instant::now();
     let task = tokio::spawn(reaper::run(
         s.clone(),
@@ -504,6 +531,7 @@ async fn the_reaper_frees_an_address_that_stays_unbound_and_spares_young_and_bou
             orphan_age,
         },
         a.live.clone(),
+        lease,
     ));
     let addr_key = keys::pool_addr(SEG, leaked);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -538,5 +566,57 @@ async fn the_reaper_frees_an_address_that_stays_unbound_and_spares_young_and_bou
             .is_some(),
         "a bound address is never collected"
     );
+    task.abort();
+}
+
+#[tokio::test]
+async fn a_gone_host_whose_machine_still_answers_keeps_its_addresses_until_it_falls_silent() {
+    use rustoverlay::dataplane::fake::FakeOp;
+    use rustoverlay::sync::readiness::Readiness;
+    use rustoverlay::sync::reaper::{self, ReaperConfig};
+    let c = cluster().await;
+    let lease = c.store.grant_lease(HOUR).await.unwrap();
+    let (_registered, lease) = tokio::sync::watch::channel(Some(lease));
+    let grace = Duration::from_millis(300);
+    let task = tokio::spawn(reaper::run(
+        c.store.clone(),
+        "b".into(),
+        Readiness::new(true),
+        c.b.reconciler.clone(),
+        ReaperConfig {
+            period: Duration::from_millis(100),
+            grace,
+            orphan_age: HOUR,
+        },
+        c.b.live.clone(),
+        lease,
+    ));
+    // a is cut off from the store, but its machine (and its containers)
+    // are still on the underlay.
+    c.b.fake.set_answering(c.a.vtep(), true);
+    c.a.unregister().await;
+    c.b.sees_registered("a", false).await;
+    let held = holdings_of(c.store.as_ref(), "a").await;
+    assert!(!held.is_empty());
+    eventually("b probes a's machine after the grace", || {
+        c.b.fake.calls(FakeOp::ProbeHost) >= 3
+    })
+    .await;
+    assert_eq!(
+        holdings_of(c.store.as_ref(), "a").await,
+        held,
+        "nothing of a host whose machine answers is reclaimed"
+    );
+    assert!(!is_free(&c.b, c.ea.ip()).await, "a's address stays a's");
+
+    // a's machine falls silent: now it is gone, and reclaimed.
+    c.b.fake.set_answering(c.a.vtep(), false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !holdings_of(c.store.as_ref(), "a").await.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "a never reclaimed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(is_free(&c.b, c.ea.ip()).await);
+    assert!(!is_free(&c.b, c.eb.ip()).await, "b's own address stays");
     task.abort();
 }

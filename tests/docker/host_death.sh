@@ -12,13 +12,15 @@
 #      dockerd cleaning up its dead containers must not free what was
 #      reclaimed and handed out to host 1.
 #   2. partition: host 2 cannot reach the store (iptables in its own
-#      namespace), the other hosts still can, for longer than its TTL with a
-#      grace long enough that nothing is reclaimed. The other hosts drop its
-#      entries; `docker run` on host 2 fails with a store error and allocates
-#      nothing. After the cut host 2 re-registers and reconciles, its entries
-#      come back, its containers talk again, a new container works, no address
-#      is held twice, and every host's FDB/neighbour entries are exactly the
-#      live remote containers.
+#      namespace), the other hosts still can, for longer than its TTL + grace.
+#      The other hosts drop its entries; `docker run` on host 2 fails with a
+#      store error and allocates nothing. Past TTL + grace the reaper finds
+#      host 2's machine answering on the underlay and reclaims nothing: its
+#      container's address cannot be taken with `docker run --ip` on host 1.
+#      After the cut host 2 re-registers and reconciles, its entries come
+#      back, its containers talk again, a new container works, no address is
+#      held twice, and every host's FDB/neighbour entries are exactly the live
+#      remote containers.
 #   3. teardown: nothing left in Docker, the kernel or the store.
 #
 # STORE=etcd (default) picks the shared store; see "the store" below for how
@@ -32,9 +34,7 @@ source tests/lib/harness.sh
 STORE="${STORE:-etcd}"
 HOST_TTL="${HOST_TTL:-4}"
 GRACE="${GRACE:-10}"
-# The reaper looks every max(TTL, 5) s (plugin/src/lib.rs).
-PERIOD=$((HOST_TTL > 5 ? HOST_TTL : 5))
-PART_GRACE="${PART_GRACE:-60}"
+PART_GRACE="${PART_GRACE:-$GRACE}"
 
 # --- the store: everything store-specific is here -----------------------------
 #
@@ -77,9 +77,10 @@ store_assert_empty() { assert_store_empty "$STORE"; }
 # the other hosts must drop its entries within 2 s of that.
 LEASE_MAX_S="$(store_lease_max_s)"
 DROP_LIMIT_S=$((LEASE_MAX_S + 2))
-# Phase 2: host 2 is cut off from the store this long (8 s on etcd with the
-# 4 s TTL), with a grace (PART_GRACE) that nothing reaches.
-CUT_S="${CUT_S:-$((LEASE_MAX_S + 4))}"
+# Phase 2: host 2 is cut off from the store this long (18 s on etcd with the
+# 4 s TTL): past the lease expiry and the grace (PART_GRACE), so that the
+# reaper decides about host 2 while it is cut off.
+CUT_S="${CUT_S:-$((LEASE_MAX_S + PART_GRACE + 4))}"
 
 harness_init "death_$STORE"
 T_START=$SECONDS
@@ -383,7 +384,7 @@ for h in 1 2; do
         eval "plugin_log_since_start $h | grep -q 'host liveness changed.*host=h3.*alive=false'"
 done
 
-reclaim_limit=$((LEASE_MAX_S + GRACE + 2 * PERIOD + 5))
+reclaim_limit=$((LEASE_MAX_S + GRACE + 3))
 phase "1b. reclaim: host 3's endpoints and addresses freed after TTL + grace (limit ${reclaim_limit}s)"
 assert_ok "the store still holds host 3's endpoints and addresses right after the crash" \
     test -n "$(held_by h3)"
@@ -395,12 +396,12 @@ while (($(ms_since "$death_ms") <= reclaim_limit * 1000 + 10000)); do
     fi
     sleep 0.5
 done
-echo "host 3's store entries reclaimed $reclaimed ms after the crash (lease expiry $LEASE_MAX_S s + grace $GRACE s + reaper period $PERIOD s)"
+echo "host 3's store entries reclaimed $reclaimed ms after the crash (lease expiry $LEASE_MAX_S s + grace $GRACE s; limit $reclaim_limit s)"
 assert_ok "host 3 holds nothing in the store any more ($reclaimed ms)" test "$reclaimed" != never
 [[ "$reclaimed" != never ]] || held_by h3 | _harness_indent
 assert_ok "not before TTL + grace ($reclaimed ms >= $((GRACE * 1000)))" \
     test "$reclaimed" != never -a "$reclaimed" -ge $((GRACE * 1000))
-assert_ok "within lease expiry + grace + 2 reaper periods + 5 s ($reclaimed ms <= $((reclaim_limit * 1000)))" \
+assert_ok "within lease expiry + grace + 3 s ($reclaimed ms <= $((reclaim_limit * 1000)))" \
     test "$reclaimed" != never -a "$reclaimed" -le $((reclaim_limit * 1000))
 reclaimer="$(for h in 1 2; do
     if plugin_log_since_start "$h" | grep -q 'reclaimed a gone host'; then echo "host $h"; fi
@@ -504,7 +505,19 @@ assert_ok "docker run on host 2 fails during the cut (exit $cut_rc)" test "$cut_
 assert_ok "in bounded time ($cut_run_ms ms <= 30000)" test "$cut_run_ms" -le 30000
 assert_ok "with a store error" eval 'grep -Eq "store is running and reachable|lost its store registration" <<<"$cut_out"'
 assert_eq "it allocated nothing (address and endpoint keys unchanged)" "$keys_before" "$(alloc_keys)"
-while (($(ms_since "$cut_ms") < CUT_S * 1000)); do sleep 0.2; done
+kept=never
+while (($(ms_since "$cut_ms") < CUT_S * 1000)); do
+    if [[ "$kept" == never ]] && for h in 1 3; do plugin_log_since_start "$h"; done | grep 'keeping its addresses' | grep -q 'host=h2'; then
+        kept="$(ms_since "$cut_ms")"
+    fi
+    sleep 0.2
+done
+echo "the reaper decided to keep host 2's addresses $kept ms after the cut (its machine answers)"
+assert_ok "past lease expiry + grace, the reaper keeps host 2's addresses: its machine answers ($kept ms)" \
+    test "$kept" != never
+assert_fails "host 1: docker run --ip ${IP_OF[c2a]} (c2a's, on cut-off host 2) is refused" \
+    run_c 1 steal1 --ip "${IP_OF[c2a]}"
+hdocker 1 rm -f steal1 >/dev/null 2>&1 || true
 assert_fails "host 2's lease is gone from the store" eval "store_dump | grep -q '^/rustoverlay/v1/hosts/h2 '"
 heal_ms="$(now_ms)"
 harness_host_unblock 2 "$(store_ip)"
@@ -544,7 +557,7 @@ assert_eq "the store's addresses are exactly the containers' (address holder)" \
     "$(awk '{ print $3, "h" $1 }' <<<"$CONTAINERS_NOW" | sort -V)" "$(store_addresses)"
 assert_eventually "no stale entry: every host's FDB/neighbour entries are exactly the other hosts' live containers" 10 \
     all_entries_match
-assert_eq "nothing of host 2 was reclaimed (grace $PART_GRACE s): c2a's address still host 2's" \
+assert_eq "nothing of host 2 was reclaimed (cut off past TTL + grace $PART_GRACE s): c2a's address still host 2's" \
     "${IP_OF[c2a]} h2" "$(store_addresses | awk -v ip="${IP_OF[c2a]}" '$1 == ip')"
 
 # --- 3. teardown --------------------------------------------------------------

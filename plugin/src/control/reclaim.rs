@@ -13,9 +13,8 @@ use crate::error::{PluginError, Result, StoreContext};
 use crate::state::codec::decode;
 use crate::state::keys;
 use crate::state::records::{AddressKind, AddressRecord, EndpointRecord, LocalNetwork, PoolRecord};
-use crate::util::clock::unix_now;
 use kvstore_backends::{KvStore, Revision};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +28,9 @@ pub struct Holdings {
     pub addresses: Vec<(String, IpAddr)>,
     /// PoolID -> references.
     pub pool_refs: BTreeMap<String, u32>,
+    /// The underlay addresses its endpoints were reached at: where to look
+    /// for evidence that the machine is gone (`sync::reaper`).
+    pub vteps: BTreeSet<IpAddr>,
 }
 
 impl Holdings {
@@ -46,8 +48,6 @@ pub struct UnboundAddress {
     pub pool: String,
     pub ip: IpAddr,
     pub holder: String,
-    /// When it was handed out (the holder's clock, Unix seconds).
-    pub at: u64,
     /// The address record's revision: gc frees it only if still unchanged.
     pub revision: Revision,
 }
@@ -122,12 +122,10 @@ pub async fn census(store: &dyn KvStore) -> Result<Census> {
                     .unwrap_or_default();
                 bound.insert((pool, a.ip()));
             }
+            let held = holdings.entry(ep.host.clone()).or_default();
+            held.vteps.insert(ep.vtep);
             if let Some(net) = nets_by_overlay.get(&(ep.host.clone(), ep.network_id.clone())) {
-                holdings
-                    .entry(ep.host.clone())
-                    .or_default()
-                    .endpoints
-                    .push((net.clone(), ep.endpoint_id.clone()));
+                held.endpoints.push((net.clone(), ep.endpoint_id.clone()));
             }
         }
     }
@@ -138,7 +136,6 @@ pub async fn census(store: &dyn KvStore) -> Result<Census> {
                 pool: pool.clone(),
                 ip,
                 holder: rec.host.clone(),
-                at: rec.at,
                 revision,
             });
         }
@@ -191,16 +188,30 @@ pub async fn reclaim_host(store: Arc<dyn KvStore>, host: &str, held: &Holdings) 
     Ok(())
 }
 
-/// `rustoverlay gc`: list (and with `apply` free) addresses bound to no
-/// endpoint and older than `min_age`, and everything of hosts that are gone.
+/// `rustoverlay gc`: list (and with `apply` free) addresses that stayed
+/// bound to no endpoint, and unchanged, for `min_age` as gc itself watched
+/// them (two reads `min_age` apart on this process's clock, never the
+/// holder's: a container being started is never touched), and everything of
+/// hosts that are gone.
 pub async fn gc(
     store: Arc<dyn KvStore>,
     apply: bool,
     min_age: Duration,
     gone_hosts: bool,
 ) -> Result<String> {
-    let census = census(store.as_ref()).await?;
-    let now = unix_now();
+    let first = census(store.as_ref()).await?;
+    let watched: HashSet<(String, IpAddr, Revision)> = first
+        .unbound
+        .iter()
+        .map(|u| (u.pool.clone(), u.ip, u.revision))
+        .collect();
+    let census = if watched.is_empty() || min_age.is_zero() {
+        first
+    } else {
+        tracing::info!(addresses = watched.len(), min_age = ?min_age, "watching addresses bound to no endpoint");
+        tokio::time::sleep(min_age).await;
+        census(store.as_ref()).await?
+    };
     let mut out = String::new();
     let mut gone: Vec<(&String, &Holdings)> = census
         .holdings
@@ -230,20 +241,18 @@ pub async fn gc(
     }
     let gone_hosts: HashSet<&String> = gone.iter().map(|(h, _)| *h).collect();
     for u in &census.unbound {
-        if gone_hosts.contains(&u.holder) {
-            continue; // freed with its host above
-        }
-        let age = now.saturating_sub(u.at);
-        if age < min_age.as_secs() {
-            continue;
+        if gone_hosts.contains(&u.holder) || !watched.contains(&(u.pool.clone(), u.ip, u.revision))
+        {
+            continue; // freed with its host above, or not watched long enough
         }
         let (ip, pool, holder) = (u.ip, &u.pool, &u.holder);
         out.push_str(&format!(
-            "address {ip} in pool {pool} (held by {holder}, {age} s old) is bound to no endpoint\n"
+            "address {ip} in pool {pool} (held by {holder}) stayed bound to no endpoint for {} s\n",
+            min_age.as_secs()
         ));
         if apply {
-            // Only if the address record is unchanged since the census: it
-            // may have been released and taken again meanwhile.
+            // Only if the address record is still the one watched: it may
+            // have been released and taken again meanwhile.
             let ipam = Ipam::releasing_for(store.clone(), holder);
             match ipam.release_listed_address(pool, ip, u.revision).await {
                 Ok(()) => out.push_str(&format!("  freed {ip}\n")),

@@ -9,11 +9,12 @@
 
 use super::error::{DataplaneError, Result};
 use super::names::short_id;
-use super::{Dataplane, KernelPeers, PeerEntry};
+use super::{Dataplane, KernelPeers, PeerEntry, Probe};
 use async_trait::async_trait;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::oneshot;
 
 /// The operations a test can make fail or hold.
@@ -27,6 +28,7 @@ pub enum FakeOp {
     AddPeer,
     RemovePeer,
     Peers,
+    ProbeHost,
 }
 
 /// One overlay's devices as the fake holds them.
@@ -50,6 +52,8 @@ struct State {
     failures: HashMap<FakeOp, usize>,
     holds: HashMap<FakeOp, (oneshot::Sender<()>, oneshot::Receiver<()>)>,
     calls: HashMap<FakeOp, usize>,
+    /// Underlay addresses whose machines answer probes (none by default).
+    answering: HashSet<IpAddr>,
 }
 
 pub struct FakeDataplane {
@@ -100,6 +104,16 @@ impl FakeDataplane {
             .or_default()
             .ports
             .insert(short_id(endpoint_id).to_string());
+    }
+
+    /// Make the machine at `underlay` answer probes (or stop answering).
+    pub fn set_answering(&self, underlay: IpAddr, answers: bool) {
+        let mut st = self.state();
+        if answers {
+            st.answering.insert(underlay);
+        } else {
+            st.answering.remove(&underlay);
+        }
     }
 
     /// Put a stale peer entry into an overlay (as after a missed event).
@@ -223,5 +237,15 @@ impl Dataplane for FakeDataplane {
     async fn peers(&self, vni: u32) -> Result<KernelPeers> {
         self.enter(FakeOp::Peers).await?;
         self.with_network(vni, |net| net.peers.clone())
+    }
+
+    async fn probe_host(&self, underlay: IpAddr, _window: Duration) -> Probe {
+        let mut st = self.state();
+        *st.calls.entry(FakeOp::ProbeHost).or_default() += 1;
+        if st.answering.contains(&underlay) {
+            Probe::Answers
+        } else {
+            Probe::Silent
+        }
     }
 }

@@ -17,16 +17,19 @@ mod links;
 pub mod names;
 mod netlink;
 pub mod netns;
+pub mod probe;
 mod underlay;
 
 pub use error::DataplaneError;
 pub use netlink::Netlink;
+pub use probe::Probe;
 pub use underlay::Underlay;
 
 use async_trait::async_trait;
 use error::Result;
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::time::Duration;
 
 pub const VXLAN_PORT: u16 = 4789;
 /// Outer Ethernet, IPv4, UDP and VXLAN headers.
@@ -95,4 +98,8 @@ pub trait Dataplane: Send + Sync + 'static {
 
     /// The permanent remote entries on the overlay's VXLAN device.
     async fn peers(&self, vni: u32) -> Result<KernelPeers>;
+
+    /// Whether the machine at this underlay address answers (ICMP echo),
+    /// within `window`.
+    async fn probe_host(&self, underlay: IpAddr, window: Duration) -> Probe;
 }

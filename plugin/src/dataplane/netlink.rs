@@ -13,6 +13,7 @@ use super::names::{
     vxlan_name,
 };
 use super::netns::{connect_in, NetnsDir};
+use super::probe::{probe, Probe};
 use super::underlay::{detect_underlay, Underlay};
 use super::{Dataplane, KernelPeers, PeerEntry, VXLAN_OVERHEAD, VXLAN_PORT};
 use async_trait::async_trait;
@@ -24,6 +25,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Mutex;
+use std::time::Duration;
 
 pub struct Netlink {
     host: Handle,
@@ -295,5 +297,9 @@ impl Dataplane for Netlink {
 
     async fn peers(&self, vni: u32) -> Result<KernelPeers> {
         self.read_peers(vni).await
+    }
+
+    async fn probe_host(&self, underlay: IpAddr, window: Duration) -> Probe {
+        probe(underlay, window).await
     }
 }

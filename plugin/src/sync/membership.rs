@@ -58,6 +58,9 @@ pub struct Registration {
     store: Arc<dyn KvStore>,
     record: HostRecord,
     ttl: Duration,
+    /// The lease of the registration in force (None while lost, or not yet
+    /// reconciled after a loss): the reaper role is held under it.
+    current: Arc<watch::Sender<Option<LeaseId>>>,
 }
 
 impl Registration {
@@ -70,7 +73,13 @@ impl Registration {
                 version: env!("CARGO_PKG_VERSION").to_string(),
             },
             ttl,
+            current: Arc::new(watch::channel(None).0),
         }
+    }
+
+    /// Follow the lease of the registration in force.
+    pub fn lease(&self) -> watch::Receiver<Option<LeaseId>> {
+        self.current.subscribe()
     }
 
     /// Write the registration under a fresh lease. A registration of this
@@ -158,6 +167,7 @@ impl Registration {
                                 lease = None;
                             }
                         }
+                        self.current.send_replace(lease.clone());
                     }
                     Err(e @ RegisterError::Clash { .. }) => {
                         tracing::error!(error = %e, "refusing to run");
@@ -175,6 +185,7 @@ impl Registration {
                         }
                         lost = true;
                         lease = None;
+                        self.current.send_replace(None);
                         continue;
                     }
                     Err(e) => tracing::warn!(error = %e, "host lease renewal failed; retrying"),

@@ -16,8 +16,9 @@ use super::membership::LiveSet;
 use super::readiness::Readiness;
 use super::reconcile::Reconciler;
 use crate::control::ipam::Ipam;
-use crate::control::reclaim::{census, reclaim_host, Census, UnboundAddress};
-use kvstore_backends::{KvStore, Revision};
+use crate::control::reclaim::{census, reclaim_host, Census, Holdings, UnboundAddress};
+use crate::dataplane::{Dataplane, Probe};
+use kvstore_backends::{KvStore, LeaseId, Revision};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -32,12 +33,18 @@ pub struct ReaperConfig {
     pub orphan_age: Duration,
 }
 
-/// A gone host: since when, and when a failed reclaim may be tried again.
+/// A gone host: since when, when a failed or deferred reclaim may be tried
+/// again, and whether we said that its machine still answers.
 #[derive(Debug, Clone, Copy)]
 struct Gone {
     since: Instant,
     retry_at: Option<Instant>,
+    told_answers: bool,
 }
+
+/// How long a probe of a gone host's machine may take (within the 3 s that
+/// reclaim may take after the grace).
+const PROBE_WINDOW: Duration = Duration::from_millis(1500);
 
 /// The gone hosts this plugin knows of.
 #[derive(Debug, Default)]
@@ -61,6 +68,7 @@ impl GoneSince {
                 self.hosts.entry(h.clone()).or_insert(Gone {
                     since: now,
                     retry_at: None,
+                    told_answers: false,
                 });
             }
         }
@@ -85,11 +93,11 @@ pub async fn run(
     reconciler: Arc<Reconciler>,
     config: ReaperConfig,
     mut live: watch::Receiver<LiveSet>,
+    lease: watch::Receiver<Option<LeaseId>>,
 ) {
     let mut gone = GoneSince::default();
     let mut seen: LiveSet = live.borrow_and_update().clone();
-    // The role lapses three missed periods after its holder stops.
-    let mut leader = Leadership::new(store.clone(), me.clone(), config.period * 3);
+    let mut leader = Leadership::new(store.clone(), me.clone(), lease);
     let mut next_tick = Instant::now() + config.period;
     let mut leading = false;
     let mut unbound = Unbound::new();
@@ -107,8 +115,13 @@ pub async fn run(
                 }
                 let now_live = live.borrow_and_update().clone();
                 gone.update(&now_live, &seen, Instant::now());
+                let left = left_the_live_set(&now_live, &seen);
                 seen = now_live;
-                continue;
+                // A host that left may have been the reaper: its role went
+                // with its registration, so someone takes it over now.
+                if !left || leading {
+                    continue;
+                }
             }
             _ = tokio::time::sleep_until(next_tick) => {
                 next_tick = Instant::now() + config.period;
@@ -122,7 +135,15 @@ pub async fn run(
         }
         leading = leader.hold().await;
         if leading {
-            reap(&store, &me, &mut gone, &config, &seen, &mut unbound).await;
+            let probe = reconciler.dataplane();
+            let ctx = ReapContext {
+                store: &store,
+                me: &me,
+                config: &config,
+                live: &seen,
+                probe,
+            };
+            reap(&ctx, &mut gone, &mut unbound).await;
         } else {
             unbound.clear();
         }
@@ -164,6 +185,13 @@ async fn collect_unbound(
     }
 }
 
+fn left_the_live_set(live: &LiveSet, before: &LiveSet) -> bool {
+    match (live, before) {
+        (Some(live), Some(before)) => before.iter().any(|h| !live.contains(h)),
+        _ => false,
+    }
+}
+
 async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -171,16 +199,48 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
+/// What one round of reaping works with.
+struct ReapContext<'a> {
+    store: &'a Arc<dyn KvStore>,
+    me: &'a str,
+    config: &'a ReaperConfig,
+    live: &'a LiveSet,
+    probe: &'a dyn Dataplane,
+}
+
+/// Whether a gone host's machine still answers at an underlay address its
+/// endpoints used. Its registration expired, but if the machine is up (cut
+/// off from the store only, or its plugin down) its containers may still
+/// use their addresses, so nothing of it may be handed to anyone else.
+/// Evidence that cannot be gathered counts as "answers": keeping addresses
+/// too long costs a warning, handing one out twice breaks the promise.
+async fn still_answers(probe: &dyn Dataplane, held: &Holdings) -> Option<(IpAddr, String)> {
+    for vtep in &held.vteps {
+        match probe.probe_host(*vtep, PROBE_WINDOW).await {
+            Probe::Silent => {}
+            Probe::Answers => return Some((*vtep, "its machine answers on the underlay".into())),
+            Probe::Unknown(why) => {
+                return Some((
+                    *vtep,
+                    format!("it cannot be probed ({why}; grant CAP_NET_RAW)"),
+                ))
+            }
+        }
+    }
+    None
+}
+
 /// Read who holds what; count hosts holding state that are not registered
-/// as gone (from now, if not counted yet); reclaim those past their grace.
-async fn reap(
-    store: &Arc<dyn KvStore>,
-    me: &str,
-    gone: &mut GoneSince,
-    config: &ReaperConfig,
-    live: &LiveSet,
-    unbound: &mut Unbound,
-) {
+/// as gone (from now, if not counted yet); reclaim those past their grace
+/// whose machines no longer answer.
+async fn reap(ctx: &ReapContext<'_>, gone: &mut GoneSince, unbound: &mut Unbound) {
+    let ReapContext {
+        store,
+        me,
+        config,
+        live,
+        probe,
+    } = *ctx;
     let now = Instant::now();
     let census = match census(store.as_ref()).await {
         Ok(c) => c,
@@ -196,7 +256,7 @@ async fn reap(
     for (host, held) in &census.holdings {
         let registered =
             census.registered.contains(host) || live.as_ref().is_some_and(|l| l.contains(host));
-        if host == me || registered || held.is_empty() {
+        if host.as_str() == me || registered || held.is_empty() {
             gone.hosts.remove(host);
             continue;
         }
@@ -205,10 +265,19 @@ async fn reap(
             Gone {
                 since: now,
                 retry_at: None,
+                told_answers: false,
             }
         });
         if now.duration_since(entry.since) < config.grace || entry.retry_at.is_some_and(|r| now < r)
         {
+            continue;
+        }
+        if let Some((vtep, why)) = still_answers(probe, held).await {
+            entry.retry_at = Some(Instant::now() + config.period);
+            if !entry.told_answers {
+                entry.told_answers = true;
+                tracing::warn!(host = %host, vtep = %vtep, "host is unregistered past its grace, but {why}: keeping its addresses. If the machine is gone for good, free them with `rustoverlay gc --apply --gone-hosts`");
+            }
             continue;
         }
         // The fence in every write makes this safe even if the host

@@ -6,6 +6,7 @@ use super::devices::Devices;
 use crate::control::ipam::{pool_id, Ipam};
 use crate::control::overlay::Overlays;
 use crate::dataplane::names::short_id;
+use crate::dataplane::Dataplane;
 use crate::error::{PluginError, Result};
 use crate::state::records::EndpointRecord;
 use crate::util::backoff::Backoff;
@@ -34,6 +35,11 @@ impl Reconciler {
             ipam,
             devices,
         }
+    }
+
+    /// This host's data plane (the reaper probes gone hosts through it).
+    pub fn dataplane(&self) -> &dyn Dataplane {
+        self.devices.dataplane()
     }
 
     /// Bring the kernel in line with the store: resume peer sync for

@@ -33,6 +33,8 @@ pub fn start(
     let fatal_tx = Arc::new(fatal_tx);
     let (events_tx, events) = mpsc::channel(4);
     let events = Arc::new(tokio::sync::Mutex::new(events));
+    // The reaper role is held under the registration's lease.
+    let lease = registration.lease();
     spawn_supervised("registration", move || {
         let (registration, events_tx) = (registration.clone(), events_tx.clone());
         async move { registration.run(events_tx).await }
@@ -59,6 +61,7 @@ pub fn start(
                 reconciler.clone(),
                 reaper_config.clone(),
                 live.clone(),
+                lease.clone(),
             )
         });
     }

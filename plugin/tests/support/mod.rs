@@ -85,6 +85,42 @@ impl Netns {
         ns
     }
 
+    /// Drop every packet between this host and `ip`, both ways (iptables
+    /// in this namespace only): a partition between the two while the rest
+    /// of the underlay stays reachable. TCP hangs and times out.
+    pub fn block(&self, ip: &str) {
+        self.iptables("-I", &["INPUT", "1", "-s", ip]);
+        self.iptables("-I", &["OUTPUT", "1", "-d", ip]);
+    }
+
+    pub fn unblock(&self, ip: &str) {
+        self.iptables("-D", &["INPUT", "-s", ip]);
+        self.iptables("-D", &["OUTPUT", "-d", ip]);
+    }
+
+    /// Cut (or mend) this host's underlay cable: nothing in or out on
+    /// `ul0`, as if the machine were off, while its processes live on.
+    pub fn cable(&self, connected: bool) {
+        let (op, at): (&str, &[&str]) = if connected {
+            ("-D", &[])
+        } else {
+            ("-I", &["1"])
+        };
+        for (chain, dir) in [("INPUT", "-i"), ("OUTPUT", "-o")] {
+            let mut rule = vec![chain];
+            rule.extend_from_slice(at);
+            rule.extend([dir, "ul0"]);
+            self.iptables(op, &rule);
+        }
+    }
+
+    fn iptables(&self, op: &str, rule: &[&str]) {
+        let mut args = vec!["netns", "exec", &self.name, "iptables", "-w", "5", op];
+        args.extend_from_slice(rule);
+        args.extend_from_slice(&["-j", "DROP"]);
+        run("ip", &args);
+    }
+
     /// Names of the links in the namespace.
     pub fn links(&self) -> Vec<String> {
         let out = Command::new("ip")
@@ -580,6 +616,10 @@ impl Lan {
                 "--in-test-namespace",
                 "--session-ttl-min",
                 "1s",
+                // Consul reaps tombstones 15 s after a delete; sooner here,
+                // so that list indexes go backwards during the tests too.
+                "--tombstone-ttl",
+                "2s",
             ])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

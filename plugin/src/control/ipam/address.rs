@@ -12,7 +12,7 @@ use crate::state::records::{AddressKind, AddressRecord, AllocState};
 use crate::util::backoff::Retry;
 use crate::util::clock::unix_now;
 use ipnetwork::IpNetwork;
-use kvstore_backends::{Compare, Op, OpResult, Revision, Txn};
+use kvstore_backends::{Compare, Op, OpResult, Revision, StoreError, Txn};
 use std::net::IpAddr;
 
 impl Ipam {
@@ -335,11 +335,28 @@ impl Ipam {
                 Op::get(&addr_key),
                 Op::get(&bound_key),
             ]);
-            let resp = self
-                .store
-                .txn(GoneHostFence::apply(&self.fence, txn))
-                .await
-                .ctx(|| format!("release address {ip}"))?;
+            let held_revision = held.mod_revision;
+            let resp = match self.store.txn(GoneHostFence::apply(&self.fence, txn)).await {
+                Ok(resp) => resp,
+                // The answer was lost: unless the record is still the one
+                // this call deleted, the release applied.
+                Err(StoreError::Timeout(_)) => {
+                    *guard = None;
+                    addr = self
+                        .store
+                        .get(&addr_key)
+                        .await
+                        .ctx(|| format!("read address {ip}"))?;
+                    if addr
+                        .as_ref()
+                        .is_some_and(|kv| kv.mod_revision == held_revision)
+                    {
+                        continue;
+                    }
+                    return Ok(());
+                }
+                Err(e) => return Err(e).ctx(|| format!("release address {ip}")),
+            };
             if resp.succeeded {
                 *guard = Some(if queue {
                     Cursor {

@@ -11,7 +11,7 @@ use crate::state::keys;
 use crate::state::records::{AddressKind, AllocState, PoolRecord};
 use crate::util::backoff::Retry;
 use ipnetwork::IpNetwork;
-use kvstore_backends::{Compare, Op, OpResult, Revision, Txn};
+use kvstore_backends::{Compare, Op, OpResult, Revision, StoreError, Txn};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -136,17 +136,15 @@ impl Ipam {
             compares.push(Compare::mod_revision(&alloc_key, cur.revision));
             compares.push(Compare::absent(&addr_key));
             compares.extend(extra_compares);
-            ops.push(Op::put(
-                &addr_key,
-                self.address_record(if extra.is_some() {
-                    AddressKind::Gateway
-                } else {
-                    AddressKind::Address
-                }),
-            ));
+            let record = self.address_record(if extra.is_some() {
+                AddressKind::Gateway
+            } else {
+                AddressKind::Address
+            });
+            ops.push(Op::put(&addr_key, record.clone()));
             ops.push(Op::put(&alloc_key, encode(&new_state)));
             ops.extend(extra_ops);
-            let resp = self
+            let written = self
                 .store
                 .txn(
                     Txn::new()
@@ -154,8 +152,26 @@ impl Ipam {
                         .and_then(ops)
                         .or_else(vec![Op::get(&alloc_key), Op::get(&addr_key)]),
                 )
-                .await
-                .ctx(|| format!("allocate an address in pool {seg}"))?;
+                .await;
+            let resp = match written {
+                Ok(resp) => resp,
+                // The answer was lost. The record as written (this host, this
+                // second, under the pool's cursor lock) says it applied, and
+                // the address is the caller's; else try again.
+                Err(StoreError::Timeout(_)) => {
+                    *guard = None;
+                    let now = self
+                        .store
+                        .get(&addr_key)
+                        .await
+                        .ctx(|| format!("check an allocation in pool {seg}"))?;
+                    if now.is_some_and(|kv| kv.value == record) {
+                        return Ok(Some(ip));
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e).ctx(|| format!("allocate an address in pool {seg}")),
+            };
             if resp.succeeded {
                 *guard = Some(Cursor {
                     state: new_state,

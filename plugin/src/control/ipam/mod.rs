@@ -39,6 +39,10 @@ pub struct Ipam {
     default_pool: Ipv4Network,
     default_pool_size: u8,
     cursors: Mutex<HashMap<String, CursorCell>>,
+    /// Serialises this host's changes to its pool references, so that after
+    /// a lost answer the count says whether the change applied: nobody else
+    /// changes this host's count.
+    refs_lock: tokio::sync::Mutex<()>,
     /// Set when acting for a gone host (reclaim): its releases only happen
     /// while the host is still unregistered.
     fence: Option<GoneHostFence>,
@@ -77,6 +81,7 @@ impl Ipam {
             default_pool,
             default_pool_size,
             cursors: Mutex::new(HashMap::new()),
+            refs_lock: tokio::sync::Mutex::new(()),
             fence: None,
         }
     }

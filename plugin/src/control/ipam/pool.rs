@@ -10,7 +10,7 @@ use crate::state::keys;
 use crate::state::records::{AllocState, PoolIndex, PoolRecord};
 use crate::util::backoff::Retry;
 use ipnetwork::{IpNetwork, Ipv4Network};
-use kvstore_backends::{Compare, Op, Txn};
+use kvstore_backends::{Compare, Op, StoreError, Txn};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
@@ -73,6 +73,7 @@ impl Ipam {
     /// record as it stands after the call.
     #[tracing::instrument(skip(self), fields(host = %self.host))]
     pub async fn request_pool(&self, req: &PoolRequest) -> Result<PoolRecord> {
+        let _refs = self.refs_lock.lock().await;
         let mut retry = Retry::new();
         while retry.next().await {
             let index_kv = self
@@ -125,11 +126,16 @@ impl Ipam {
                     Op::put(keys::pool_record(&seg), encode(&record)),
                     Op::put(keys::pool_alloc(&seg), encode(&AllocState::default())),
                 ]);
-            let resp = self
-                .store
-                .txn(txn)
-                .await
-                .ctx(|| format!("claim subnet {id}"))?;
+            let resp = match self.store.txn(txn).await {
+                Ok(resp) => resp,
+                // The answer was lost: a record with this host's reference
+                // is this claim's (nobody else writes this host's count).
+                Err(StoreError::Timeout(_)) => match self.read_pool(&seg).await? {
+                    Some((rec, _)) if rec.refs.contains_key(&self.host) => return Ok(rec),
+                    _ => continue,
+                },
+                Err(e) => return Err(e).ctx(|| format!("claim subnet {id}")),
+            };
             if resp.succeeded {
                 tracing::info!(pool = %id, "claimed subnet");
                 return Ok(record);
@@ -156,14 +162,29 @@ impl Ipam {
                     }
                 )));
             }
-            *rec.refs.entry(self.host.clone()).or_insert(0) += 1;
-            let resp = self
+            let count = rec.refs.entry(self.host.clone()).or_insert(0);
+            *count += 1;
+            let wanted = *count;
+            let written = self
                 .store
                 .compare_and_swap(&keys::pool_record(seg), rev, encode(&rec))
-                .await
-                .ctx(|| format!("add a reference to pool {}", pool_id(&rec.subnet)))?;
-            if resp.is_ok() {
-                return Ok(Some(rec));
+                .await;
+            match written {
+                Ok(Ok(_)) => return Ok(Some(rec)),
+                Ok(Err(_)) => {}
+                // The answer was lost: this host's count says whether it
+                // applied (callers hold `refs_lock`).
+                Err(StoreError::Timeout(_)) => match self.read_pool(seg).await? {
+                    None => return Ok(None),
+                    Some((now, _)) if now.refs.get(&self.host) == Some(&wanted) => {
+                        return Ok(Some(now))
+                    }
+                    Some(_) => {}
+                },
+                Err(e) => {
+                    return Err(e)
+                        .ctx(|| format!("add a reference to pool {}", pool_id(&rec.subnet)))
+                }
             }
         }
         Err(too_contended("reference a pool"))
@@ -194,6 +215,7 @@ impl Ipam {
     /// everything allocated in it.
     #[tracing::instrument(skip(self), fields(host = %self.host))]
     pub async fn release_pool(&self, pool_id: &str) -> Result<()> {
+        let _refs = self.refs_lock.lock().await;
         let mut retry = Retry::new();
         while retry.next().await {
             GoneHostFence::check(&self.fence, self.store.as_ref()).await?;
@@ -232,11 +254,18 @@ impl Ipam {
                     .when(vec![Compare::mod_revision(keys::pool_record(&seg), rev)])
                     .and_then(vec![Op::put(keys::pool_record(&seg), encode(&rec))])
             };
-            let resp = self
-                .store
-                .txn(GoneHostFence::apply(&self.fence, txn))
-                .await
-                .ctx(|| format!("release pool {pool_id}"))?;
+            let left = rec.refs.get(&self.host).copied();
+            let resp = match self.store.txn(GoneHostFence::apply(&self.fence, txn)).await {
+                Ok(resp) => resp,
+                // The answer was lost: this host's count (or the pool gone
+                // with its last reference) says whether it applied.
+                Err(StoreError::Timeout(_)) => match self.read_pool(&seg).await? {
+                    None => return Ok(()),
+                    Some((now, _)) if now.refs.get(&self.host).copied() == left => return Ok(()),
+                    Some(_) => continue,
+                },
+                Err(e) => return Err(e).ctx(|| format!("release pool {pool_id}")),
+            };
             if resp.succeeded {
                 if rec.refs.is_empty() {
                     self.forget_cursor(&seg);
