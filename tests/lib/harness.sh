@@ -1111,9 +1111,17 @@ _harness_consul_healthy() {
         'exec 3<>"/dev/tcp/$0/$1"' "$HARNESS_CONSUL_IP" "$HARNESS_CONSUL_PORT" 2>/dev/null
 }
 
+# harness_consul_session_ttl_min - the test server's session_ttl_min in
+# seconds: HARNESS_CONSUL_SESSION_TTL_MIN, 1 unless set (Consul's own default
+# is 10). Plugins need the same number as --consul-session-ttl-min.
+harness_consul_session_ttl_min() { printf '%s' "${HARNESS_CONSUL_SESSION_TTL_MIN:-1}"; }
+
 # harness_start_consul - start the Consul test server (its namespace on first
 # use) and wait until it listens. Its data lives in memory: a restart is a
-# fresh cluster.
+# fresh cluster. Its minimum session TTL is harness_consul_session_ttl_min;
+# it reaps tombstones HARNESS_CONSUL_TOMBSTONE_TTL (5s unless set; Consul: 15s)
+# after a delete, so list indexes go backwards as in production. Sessions
+# expire 2x their TTL after the last renewal (Consul's worst case).
 harness_start_consul() {
     local ns ul dir pid bin
     bin="$(harness_consul_bin)"
@@ -1134,7 +1142,9 @@ harness_start_consul() {
     _harness_spawn "$dir/consul.pid" "$dir/consul.log" \
         nsenter --net="/run/netns/$ns" -- \
         "${_HARNESS_PIDWRAP[@]}" "$dir/consul.pid" \
-        "$bin" --listen "$HARNESS_CONSUL_IP:$HARNESS_CONSUL_PORT" --in-test-namespace --session-ttl-min 1s
+        "$bin" --listen "$HARNESS_CONSUL_IP:$HARNESS_CONSUL_PORT" --in-test-namespace \
+        --session-ttl-min "$(harness_consul_session_ttl_min)s" \
+        --tombstone-ttl "${HARNESS_CONSUL_TOMBSTONE_TTL:-5s}"
     pid="$(cat "$dir/consul.pid")"
     local deadline=$((SECONDS + 30))
     until _harness_consul_healthy; do
