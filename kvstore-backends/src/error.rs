@@ -46,6 +46,17 @@ impl StoreError {
         }
     }
 
+    /// True when a write that failed this way may still have been applied
+    /// (sent, then the answer was lost: a timeout, a connection that broke,
+    /// an unexpected reply). Only a read tells; "no leader" and refused
+    /// connections are in here too, at the cost of that read.
+    pub fn may_have_applied(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Timeout(_) | StoreError::Unavailable(_) | StoreError::Backend { .. }
+        )
+    }
+
     /// True for failures worth retrying later without changing the request.
     pub fn is_transient(&self) -> bool {
         matches!(

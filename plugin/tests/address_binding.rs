@@ -141,16 +141,14 @@ async fn calls_whose_answer_was_lost_are_retried_and_leave_nothing_behind() {
     a.driver.create_endpoint(spec).await.unwrap();
     a.driver.join("net-a", "e9aaaaaaaaaaaaaa").await.unwrap();
 
-    // DeleteEndpoint applied with its answer lost (Docker logs it and goes
-    // on), then ReleaseAddress: Docker's clean-up leaves nothing.
+    // DeleteEndpoint applied with its answer lost: it finds the record gone
+    // and succeeds; then ReleaseAddress: Docker's clean-up leaves nothing.
     a.driver.leave("net-a", "e9aaaaaaaaaaaaaa").await.unwrap();
     hooked.lose_answers(1);
-    let err = a
-        .driver
+    a.driver
         .delete_endpoint("net-a", "e9aaaaaaaaaaaaaa")
         .await
-        .unwrap_err();
-    assert!(matches!(err, PluginError::Store { .. }), "{err}");
+        .unwrap();
     a.ipam.release_address(pool, x).await.unwrap();
     let left = s
         .range(&rustoverlay::state::keys::overlay_endpoints(&net.overlay))

@@ -11,9 +11,9 @@ use crate::state::codec::{decode, encode, take_gets};
 use crate::state::fence::GoneHostFence;
 use crate::state::keys;
 use crate::state::records::{EndpointRecord, LocalNetwork, OverlayRecord};
-use crate::util::backoff::Retry;
+use crate::util::backoff::{until_read, Retry};
 use ipnetwork::IpNetwork;
-use kvstore_backends::{Compare, KvStore, Op, OpResult, Revision, StoreError, Txn};
+use kvstore_backends::{Compare, KvStore, Op, OpResult, Revision, Txn};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
@@ -91,16 +91,23 @@ impl Overlays {
         let map_key = keys::host_network(&self.host, network_id);
         let rec_key = keys::overlay_record(&overlay);
         let mut retry = Retry::new();
+        // Set after a write whose answer was lost: the next read must get
+        // through, since it alone tells whether that write applied.
+        let mut lost_answer = false;
         while retry.next().await {
-            let resp = self
-                .store
-                .txn(Txn::new().and_then(vec![
+            let read = || {
+                self.store.txn(Txn::new().and_then(vec![
                     Op::get(&map_key),
                     Op::get(&rec_key),
                     Op::get(keys::vni_next()),
                 ]))
-                .await
-                .ctx(|| format!("read overlay {overlay}"))?;
+            };
+            let resp = if lost_answer {
+                until_read(read).await
+            } else {
+                read().await
+            }
+            .ctx(|| format!("read overlay {overlay}"))?;
             let [mapping, record, next] = take_gets::<3>(resp.results);
             if let Some(kv) = mapping {
                 let net: LocalNetwork = decode(&kv)?;
@@ -191,7 +198,10 @@ impl Overlays {
                 Ok(resp) => resp,
                 // The answer was lost: the next round's read shows whether
                 // the mapping was written (and returns it) or not.
-                Err(StoreError::Timeout(_)) => continue,
+                Err(e) if e.may_have_applied() => {
+                    lost_answer = true;
+                    continue;
+                }
                 Err(e) => return Err(e).ctx(|| format!("create overlay {overlay}")),
             };
             if resp.succeeded {
@@ -338,8 +348,8 @@ impl Overlays {
             // The answer was lost: if the record is there as written, the
             // call applied, and Docker (which would not delete it) must
             // hear so.
-            Err(e @ StoreError::Timeout(_)) => {
-                let applied = self.get_endpoint(net, &ep.endpoint_id).await;
+            Err(e) if e.may_have_applied() => {
+                let applied = until_read(|| self.get_endpoint(net, &ep.endpoint_id)).await;
                 return match applied {
                     Ok(Some((current, _))) if current == *ep => Ok(()),
                     _ => Err(e).ctx(|| format!("store endpoint {}", ep.endpoint_id)),
@@ -433,11 +443,18 @@ impl Overlays {
         let txn = Txn::new()
             .when(vec![Compare::mod_revision(&key, rev)])
             .and_then(ops);
-        let resp = self
-            .store
-            .txn(GoneHostFence::apply(&self.fence, txn))
-            .await
-            .ctx(|| format!("delete endpoint {}", ep.endpoint_id))?;
+        let resp = match self.store.txn(GoneHostFence::apply(&self.fence, txn)).await {
+            Ok(resp) => resp,
+            // The answer was lost: gone means deleted (by this call or
+            // another); still there unchanged means the caller tries again.
+            Err(e) if e.may_have_applied() => {
+                let now = until_read(|| self.store.get(&key))
+                    .await
+                    .ctx(|| format!("read endpoint {}", ep.endpoint_id))?;
+                return Ok(now.is_none());
+            }
+            Err(e) => return Err(e).ctx(|| format!("delete endpoint {}", ep.endpoint_id)),
+        };
         if resp.succeeded {
             return Ok(true);
         }

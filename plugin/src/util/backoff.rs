@@ -69,6 +69,25 @@ impl Retry {
     }
 }
 
+/// Repeat a read until it answers or the request's budget is spent. After a
+/// write whose answer was lost only a read tells what happened, and giving
+/// up at the first failed read would leave the write's effect owned by
+/// nobody.
+pub async fn until_read<T, E, F, Fut>(mut read: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut retry = Retry::new();
+    loop {
+        match read().await {
+            Ok(v) => return Ok(v),
+            Err(e) if !retry.next().await => return Err(e),
+            Err(_) => {}
+        }
+    }
+}
+
 impl Default for Retry {
     fn default() -> Self {
         Self::new()

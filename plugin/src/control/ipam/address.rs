@@ -9,10 +9,10 @@ use crate::state::codec::{decode, encode};
 use crate::state::fence::GoneHostFence;
 use crate::state::keys;
 use crate::state::records::{AddressKind, AddressRecord, AllocState};
-use crate::util::backoff::Retry;
+use crate::util::backoff::{until_read, Retry};
 use crate::util::clock::unix_now;
 use ipnetwork::IpNetwork;
-use kvstore_backends::{Compare, Op, OpResult, Revision, StoreError, Txn};
+use kvstore_backends::{Compare, Op, OpResult, Revision, Txn};
 use std::net::IpAddr;
 
 impl Ipam {
@@ -340,11 +340,9 @@ impl Ipam {
                 Ok(resp) => resp,
                 // The answer was lost: unless the record is still the one
                 // this call deleted, the release applied.
-                Err(StoreError::Timeout(_)) => {
+                Err(e) if e.may_have_applied() => {
                     *guard = None;
-                    addr = self
-                        .store
-                        .get(&addr_key)
+                    addr = until_read(|| self.store.get(&addr_key))
                         .await
                         .ctx(|| format!("read address {ip}"))?;
                     if addr

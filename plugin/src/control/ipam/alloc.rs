@@ -9,9 +9,9 @@ use crate::error::{PluginError, Result, StoreContext};
 use crate::state::codec::{decode, encode};
 use crate::state::keys;
 use crate::state::records::{AddressKind, AllocState, PoolRecord};
-use crate::util::backoff::Retry;
+use crate::util::backoff::{until_read, Retry};
 use ipnetwork::IpNetwork;
-use kvstore_backends::{Compare, Op, OpResult, Revision, StoreError, Txn};
+use kvstore_backends::{Compare, Op, OpResult, Revision, Txn};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -158,11 +158,9 @@ impl Ipam {
                 // The answer was lost. The record as written (this host, this
                 // second, under the pool's cursor lock) says it applied, and
                 // the address is the caller's; else try again.
-                Err(StoreError::Timeout(_)) => {
+                Err(e) if e.may_have_applied() => {
                     *guard = None;
-                    let now = self
-                        .store
-                        .get(&addr_key)
+                    let now = until_read(|| self.store.get(&addr_key))
                         .await
                         .ctx(|| format!("check an allocation in pool {seg}"))?;
                     if now.is_some_and(|kv| kv.value == record) {

@@ -8,9 +8,9 @@ use crate::state::codec::{decode_or_default, encode};
 use crate::state::fence::GoneHostFence;
 use crate::state::keys;
 use crate::state::records::{AllocState, PoolIndex, PoolRecord};
-use crate::util::backoff::Retry;
+use crate::util::backoff::{until_read, Retry};
 use ipnetwork::{IpNetwork, Ipv4Network};
-use kvstore_backends::{Compare, Op, StoreError, Txn};
+use kvstore_backends::{Compare, Op, Txn};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
@@ -130,10 +130,12 @@ impl Ipam {
                 Ok(resp) => resp,
                 // The answer was lost: a record with this host's reference
                 // is this claim's (nobody else writes this host's count).
-                Err(StoreError::Timeout(_)) => match self.read_pool(&seg).await? {
-                    Some((rec, _)) if rec.refs.contains_key(&self.host) => return Ok(rec),
-                    _ => continue,
-                },
+                Err(e) if e.may_have_applied() => {
+                    match until_read(|| self.read_pool(&seg)).await? {
+                        Some((rec, _)) if rec.refs.contains_key(&self.host) => return Ok(rec),
+                        _ => continue,
+                    }
+                }
                 Err(e) => return Err(e).ctx(|| format!("claim subnet {id}")),
             };
             if resp.succeeded {
@@ -174,7 +176,7 @@ impl Ipam {
                 Ok(Err(_)) => {}
                 // The answer was lost: this host's count says whether it
                 // applied (callers hold `refs_lock`).
-                Err(StoreError::Timeout(_)) => match self.read_pool(seg).await? {
+                Err(e) if e.may_have_applied() => match until_read(|| self.read_pool(seg)).await? {
                     None => return Ok(None),
                     Some((now, _)) if now.refs.get(&self.host) == Some(&wanted) => {
                         return Ok(Some(now))
@@ -259,11 +261,15 @@ impl Ipam {
                 Ok(resp) => resp,
                 // The answer was lost: this host's count (or the pool gone
                 // with its last reference) says whether it applied.
-                Err(StoreError::Timeout(_)) => match self.read_pool(&seg).await? {
-                    None => return Ok(()),
-                    Some((now, _)) if now.refs.get(&self.host).copied() == left => return Ok(()),
-                    Some(_) => continue,
-                },
+                Err(e) if e.may_have_applied() => {
+                    match until_read(|| self.read_pool(&seg)).await? {
+                        None => return Ok(()),
+                        Some((now, _)) if now.refs.get(&self.host).copied() == left => {
+                            return Ok(())
+                        }
+                        Some(_) => continue,
+                    }
+                }
                 Err(e) => return Err(e).ctx(|| format!("release pool {pool_id}")),
             };
             if resp.succeeded {
