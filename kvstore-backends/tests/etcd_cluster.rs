@@ -1,12 +1,20 @@
-//! The etcd backend against a real three-member cluster on loopback: a
+//! The etcd backend against a real three-member cluster: on loopback, a
 //! member that stops answering (stalled, or the leader gone) costs one call
-//! at most; the calls after it, and watches, go to the healthy members.
+//! at most; the calls after it, and watches, go to the healthy members. In
+//! network namespaces (root), members cut off from their peers in turn (they
+//! still answer clients, "no leader") and then a killed one cost no lease and
+//! stall no call, renewal or watch longer than one call's bound.
 
 #[allow(dead_code)] // shared test support; this file uses two helpers of it
 mod etcd_server;
 
+mod etcd_netns;
+
+use etcd_netns::{Cluster as NsCluster, Members};
 use etcd_server::{etcd_binary, free_port};
-use kvstore_backends::{EtcdConfig, EtcdStore, KvStore};
+use kvstore_backends::{
+    EtcdConfig, EtcdStore, KvStore, LeaseId, Op, StoreError, TimeoutStore, Txn,
+};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::process::{Child, Command, Stdio};
@@ -193,4 +201,296 @@ async fn a_watch_opened_after_a_member_stalled_sees_changes() {
         .expect("an event");
     assert_eq!(ev.kv.key, "/w/a");
     cluster.resume(0);
+}
+
+// --- a member cut off from its peers (network namespaces, root) ------------
+
+/// The lease of the partition test: short, so several TTLs pass per phase.
+const TTL: Duration = Duration::from_secs(3);
+/// Every call's bound, as the plugin's default `--store-timeout`.
+const CALL_LIMIT: Duration = Duration::from_secs(5);
+/// An election after a leader is lost (1 s timeout) and the call after it.
+const ELECTION: Duration = Duration::from_secs(3);
+
+/// What one phase measured.
+#[derive(Default, Clone, Debug)]
+struct Phase {
+    name: String,
+    rounds_ok: u32,
+    rounds_failed: u32,
+    /// Longest time without a write and its read-back both succeeding.
+    longest_stall: Duration,
+    renewals_failed: u32,
+    /// Longest time without a renewal: the lease lives while it is below TTL.
+    longest_unrenewed: Duration,
+    /// A cut-off member rejoins: without pre-vote (etcd 3.4's default) its
+    /// higher term makes the whole cluster elect a leader again. Nobody can
+    /// renew meanwhile, and the new leader extends every lease by its TTL.
+    rejoin: bool,
+    lease_lost: bool,
+    /// Longest time from a write's success to its watch event.
+    slowest_event: Duration,
+}
+
+#[derive(Default)]
+struct Probe {
+    phases: Vec<Phase>,
+    /// Key written -> when its write succeeded, in which phase.
+    written: std::collections::HashMap<String, (Instant, usize)>,
+    /// Key -> when its watch event came.
+    seen: std::collections::HashMap<String, Instant>,
+}
+
+impl Probe {
+    fn now(&mut self) -> &mut Phase {
+        self.phases.last_mut().expect("a phase")
+    }
+}
+
+type Shared = std::sync::Arc<std::sync::Mutex<Probe>>;
+
+/// The member index of the current leader, asked of every member that answers.
+async fn leader(endpoints: &[String]) -> Option<usize> {
+    let mut ids = Vec::new();
+    let mut leader = None;
+    for ep in endpoints {
+        let status = async {
+            let mut c = etcd_client::Client::connect([ep.as_str()], None)
+                .await
+                .ok()?;
+            c.status().await.ok()
+        };
+        match tokio::time::timeout(Duration::from_secs(2), status).await {
+            Ok(Some(s)) => {
+                ids.push(s.header().map(|h| h.member_id()));
+                if s.leader() != 0 {
+                    leader = Some(s.leader());
+                }
+            }
+            _ => ids.push(None),
+        }
+    }
+    ids.iter().position(|id| id.is_some() && *id == leader)
+}
+
+async fn renew_forever(store: std::sync::Arc<dyn KvStore>, lease: LeaseId, probe: Shared) {
+    let mut last_ok = Instant::now();
+    loop {
+        tokio::time::sleep(TTL / 3).await;
+        let result = store.keep_alive(lease.clone()).await;
+        let mut p = probe.lock().unwrap();
+        match result {
+            Ok(()) => {
+                let gap = last_ok.elapsed();
+                let phase = p.now();
+                phase.longest_unrenewed = phase.longest_unrenewed.max(gap);
+                last_ok = Instant::now();
+            }
+            Err(e) => {
+                eprintln!("{:>6.1?} keep-alive failed: {e}", last_ok.elapsed());
+                let phase = p.now();
+                phase.renewals_failed += 1;
+                if matches!(e, StoreError::LeaseNotFound(_)) {
+                    phase.lease_lost = true;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn write_and_read_forever(store: std::sync::Arc<dyn KvStore>, probe: Shared, tag: &str) {
+    let mut last_ok = Instant::now();
+    for n in 0u64.. {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let key = format!("/w/{tag}{n:06}");
+        let started = Instant::now();
+        let round = async {
+            store.put(&key, n.to_string().into_bytes()).await?;
+            {
+                let mut p = probe.lock().unwrap();
+                let phase = p.phases.len() - 1;
+                p.written.insert(key.clone(), (Instant::now(), phase));
+            }
+            let read = store.get(&key).await?;
+            assert_eq!(read.map(|kv| kv.value), Some(n.to_string().into_bytes()));
+            Ok::<_, StoreError>(())
+        }
+        .await;
+        let mut p = probe.lock().unwrap();
+        match round {
+            Ok(()) => {
+                let gap = last_ok.elapsed();
+                let phase = p.now();
+                phase.rounds_ok += 1;
+                phase.longest_stall = phase.longest_stall.max(gap);
+                last_ok = Instant::now();
+            }
+            Err(e) => {
+                eprintln!(
+                    "{:>6.1?} write/read of {key} failed: {e}",
+                    started.elapsed()
+                );
+                p.now().rounds_failed += 1;
+            }
+        }
+    }
+}
+
+async fn follow_forever(mut watch: kvstore_backends::WatchStream, probe: Shared) {
+    use futures::StreamExt;
+    while let Some(ev) = watch.next().await {
+        let ev = ev.expect("the watch never ends while a majority lives");
+        probe.lock().unwrap().seen.insert(ev.kv.key, Instant::now());
+    }
+}
+
+async fn partition_scenario(members: Members) {
+    let endpoints = members.endpoints();
+    let open = |endpoints: Vec<String>| -> std::sync::Arc<dyn KvStore> {
+        let mut config = EtcdConfig::new(endpoints);
+        config.dial_timeout = Duration::from_secs(3);
+        config.request_timeout = CALL_LIMIT;
+        std::sync::Arc::new(TimeoutStore::new(
+            EtcdStore::new(config).unwrap(),
+            CALL_LIMIT,
+        ))
+    };
+    // As two plugins: this one holds the lease and the watch (on the first
+    // endpoint, the one cut first) and writes too; the other one writes
+    // from the second endpoint on, so its writes land while this one's
+    // watch may still sit on the cut member.
+    let store = open(endpoints.clone());
+    let mut rotated = endpoints.clone();
+    rotated.rotate_left(1);
+    let other = open(rotated);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while store.put("/probe", b"x".to_vec()).await.is_err() {
+        assert!(Instant::now() < deadline, "the etcd cluster did not form");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let probe = Shared::default();
+    probe.lock().unwrap().phases.push(Phase {
+        name: "all healthy".into(),
+        ..Phase::default()
+    });
+    let lease = store.grant_lease(TTL).await.unwrap();
+    let leased = Txn::new().and_then(vec![Op::put_with_lease(
+        "/leased",
+        b"x".to_vec(),
+        lease.clone(),
+    )]);
+    store.txn(leased).await.unwrap();
+    // Opened now, on the member every call goes to first: the one cut first.
+    let watch = store.watch("/w/", 0).await.unwrap();
+    let tasks = [
+        tokio::spawn(renew_forever(store.clone(), lease.clone(), probe.clone())),
+        tokio::spawn(write_and_read_forever(store.clone(), probe.clone(), "a")),
+        tokio::spawn(write_and_read_forever(other, probe.clone(), "b")),
+        tokio::spawn(follow_forever(watch, probe.clone())),
+    ];
+    let phase = |name: String, rejoin: bool| {
+        eprintln!("=== {name}");
+        probe.lock().unwrap().phases.push(Phase {
+            name,
+            rejoin,
+            ..Phase::default()
+        });
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The store prefers the first endpoint until it fails: its streams are there.
+    let a = 0;
+    members.cut(a);
+    phase(format!("m{} cut from its peers", a + 1), false);
+    tokio::time::sleep(TTL * 4).await;
+    members.heal(a);
+    phase(format!("m{} healed", a + 1), true);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let b = match leader(&endpoints).await {
+        Some(l) if l != a => l,
+        _ => (a + 1) % members.len(),
+    };
+    members.cut(b);
+    phase(format!("m{} cut from its peers", b + 1), false);
+    tokio::time::sleep(TTL * 4).await;
+    members.heal(b);
+    phase(format!("m{} healed", b + 1), true);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let c = leader(&endpoints).await.unwrap_or(2);
+    members.kill(c);
+    phase(format!("m{} (the leader) killed", c + 1), false);
+    tokio::time::sleep(TTL * 4).await;
+    for task in &tasks[..3] {
+        task.abort();
+    }
+    // The last events arrive.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    tasks[3].abort();
+    // Every write that succeeded reaches the watch; the lease still holds.
+    let still_leased = store.get("/leased").await.unwrap();
+    let mut guard = probe.lock().unwrap();
+    let p = &mut *guard;
+    let mut missed = Vec::new();
+    for (key, (written, phase)) in &p.written {
+        match p.seen.get(key) {
+            Some(seen) => {
+                let ph = &mut p.phases[*phase];
+                ph.slowest_event = ph
+                    .slowest_event
+                    .max(seen.saturating_duration_since(*written));
+            }
+            None => missed.push(key),
+        }
+    }
+    for ph in &p.phases {
+        eprintln!(
+            "{:<28} rounds ok {:>3} failed {:>2}, longest stall {:>5.1?}; renewals failed {}, longest unrenewed {:>5.1?}{}; slowest watch event {:>5.1?}",
+            ph.name, ph.rounds_ok, ph.rounds_failed, ph.longest_stall, ph.renewals_failed,
+            ph.longest_unrenewed, if ph.lease_lost { " LEASE LOST" } else { "" }, ph.slowest_event
+        );
+    }
+    let bound = CALL_LIMIT + ELECTION;
+    for ph in &p.phases {
+        assert!(!ph.lease_lost, "{}: the lease was lost", ph.name);
+        assert!(
+            ph.rejoin || ph.longest_unrenewed < TTL,
+            "{}: {:?} without a renewal (TTL {TTL:?})",
+            ph.name,
+            ph.longest_unrenewed
+        );
+        assert!(ph.rounds_ok > 0, "{}: no write succeeded", ph.name);
+        assert!(
+            ph.longest_stall < bound,
+            "{}: {:?} without a successful write (bound {bound:?})",
+            ph.name,
+            ph.longest_stall
+        );
+        // A watch leaves a sick member as fast as the lease renewals do.
+        assert!(
+            ph.slowest_event < TTL,
+            "{}: a watch event came {:?} after its write (bound {TTL:?})",
+            ph.name,
+            ph.slowest_event
+        );
+    }
+    assert!(
+        missed.is_empty(),
+        "the watch missed written keys: {missed:?}"
+    );
+    assert!(still_leased.is_some(), "the leased key is gone");
+}
+
+#[test]
+#[ignore = "needs root: network namespaces (scripts/test runs this tier)"]
+fn a_member_cut_off_from_its_peers_costs_no_lease_and_no_progress() {
+    const NAME: &str = "a_member_cut_off_from_its_peers_costs_no_lease_and_no_progress";
+    match Members::from_env() {
+        Some(members) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(partition_scenario(members)),
+        None => NsCluster::start(&etcd_binary()).run_inside(NAME, Duration::from_secs(180)),
+    }
 }

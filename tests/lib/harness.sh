@@ -1061,6 +1061,159 @@ harness_restart_etcd() {
 }
 
 # ---------------------------------------------------------------------------
+# a three-member etcd cluster (the plugins given every member)
+# ---------------------------------------------------------------------------
+#
+# Member K (1..3) runs in its own namespace ${prefix}-emK, cabled to the
+# underlay bridge like a host (ul0 = 10.250.0.20K/24, link emK in the
+# underlay namespace), client :2379 and peer :2380 on that address only.
+# Data dir $HARNESS_TMP/etcd-cluster/mK, log .../mK.log. The namespaces are
+# recorded like a host's: the cleanup trap kills the members and removes them.
+# Cutting a member from its peers drops TCP port 2380 both ways with iptables
+# in the member's own namespace: its clients still reach it, and it answers
+# them "no leader" once it notices.
+
+HARNESS_ETCD_CLUSTER_SIZE=3
+
+# harness_etcd_member_ns K, harness_etcd_member_ip K - member K's namespace and address.
+harness_etcd_member_ns() { printf '%s-em%s' "$HARNESS_PREFIX" "${1:?member 1..3}"; }
+harness_etcd_member_ip() { printf '%s.%s' "$HARNESS_UL_NET" "$((200 + ${1:?member 1..3}))"; }
+_harness_etcd_cluster_dir() { printf '%s/etcd-cluster' "$HARNESS_TMP"; }
+
+# harness_etcd_cluster_url - the plugins' --store: every member, e.g.
+# etcd://10.250.0.201:2379,10.250.0.202:2379,10.250.0.203:2379
+harness_etcd_cluster_url() {
+    local k sep="" url="etcd://"
+    for k in $(seq 1 "$HARNESS_ETCD_CLUSTER_SIZE"); do
+        url+="$sep$(harness_etcd_member_ip "$k"):$HARNESS_ETCD_CLIENT_PORT"
+        sep=","
+    done
+    printf '%s\n' "$url"
+}
+
+# harness_etcd_member_pid K - pid of member K (failure if it is not running).
+harness_etcd_member_pid() {
+    local pid
+    pid="$(cat "$(_harness_etcd_cluster_dir)/m${1:?member}.pid" 2>/dev/null)" || return 1
+    [[ -n "$pid" ]] && _harness_pid_alive "$pid" || return 1
+    printf '%s\n' "$pid"
+}
+
+# _harness_etcd_member_http K METHOD PATH [BODY] - one HTTP request to member
+# K's client port from its own namespace (bash's /dev/tcp; no curl needed).
+_harness_etcd_member_http() {
+    local k="$1"
+    # shellcheck disable=SC2016 # expanded by the inner bash
+    nsenter --net="/run/netns/$(harness_etcd_member_ns "$k")" -- timeout 3 bash -c '
+        exec 3<>"/dev/tcp/$0/$1" || exit 1
+        printf "%s %s HTTP/1.0\r\nHost: %s\r\nContent-Length: %s\r\n\r\n%s" "$2" "$3" "$0" "${#4}" "$4" >&3
+        cat <&3' "$(harness_etcd_member_ip "$k")" "$HARNESS_ETCD_CLIENT_PORT" "$2" "$3" "${4:-}" 2>/dev/null
+}
+
+# harness_etcd_member_healthy K - member K says /health true (it has a leader).
+harness_etcd_member_healthy() {
+    _harness_etcd_member_http "${1:?member}" GET /health | grep -q '"health":"true"'
+}
+
+# harness_etcd_cluster_leader - the member number (1..3) of the leader, as the
+# members that answer see it; failure when none names one.
+harness_etcd_cluster_leader() {
+    local k status id leader="" ids=()
+    for k in $(seq 1 "$HARNESS_ETCD_CLUSTER_SIZE"); do
+        status="$(_harness_etcd_member_http "$k" POST /v3/maintenance/status '{}' || true)"
+        id="$(sed -n 's/.*"member_id":"\([0-9]*\)".*/\1/p' <<<"$status")"
+        ids[k]="$id"
+        [[ -n "$leader" ]] || leader="$(sed -n 's/.*"leader":"\([0-9]*\)".*/\1/p' <<<"$status")"
+    done
+    for k in $(seq 1 "$HARNESS_ETCD_CLUSTER_SIZE"); do
+        if [[ -n "$leader" && "${ids[k]:-}" == "$leader" ]]; then
+            printf '%s\n' "$k"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# harness_start_etcd_cluster - the members' namespaces and cables, then the
+# three members; waits until every member reports healthy (HARNESS_ETCD_TIMEOUT).
+harness_start_etcd_cluster() {
+    local k ns ul dir ip initial="" sep="" deadline
+    command -v etcd >/dev/null 2>&1 || _hdie "harness_start_etcd_cluster: 'etcd' not found (Debian package etcd-server)"
+    ul="$(harness_ul_ns)"
+    dir="$(_harness_etcd_cluster_dir)"
+    mkdir -p "$dir"
+    for k in $(seq 1 "$HARNESS_ETCD_CLUSTER_SIZE"); do
+        initial+="${sep}m$k=http://$(harness_etcd_member_ip "$k"):$HARNESS_ETCD_PEER_PORT"
+        sep=","
+    done
+    for k in $(seq 1 "$HARNESS_ETCD_CLUSTER_SIZE"); do
+        ns="$(harness_etcd_member_ns "$k")"
+        ip="$(harness_etcd_member_ip "$k")"
+        harness_etcd_member_pid "$k" >/dev/null && _hdie "harness_start_etcd_cluster: member $k already running"
+        if [[ ! -e "/run/netns/$ns" ]]; then
+            _harness_netns_add "$ns"
+            ip -n "$ul" link add "em$k" mtu "$HARNESS_UL_MTU" type veth peer name ul0 mtu "$HARNESS_UL_MTU" netns "$ns"
+            ip -n "$ul" link set "em$k" master br0 up
+            ip -n "$ns" addr add "$ip/$HARNESS_UL_PREFIXLEN" dev ul0
+            ip -n "$ns" link set ul0 up
+        fi
+        printf '\n===== etcd member m%s start %s =====\n' "$k" "$(date +%T)" >>"$dir/m$k.log"
+        # env -i: ETCD_* variables of the caller would override the flags.
+        _harness_spawn "$dir/m$k.pid" "$dir/m$k.log" \
+            nsenter --net="/run/netns/$ns" -- \
+            "${_HARNESS_PIDWRAP[@]}" "$dir/m$k.pid" \
+            env -i PATH="$PATH" \
+            etcd --name "m$k" \
+            --data-dir "$dir/m$k" \
+            --listen-client-urls "http://$ip:$HARNESS_ETCD_CLIENT_PORT" \
+            --advertise-client-urls "http://$ip:$HARNESS_ETCD_CLIENT_PORT" \
+            --listen-peer-urls "http://$ip:$HARNESS_ETCD_PEER_PORT" \
+            --initial-advertise-peer-urls "http://$ip:$HARNESS_ETCD_PEER_PORT" \
+            --initial-cluster "$initial" --initial-cluster-state new \
+            --initial-cluster-token "$HARNESS_PREFIX-cluster" \
+            --logger zap --log-outputs stderr
+    done
+    deadline=$((SECONDS + HARNESS_ETCD_TIMEOUT))
+    for k in $(seq 1 "$HARNESS_ETCD_CLUSTER_SIZE"); do
+        until harness_etcd_member_healthy "$k"; do
+            if ! harness_etcd_member_pid "$k" >/dev/null || ((SECONDS >= deadline)); then
+                _harness_tail "$dir/m$k.log" >&2
+                _hdie "etcd member m$k not healthy after ${HARNESS_ETCD_TIMEOUT}s (log: $dir/m$k.log)"
+            fi
+            sleep 0.2
+        done
+    done
+    _hlog "etcd cluster up: $(harness_etcd_cluster_url)"
+}
+
+# _harness_etcd_member_rules K -A|-D - add or delete the rules that drop member
+# K's peer traffic (TCP 2380 to and from it), in its own namespace.
+_harness_etcd_member_rules() {
+    local k="$1" op="$2" chain dir
+    command -v iptables >/dev/null 2>&1 || _hdie "harness_etcd_member_cut: 'iptables' not found (Debian package iptables)"
+    for chain in INPUT OUTPUT; do
+        for dir in --dport --sport; do
+            ip netns exec "$(harness_etcd_member_ns "$k")" \
+                iptables -w 5 "$op" "$chain" -p tcp "$dir" "$HARNESS_ETCD_PEER_PORT" -j DROP
+        done
+    done
+}
+
+# harness_etcd_member_cut K - cut member K off from its peers (silent loss);
+# its clients still reach it. harness_etcd_member_heal K undoes it.
+harness_etcd_member_cut() { _harness_etcd_member_rules "${1:?member}" -A; }
+harness_etcd_member_heal() { _harness_etcd_member_rules "${1:?member}" -D; }
+
+# harness_etcd_member_kill K - SIGKILL member K; waits until it is gone.
+harness_etcd_member_kill() {
+    local k="${1:?member}" pid
+    pid="$(harness_etcd_member_pid "$k")" || return 0
+    kill -9 "$pid" 2>/dev/null || true
+    _harness_wait 5 eval "[[ ! -e /proc/$pid ]]" || _hdie "etcd member m$k (pid $pid) does not die"
+    printf '===== etcd member m%s killed %s =====\n' "$k" "$(date +%T)" >>"$(_harness_etcd_cluster_dir)/m$k.log"
+}
+
+# ---------------------------------------------------------------------------
 # what the plugin left on a host (for the tests' clean-up checks)
 # ---------------------------------------------------------------------------
 

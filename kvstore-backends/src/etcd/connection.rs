@@ -1,9 +1,11 @@
 //! The connections to etcd: one client per endpoint, built by the first call
 //! that needs it; calls that go to the endpoint that answered last and move
 //! on to the next when it cannot be reached or is sick (no leader, stalled);
-//! and the connect options
-//! (timeouts, keep-alive pings, credentials, TLS) every client is built with.
-//! Every other part of the backend talks to etcd through [`Connections::call`].
+//! a signal per endpoint that tells the streams open on it (watches) that it
+//! was found sick; and the connect options (timeouts, keep-alive pings,
+//! credentials, TLS) every client is built with. Every other part of the
+//! backend talks to etcd through [`Connections::call`] or
+//! [`Connections::call_at`].
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -38,8 +40,23 @@ pub(super) struct Connections {
     /// over all endpoints: its balancer keeps sending requests to a dead one.)
     conns: Vec<tokio::sync::OnceCell<Conn>>,
     /// The endpoint that answered last: calls go there, and move on to the
-    /// next endpoint only when it cannot be reached.
+    /// next endpoint only when it cannot be reached or is sick.
     preferred: AtomicUsize,
+    /// Per endpoint: how often a call found it sick. Streams open on it
+    /// (watches) follow this and move elsewhere when it changes.
+    sick: Vec<tokio::sync::watch::Sender<u64>>,
+}
+
+/// Which failures of one member send a request on to the next member.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Resend {
+    /// Only a refusal for want of a leader (nothing was applied): a request
+    /// that timed out may have been applied, so a write is never resent.
+    Refused,
+    /// The request may be repeated (a read, a lease renewal, opening a
+    /// watch): a member that has not answered within this bound, or that
+    /// fails for its own reasons (no leader, stalled), is left for the next.
+    Idempotent(Duration),
 }
 
 #[derive(Clone)]
@@ -84,6 +101,7 @@ impl Connections {
             options = options.with_tls(tls_options(tls)?);
         }
         let target = format!("etcd at {}", endpoints.join(", "));
+        let n = endpoints.len();
         Ok(Connections {
             conns: endpoints
                 .iter()
@@ -95,6 +113,7 @@ impl Connections {
             user,
             request_timeout,
             preferred: AtomicUsize::new(0),
+            sick: endpoints_sick(n),
         })
     }
 
@@ -124,18 +143,74 @@ impl Connections {
         F: Fn(Conn) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
     {
+        self.call_at(what, Resend::Refused, call)
+            .await
+            .map(|(v, _)| v)
+    }
+
+    /// A call that changes nothing (a read): with more than one member, one
+    /// that has not answered within half the request time limit is left and
+    /// the next one asked; a lone member gets the whole limit.
+    pub(super) async fn read<T, F, Fut>(&self, what: impl FnOnce() -> String, call: F) -> Result<T>
+    where
+        F: Fn(Conn) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        self.call_at(what, self.idempotent(self.request_timeout / 2), call)
+            .await
+            .map(|(v, _)| v)
+    }
+
+    /// [`Resend::Idempotent`] with this bound per member when there is more
+    /// than one member; [`Resend::Refused`] for a lone one, which gets the
+    /// whole request time limit (there is nowhere else to go).
+    pub(super) fn idempotent(&self, per_member: Duration) -> Resend {
+        if self.endpoints.len() > 1 {
+            Resend::Idempotent(per_member)
+        } else {
+            Resend::Refused
+        }
+    }
+
+    /// [`Connections::call`] with a choice of what is resent; also says which
+    /// endpoint answered (see [`Connections::sick_signal`]).
+    pub(super) async fn call_at<T, F, Fut>(
+        &self,
+        what: impl FnOnce() -> String,
+        resend: Resend,
+        call: F,
+    ) -> Result<(T, usize)>
+    where
+        F: Fn(Conn) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
         let n = self.endpoints.len();
         let first = self.preferred.load(Ordering::Relaxed) % n;
         let mut unreachable = Vec::new();
         for i in (first..n).chain(0..first) {
             let (result, connecting) = match self.conn(i).await {
-                Ok(conn) => (call(conn.clone()).await, false),
+                Ok(conn) => match resend {
+                    Resend::Refused => (call(conn.clone()).await, false),
+                    Resend::Idempotent(limit) => {
+                        match tokio::time::timeout(limit, call(conn.clone())).await {
+                            Ok(result) => (result, false),
+                            Err(_) => {
+                                self.leave(i);
+                                unreachable.push(format!(
+                                    "{}: no answer within {limit:?}",
+                                    self.endpoints[i]
+                                ));
+                                continue;
+                            }
+                        }
+                    }
+                },
                 Err(e) => (Err(e), true),
             };
             match result {
                 Ok(v) => {
                     self.preferred.store(i, Ordering::Relaxed);
-                    return Ok(v);
+                    return Ok((v, i));
                 }
                 Err(e) if is_connect_error(&e) => {
                     unreachable.push(format!("{}: {}", self.endpoints[i], describe(&e)));
@@ -143,13 +218,8 @@ impl Connections {
                 Err(e) if !connecting && is_member_trouble(&e) => {
                     // A sick member (no leader, stalled): leave it for the next
                     // calls and watches, whoever answered last.
-                    let _ = self.preferred.compare_exchange(
-                        i,
-                        (i + 1) % n,
-                        Ordering::Relaxed,
-                        Ordering::Relaxed,
-                    );
-                    if is_refused_without_leader(&e) {
+                    self.leave(i);
+                    if is_refused_without_leader(&e) || matches!(resend, Resend::Idempotent(_)) {
                         unreachable.push(format!("{}: {}", self.endpoints[i], describe(&e)));
                         continue;
                     }
@@ -170,6 +240,23 @@ impl Connections {
         )))
     }
 
+    /// Endpoint `i` is sick (no leader, stalled, a stream on it broke or
+    /// fell silent): the next calls start at the next endpoint, unless one
+    /// answered meanwhile, and the streams open on it are told.
+    pub(super) fn leave(&self, i: usize) {
+        let n = self.endpoints.len();
+        let _ =
+            self.preferred
+                .compare_exchange(i, (i + 1) % n, Ordering::Relaxed, Ordering::Relaxed);
+        self.sick[i].send_modify(|count| *count += 1);
+    }
+
+    /// Changes when endpoint `i` is found sick from now on: a stream open
+    /// there (a watch) moves to another member then.
+    pub(super) fn sick_signal(&self, i: usize) -> tokio::sync::watch::Receiver<u64> {
+        self.sick[i].subscribe()
+    }
+
     /// "etcd at host:port", for messages about one endpoint.
     fn at(&self, i: usize) -> String {
         format!("etcd at {}", self.endpoints[i])
@@ -185,6 +272,10 @@ impl Connections {
             _ => StoreError::backend(format!("{}: {context}", self.at(i)), detail),
         }
     }
+}
+
+fn endpoints_sick(n: usize) -> Vec<tokio::sync::watch::Sender<u64>> {
+    (0..n).map(|_| tokio::sync::watch::Sender::new(0)).collect()
 }
 
 fn tls_options(tls: &TlsFiles) -> Result<TlsOptions> {

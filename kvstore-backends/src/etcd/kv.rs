@@ -14,7 +14,7 @@ pub(super) async fn get(conns: &Connections, key: &str) -> Result<Option<KeyValu
     check_key(key)?;
     let what = || format!("get {key:?}");
     let resp = conns
-        .call(what, |mut c| async move { c.kv.get(key, None).await })
+        .read(what, |mut c| async move { c.kv.get(key, None).await })
         .await?;
     let kv = resp.0.kvs.into_iter().next();
     kv.map(|kv| key_value(kv).ok_or_else(|| bad_key(&conns.target, &what())))
@@ -24,7 +24,7 @@ pub(super) async fn get(conns: &Connections, key: &str) -> Result<Option<KeyValu
 pub(super) async fn range(conns: &Connections, prefix: &str) -> Result<RangeResponse> {
     let what = || format!("range over prefix {prefix:?}");
     let resp = conns
-        .call(what, |mut c| async move {
+        .read(what, |mut c| async move {
             c.kv.get(prefix, Some(GetOptions::new().with_prefix()))
                 .await
         })

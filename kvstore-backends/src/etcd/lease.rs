@@ -1,6 +1,12 @@
 //! Leases: granting one (TTLs rounded up to etcd's whole seconds), keeping it
 //! alive over one open keep-alive stream per lease (so a renewal is one
 //! message, and a broken stream is replaced by a new one), and revoking it.
+//!
+//! A renewal is waited for a quarter of the lease's TTL at most: a member
+//! cut off from its peers keeps the stream open but renews nothing (it
+//! forwards renewals to a leader it cannot reach), so after that the stream
+//! is replaced by one on the next member. Renewing twice is harmless, so
+//! every member may be tried within one call.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,20 +21,47 @@ use crate::{LeaseId, Result, StoreError};
 
 /// etcd's largest lease TTL, in seconds.
 const MAX_LEASE_TTL_SECS: u64 = 9_000_000_000;
+/// The least a member gets to answer a renewal.
+const MIN_RENEW_WAIT: Duration = Duration::from_millis(500);
 
 /// One open keep-alive stream per lease, so a renewal is one message.
 #[derive(Default)]
-pub(super) struct Keepers(Mutex<HashMap<i64, Arc<tokio::sync::Mutex<Option<Keeper>>>>>);
+pub(super) struct Keepers(Mutex<HashMap<i64, Arc<tokio::sync::Mutex<Slot>>>>);
+
+#[derive(Default)]
+struct Slot {
+    keeper: Option<Keeper>,
+    /// The lease's TTL, from its grant or the last renewal's answer.
+    ttl: Option<Duration>,
+}
 
 struct Keeper {
     keeper: LeaseKeeper,
     stream: LeaseKeepAliveStream,
+    /// The endpoint the stream is open on.
+    at: usize,
     /// A renewal was sent but its answer not read (the caller gave up): the
     /// next answer on this stream is not ours, so the stream is replaced.
     in_flight: bool,
 }
 
-pub(super) async fn grant(conns: &Connections, ttl: Duration) -> Result<LeaseId> {
+impl Slot {
+    /// How long one member may take to renew: a quarter of the TTL, so a
+    /// silent member leaves time to renew on another before expiry.
+    fn renew_wait(&self, conns: &Connections) -> Duration {
+        let limit = conns.request_timeout;
+        if conns.endpoints.len() == 1 {
+            // Nowhere else to go: the member gets the whole limit.
+            return limit;
+        }
+        match self.ttl {
+            Some(ttl) => (ttl / 4).clamp(MIN_RENEW_WAIT.min(limit), limit),
+            None => (limit / conns.endpoints.len().max(1) as u32).max(MIN_RENEW_WAIT.min(limit)),
+        }
+    }
+}
+
+async fn grant(conns: &Connections, ttl: Duration) -> Result<(i64, i64)> {
     if ttl.is_zero() {
         return Err(StoreError::Invalid("lease TTL is zero".into()));
     }
@@ -55,48 +88,68 @@ pub(super) async fn grant(conns: &Connections, ttl: Duration) -> Result<LeaseId>
             format!("etcd refused: {:?} (lease id {})", resp.error, resp.id),
         ));
     }
-    Ok(LeaseId(resp.id.to_string()))
+    Ok((resp.id, resp.ttl))
 }
 
 impl Keepers {
+    /// A new lease; its TTL (as etcd granted it) bounds the renewals.
+    pub(super) async fn grant(&self, conns: &Connections, ttl: Duration) -> Result<LeaseId> {
+        let (id, granted) = grant(conns, ttl).await?;
+        self.slot(id)?.lock().await.ttl = Some(ttl_of(granted).unwrap_or(ttl));
+        Ok(LeaseId(id.to_string()))
+    }
+
+    fn slot(&self, id: i64) -> Result<Arc<tokio::sync::Mutex<Slot>>> {
+        let mut keepers = self
+            .0
+            .lock()
+            .map_err(|_| StoreError::Unavailable("etcd lease keepers poisoned".into()))?;
+        Ok(Arc::clone(keepers.entry(id).or_default()))
+    }
+
     pub(super) async fn keep_alive(&self, conns: &Connections, lease: LeaseId) -> Result<()> {
         let not_found = || StoreError::LeaseNotFound(lease.0.clone());
         let id = parse_lease(&lease).ok_or_else(not_found)?;
-        let slot = {
-            let mut keepers = self
-                .0
-                .lock()
-                .map_err(|_| StoreError::Unavailable("etcd lease keepers poisoned".into()))?;
-            Arc::clone(keepers.entry(id).or_default())
-        };
+        let slot = self.slot(id)?;
         let mut slot = slot.lock().await;
-        if let Some(k) = slot.as_mut().filter(|k| !k.in_flight) {
-            k.in_flight = true;
-            match renew(k, id, conns.request_timeout).await {
-                Some(ttl) if ttl > 0 => {
-                    k.in_flight = false;
-                    return Ok(());
+        let wait = slot.renew_wait(conns);
+        if let Some(k) = slot.keeper.as_mut() {
+            if k.in_flight {
+                // The last caller gave up waiting: that member is slow.
+                conns.leave(k.at);
+            } else {
+                k.in_flight = true;
+                match renew(k, id, wait).await {
+                    Some(ttl) if ttl > 0 => {
+                        k.in_flight = false;
+                        slot.ttl = ttl_of(ttl).or(slot.ttl);
+                        return Ok(());
+                    }
+                    Some(_) => {
+                        slot.keeper = None;
+                        self.forget(id);
+                        return Err(not_found());
+                    }
+                    // The stream broke (reconnect, etcd restart) or the member
+                    // did not answer in time: open a new one on the next member.
+                    None => conns.leave(k.at),
                 }
-                Some(_) => {
-                    *slot = None;
-                    self.forget(id);
-                    return Err(not_found());
-                }
-                // The stream broke (reconnect, etcd restart): open a new one.
-                None => {}
             }
         }
-        *slot = None;
+        slot.keeper = None;
         // Opening the stream sends the first renewal and reads its answer.
         let what = || format!("keep lease {id} alive");
         match conns
-            .call(what, |mut c| async move { c.lease.keep_alive(id).await })
+            .call_at(what, conns.idempotent(wait), |mut c| async move {
+                c.lease.keep_alive(id).await
+            })
             .await
         {
-            Ok((keeper, stream)) => {
-                *slot = Some(Keeper {
+            Ok(((keeper, stream), at)) => {
+                slot.keeper = Some(Keeper {
                     keeper,
                     stream,
+                    at,
                     in_flight: false,
                 });
                 Ok(())
@@ -141,6 +194,14 @@ async fn renew(k: &mut Keeper, id: i64, timeout: Duration) -> Option<i64> {
         Ok(Err(e)) if status_code(&e) == Some(Code::NotFound) => Some(0),
         _ => None,
     }
+}
+
+/// etcd's TTL in seconds as a duration; None for "expired" or "unknown".
+fn ttl_of(secs: i64) -> Option<Duration> {
+    u64::try_from(secs)
+        .ok()
+        .filter(|s| *s > 0)
+        .map(Duration::from_secs)
 }
 
 pub(super) fn parse_lease(lease: &LeaseId) -> Option<i64> {

@@ -170,7 +170,7 @@ impl KvStore for EtcdStore {
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
-        lease::grant(&self.conns, ttl).await
+        self.keepers.grant(&self.conns, ttl).await
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<()> {

@@ -2,8 +2,11 @@
 //! after the call returns can be missed. A watch re-opens itself after a
 //! disconnect (with back-off while etcd is unreachable) from the first
 //! revision it has not handed out, so a consumer sees neither gaps nor
-//! duplicates; only compaction, or a watch etcd refuses, ends it. etcd's
-//! events are turned into the store's here.
+//! duplicates; only compaction, or a watch etcd refuses, ends it. A watch
+//! also re-opens on another member as soon as a call finds its member sick
+//! (no leader, stalled): a member cut off from its peers keeps the stream
+//! open but has nothing to deliver. etcd's events are turned into the
+//! store's here.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -29,12 +32,13 @@ pub(super) async fn watch(
     start_revision: Revision,
 ) -> Result<WatchStream> {
     check_watch_start(start_revision)?;
-    let (stream, now) = open_watch(conns, prefix, start_revision).await?;
+    let (stream, now, sick) = open_watch(conns, prefix, start_revision).await?;
     let watcher = Watcher {
         conns: Arc::clone(conns),
         prefix: prefix.to_owned(),
         next: now.map_or(start_revision, |rev| rev + 1),
         stream: Some(stream),
+        sick,
         backlog: VecDeque::new(),
         done: false,
         delay: Duration::ZERO,
@@ -44,12 +48,13 @@ pub(super) async fn watch(
 
 /// Opens a watch from `start` (0: now) and waits until etcd has created
 /// it, so nothing written after this returns can be missed. Returns the
-/// stream and, for a watch from now, the store revision it starts after.
+/// stream, for a watch from now the store revision it starts after, and
+/// the sick signal of the member it is open on.
 async fn open_watch(
     conns: &Connections,
     prefix: &str,
     start: Revision,
-) -> Result<(etcd_client::WatchStream, Option<Revision>)> {
+) -> Result<(etcd_client::WatchStream, Option<Revision>, Sick)> {
     let what = || format!("watch on prefix {prefix:?} from revision {start}");
     // Progress notifications move the resume point of a quiet prefix, so
     // a reconnect after a long calm does not land in compacted history.
@@ -57,12 +62,17 @@ async fn open_watch(
         .with_prefix()
         .with_start_revision(start)
         .with_progress_notify();
-    let mut stream = conns
-        .call(what, |mut c| {
-            let options = options.clone();
-            async move { c.watch.watch(prefix, Some(options)).await }
-        })
+    let (mut stream, at) = conns
+        .call_at(
+            what,
+            conns.idempotent(conns.request_timeout / 2),
+            |mut c| {
+                let options = options.clone();
+                async move { c.watch.watch(prefix, Some(options)).await }
+            },
+        )
         .await?;
+    let sick = conns.sick_signal(at);
     let created = tokio::time::timeout(conns.request_timeout, async {
         loop {
             match stream.message().await {
@@ -97,14 +107,20 @@ async fn open_watch(
         }
     })
     .await
-    .unwrap_or(Err(StoreError::Timeout(conns.request_timeout)))?;
+    .unwrap_or_else(|_| {
+        conns.leave(at);
+        Err(StoreError::Timeout(conns.request_timeout))
+    })?;
     let now = if start == 0 {
         Some(created.ok_or_else(|| missing_header(&conns.target, &what()))?)
     } else {
         None
     };
-    Ok((stream, now))
+    Ok((stream, now, sick))
 }
+
+/// Changes when the member a stream is open on is found sick.
+type Sick = tokio::sync::watch::Receiver<u64>;
 
 /// The state of one consumer's watch: the etcd stream (None while re-opening)
 /// and the first revision not yet handed out.
@@ -113,6 +129,8 @@ struct Watcher {
     prefix: String,
     next: Revision,
     stream: Option<etcd_client::WatchStream>,
+    /// The sick signal of the stream's member.
+    sick: Sick,
     backlog: VecDeque<WatchEvent>,
     done: bool,
     /// Wait before the next re-open: zero once a stream delivered something,
@@ -131,12 +149,23 @@ impl Watcher {
             }
             let Some(stream) = self.stream.as_mut() else {
                 match self.reopen().await {
-                    Ok(stream) => self.stream = Some(stream),
+                    Ok((stream, sick)) => {
+                        self.stream = Some(stream);
+                        self.sick = sick;
+                    }
                     Err(e) => return Some((Err(e), self.finish())),
                 }
                 continue;
             };
-            match stream.message().await {
+            let message = tokio::select! {
+                message = stream.message() => message,
+                Ok(()) = self.sick.changed() => {
+                    tracing::warn!(prefix = %self.prefix, target = %self.conns.target, "the etcd member of this watch was found sick; re-opening the watch on another");
+                    self.stream = None;
+                    continue;
+                }
+            };
+            match message {
                 Ok(Some(resp)) => {
                     self.delay = Duration::ZERO;
                     if let Err(e) = self.absorb(resp.0) {
@@ -164,7 +193,7 @@ impl Watcher {
     /// Re-opens the watch from the first revision not handed out, retrying
     /// with back-off while etcd is unreachable. Errors that retrying cannot
     /// fix (compaction, a refused watch) end the stream.
-    async fn reopen(&mut self) -> Result<etcd_client::WatchStream> {
+    async fn reopen(&mut self) -> Result<(etcd_client::WatchStream, Sick)> {
         let mut failures = 0u32;
         loop {
             if !self.delay.is_zero() {
@@ -172,11 +201,11 @@ impl Watcher {
             }
             self.delay = (self.delay * 2).clamp(WATCH_RETRY_MIN, WATCH_RETRY_MAX);
             match open_watch(&self.conns, &self.prefix, self.next).await {
-                Ok((stream, _)) => {
+                Ok((stream, _, sick)) => {
                     if failures > 0 {
                         tracing::info!(prefix = %self.prefix, from = self.next, "etcd watch re-opened");
                     }
-                    return Ok(stream);
+                    return Ok((stream, sick));
                 }
                 Err(e) if e.is_transient() => {
                     failures += 1;
