@@ -10,7 +10,7 @@ mod etcd_server;
 
 mod etcd_netns;
 
-use etcd_netns::{Cluster as NsCluster, Members};
+use etcd_netns::{scratch_dir, Cluster as NsCluster, Members};
 use etcd_server::{etcd_binary, free_port};
 use kvstore_backends::{
     EtcdConfig, EtcdStore, KvStore, LeaseId, Op, StoreError, TimeoutStore, Txn,
@@ -35,14 +35,7 @@ struct Cluster {
 
 impl Cluster {
     async fn start() -> Cluster {
-        let dir = tempfile::Builder::new()
-            .prefix("etcd-cluster-")
-            .tempdir_in(if std::path::Path::new("/dev/shm").is_dir() {
-                "/dev/shm"
-            } else {
-                "/tmp"
-            })
-            .unwrap();
+        let dir = scratch_dir("etcd-cluster-");
         let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
         let initial = ports
             .iter()
@@ -399,23 +392,22 @@ async fn partition_scenario(members: Members) {
     };
     tokio::time::sleep(Duration::from_secs(3)).await;
     // The store prefers the first endpoint until it fails: its streams are there.
+    let (members, phase) = (&members, &phase);
+    let cut_then_heal = |i: usize| async move {
+        members.cut(i);
+        phase(format!("m{} cut from its peers", i + 1), false);
+        tokio::time::sleep(TTL * 4).await;
+        members.heal(i);
+        phase(format!("m{} healed", i + 1), true);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+    };
     let a = 0;
-    members.cut(a);
-    phase(format!("m{} cut from its peers", a + 1), false);
-    tokio::time::sleep(TTL * 4).await;
-    members.heal(a);
-    phase(format!("m{} healed", a + 1), true);
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    cut_then_heal(a).await;
     let b = match leader(&endpoints).await {
         Some(l) if l != a => l,
         _ => (a + 1) % members.len(),
     };
-    members.cut(b);
-    phase(format!("m{} cut from its peers", b + 1), false);
-    tokio::time::sleep(TTL * 4).await;
-    members.heal(b);
-    phase(format!("m{} healed", b + 1), true);
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    cut_then_heal(b).await;
     let c = leader(&endpoints).await.unwrap_or(2);
     members.kill(c);
     phase(format!("m{} (the leader) killed", c + 1), false);

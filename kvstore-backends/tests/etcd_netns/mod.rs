@@ -71,6 +71,20 @@ fn delete_netns(name: &str) {
     let _ = Command::new("ip").args(["netns", "del", name]).status();
 }
 
+/// A temporary directory for etcd data, on tmpfs when there is one (cheap
+/// fsyncs); removed on drop.
+pub fn scratch_dir(prefix: &str) -> TempDir {
+    let base = if std::path::Path::new("/dev/shm").is_dir() {
+        "/dev/shm"
+    } else {
+        "/tmp"
+    };
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(base)
+        .unwrap()
+}
+
 /// The members as the scenario sees them: addresses, namespaces and pids.
 pub struct Members(Vec<(String, String, u32)>);
 
@@ -144,14 +158,7 @@ impl Cluster {
         );
         sweep_dead_runs();
         let tag = format!("{PREFIX}{}", std::process::id());
-        let dir = tempfile::Builder::new()
-            .prefix("etcd-netns-")
-            .tempdir_in(if std::path::Path::new("/dev/shm").is_dir() {
-                "/dev/shm"
-            } else {
-                "/tmp"
-            })
-            .unwrap();
+        let dir = scratch_dir("etcd-netns-");
         let hub = format!("{tag}-hub");
         let mut cluster = Cluster {
             hub: hub.clone(),
