@@ -55,6 +55,14 @@ async fn entry(s: &TestServer, key: &str) -> (Value, u64) {
     }
 }
 
+/// The keys of a recursive list of `prefix`, in order, and its X-Consul-Index.
+async fn listed(s: &TestServer, prefix: &str) -> (Vec<String>, u64) {
+    let r = call(s, "GET", &format!("/v1/kv/{prefix}?recurse"), "", None).await;
+    let keys = r.body.as_array().into_iter().flatten();
+    let keys = keys.filter_map(|e| e["Key"].as_str().map(str::to_owned));
+    (keys.collect(), r.index.expect("X-Consul-Index"))
+}
+
 /// A prefix's X-Consul-Index (recursive list).
 async fn list_index(s: &TestServer, prefix: &str) -> u64 {
     call(s, "GET", &format!("/v1/kv/{prefix}?recurse"), "", None)
@@ -84,6 +92,26 @@ fn indexes(e: &Value) -> (u64, u64, u64) {
 fn b64(s: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// A new session (default settings) holding `key` with `value`; the
+/// session's ID and the key's (CreateIndex, ModifyIndex, LockIndex).
+async fn held(s: &TestServer, key: &str, value: &str) -> (String, (u64, u64, u64)) {
+    let id = session(s, "{}").await;
+    assert_eq!(
+        put(s, &format!("{key}?acquire={id}"), value).await,
+        json!(true)
+    );
+    (id, indexes(&entry(s, key).await.0))
+}
+
+/// PUTs `value` to `key` with `query` (`acquire=ID`, `cas=N`...), expects
+/// `true`, and reads the key back: its entry and indexes.
+async fn done(s: &TestServer, key: &str, query: &str, value: &str) -> (Value, (u64, u64, u64)) {
+    assert_eq!(put(s, &format!("{key}?{query}"), value).await, json!(true));
+    let e = entry(s, key).await.0;
+    let i = indexes(&e);
+    (e, i)
 }
 
 async fn fresh() -> TestServer {
@@ -144,8 +172,7 @@ async fn a_set_keeps_create_index_moves_modify_index_and_a_key_read_reports_it()
 #[tokio::test]
 async fn a_plain_put_changes_a_locked_value_but_keeps_its_holder_and_ignores_a_given_session() {
     let s = fresh().await;
-    let id = session(&s, "{}").await;
-    put(&s, &format!("k?acquire={id}"), "locked").await;
+    let (id, _) = held(&s, "k", "locked").await;
     put(&s, "k", "stoleit").await;
     let (e, _) = entry(&s, "k").await;
     assert_eq!(
@@ -191,20 +218,13 @@ async fn listing_everything_is_at_the_tables_index_and_a_prefix_at_its_newest_en
         (r.index, r.body.as_array().map(Vec::len)),
         (Some(newest), Some(5))
     );
-    let r = call(&s, "GET", "/v1/kv/foo/bar/zip?recurse", "", None).await;
-    let keys: Vec<&str> = r
-        .body
-        .as_array()
-        .expect("list")
-        .iter()
-        .filter_map(|e| e["Key"].as_str())
-        .collect();
+    let (keys, index) = listed(&s, "foo/bar/zip").await;
     assert_eq!(
         keys,
         ["foo/bar/zip", "foo/bar/zip/zorp"],
         "a string prefix, in key order"
     );
-    assert_eq!(r.index, Some(zorp));
+    assert_eq!(index, zorp);
 }
 
 #[tokio::test]
@@ -325,16 +345,8 @@ async fn a_recursive_delete_takes_the_string_prefix_and_an_empty_one_moves_nothi
         "nothing deleted: no index moved"
     );
     call(&s, "DELETE", "/v1/kv/foo/bar?recurse", "", None).await;
-    let r = call(&s, "GET", "/v1/kv/foo?recurse", "", None).await;
-    let keys: Vec<&str> = r
-        .body
-        .as_array()
-        .expect("list")
-        .iter()
-        .filter_map(|e| e["Key"].as_str())
-        .collect();
+    let (keys, deleted) = listed(&s, "foo").await;
     assert_eq!(keys, ["foo/zorp"]);
-    let deleted = r.index.expect("index");
     assert!(deleted > zorp, "the tombstone holds the prefix's index");
     s.reap_tombstones();
     assert_eq!(list_index(&s, "foo").await, zorp);
@@ -397,9 +409,7 @@ async fn cas_with_an_index_fails_on_a_missing_key_or_a_stale_index() {
 #[tokio::test]
 async fn cas_keeps_the_lock_holder() {
     let s = fresh().await;
-    let id = session(&s, "{}").await;
-    put(&s, &format!("foo?acquire={id}"), "locked").await;
-    let modify = indexes(&entry(&s, "foo").await.0).1;
+    let (id, (_, modify, _)) = held(&s, "foo", "locked").await;
     assert_eq!(
         put(&s, &format!("foo?cas={modify}"), "new").await,
         json!(true)
@@ -445,15 +455,8 @@ async fn acquiring_a_missing_key_creates_it_with_lock_index_one() {
 #[tokio::test]
 async fn the_holder_acquiring_again_updates_the_value_without_a_new_lock_index() {
     let s = fresh().await;
-    let id = session(&s, "{}").await;
-    put(&s, &format!("foo?acquire={id}"), "foo").await;
-    let (create, first, _) = indexes(&entry(&s, "foo").await.0);
-    assert_eq!(
-        put(&s, &format!("foo?acquire={id}"), "bar").await,
-        json!(true)
-    );
-    let (e, _) = entry(&s, "foo").await;
-    let (c, m, l) = indexes(&e);
+    let (id, (create, first, _)) = held(&s, "foo", "foo").await;
+    let (e, (c, m, l)) = done(&s, "foo", &format!("acquire={id}"), "bar").await;
     assert_eq!((c, l, e["Value"].clone()), (create, 1, json!(b64("bar"))));
     assert!(m > first);
 }
@@ -495,15 +498,8 @@ async fn another_session_can_neither_acquire_nor_release_a_held_key() {
 #[tokio::test]
 async fn release_clears_the_holder_keeps_lock_index_and_works_once() {
     let s = fresh().await;
-    let id = session(&s, "{}").await;
-    put(&s, &format!("foo?acquire={id}"), "bar").await;
-    let (create, locked, _) = indexes(&entry(&s, "foo").await.0);
-    assert_eq!(
-        put(&s, &format!("foo?release={id}"), "zoo").await,
-        json!(true)
-    );
-    let (e, _) = entry(&s, "foo").await;
-    let (c, m, l) = indexes(&e);
+    let (id, (create, locked, _)) = held(&s, "foo", "bar").await;
+    let (e, (c, m, l)) = done(&s, "foo", &format!("release={id}"), "zoo").await;
     assert_eq!(
         (c, l, e.get("Session"), e["Value"].clone()),
         (create, 1, None, json!(b64("zoo")))

@@ -96,6 +96,18 @@ where
     }
 }
 
+/// Puts `key` and checks that the watch's next event is exactly that put:
+/// nothing invented before it (by a reap, say), nothing missed.
+async fn put_comes_next(store: &ConsulStore, watch: &mut WatchStream, key: &str, what: &str) {
+    let rev = store.put(key, b"v".to_vec()).await.expect("put");
+    let ev = next_event(watch, what).await;
+    assert_eq!(
+        (ev.kv.key.as_str(), ev.kind, ev.revision()),
+        (key, EventKind::Put, rev),
+        "{what}"
+    );
+}
+
 fn kinds(events: &[WatchEvent]) -> Vec<(String, EventKind, Revision)> {
     events
         .iter()
@@ -502,13 +514,7 @@ async fn an_index_going_backwards_is_handled() {
     assert_eq!(server.reap_tombstones(), 1);
     // Let at least one blocking query come back with the lower index.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let rev = store.put("/b/new", b"n".to_vec()).await.expect("put");
-    let ev = next_event(&mut watch, "after the reap").await;
-    assert_eq!(
-        (ev.kv.key.as_str(), ev.kind, ev.revision()),
-        ("/b/new", EventKind::Put, rev),
-        "nothing invented by the reap, nothing missed after it"
-    );
+    put_comes_next(&store, &mut watch, "/b/new", "after the reap").await;
 
     // The whole cluster rebuilt: indexes start over. The watch reports what
     // disappeared, then ends with Compacted once the new history shows up.
@@ -1017,13 +1023,7 @@ async fn a_watch_delivers_changes_after_tombstones_are_reaped_on_their_own() {
         // Let a blocking query come back with the lower index.
         tokio::time::sleep(Duration::from_millis(1200)).await;
     }
-    let rev = store.put("/t/late", b"l".to_vec()).await.expect("put");
-    let ev = next_event(&mut watch, "after the reaps").await;
-    assert_eq!(
-        (ev.kv.key.as_str(), ev.kind, ev.revision()),
-        ("/t/late", EventKind::Put, rev),
-        "nothing invented by a reap, nothing missed after one"
-    );
+    put_comes_next(&store, &mut watch, "/t/late", "after the reaps").await;
 }
 
 /// Every kind of call the backend makes, once.
