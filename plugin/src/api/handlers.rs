@@ -7,6 +7,7 @@ use super::wire::*;
 use super::{AppState, DockerJson};
 use crate::control::ipam::{parse_pool_id, pool_id};
 use crate::error::PluginError;
+use crate::util::backoff::until_done;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{StatusCode, Uri};
@@ -66,7 +67,7 @@ pub(super) async fn delete_network(
     DockerJson(req): DockerJson<NetworkRequest>,
 ) -> ApiResult<Json<Empty>> {
     parse::require_id("NetworkID", &req.network_id)?;
-    s.driver.delete_network(&req.network_id).await?;
+    persist(|| s.driver.delete_network(&req.network_id)).await?;
     Ok(Json(Empty {}))
 }
 
@@ -105,9 +106,7 @@ pub(super) async fn delete_endpoint(
     DockerJson(req): DockerJson<EndpointRequest>,
 ) -> ApiResult<Json<Empty>> {
     endpoint_ids(&req.network_id, &req.endpoint_id)?;
-    s.driver
-        .delete_endpoint(&req.network_id, &req.endpoint_id)
-        .await?;
+    persist(|| s.driver.delete_endpoint(&req.network_id, &req.endpoint_id)).await?;
     Ok(Json(Empty {}))
 }
 
@@ -177,7 +176,7 @@ pub(super) async fn release_pool(
     DockerJson(req): DockerJson<ReleasePoolRequest>,
 ) -> ApiResult<Json<Empty>> {
     parse::require_pool_id(&req.pool_id)?;
-    s.ipam.release_pool(&req.pool_id).await?;
+    persist(|| s.ipam.release_pool(&req.pool_id)).await?;
     Ok(Json(Empty {}))
 }
 
@@ -221,6 +220,19 @@ pub(super) async fn release_address(
     let ip = parse::plain_ip(&req.address)?.ok_or_else(|| {
         PluginError::BadRequest("ReleaseAddress: Address is missing or empty".into())
     })?;
-    s.ipam.release_address(&req.pool_id, ip).await?;
+    persist(|| s.ipam.release_address(&req.pool_id, ip)).await?;
     Ok(Json(Empty {}))
+}
+
+/// Docker does not repeat a clean-up call that failed: it logs the error
+/// and forgets the object, and what the store still holds of it would stay
+/// there. So clean-up calls keep trying while the store is out of reach, up
+/// to the request's deadline. (Only store errors are retried; after a lost
+/// answer the calls read back, so an error means "not applied".)
+async fn persist<T, F, Fut>(op: F) -> Result<T, PluginError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, PluginError>>,
+{
+    until_done(op, |e| matches!(e, PluginError::Store { .. })).await
 }

@@ -73,17 +73,30 @@ impl Retry {
 /// write whose answer was lost only a read tells what happened, and giving
 /// up at the first failed read would leave the write's effect owned by
 /// nobody.
-pub async fn until_read<T, E, F, Fut>(mut read: F) -> Result<T, E>
+pub async fn until_read<T, E, F, Fut>(read: F) -> Result<T, E>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
-    let mut retry = Retry::new();
+    tracing::info!("a store write's answer was lost; reading back whether it applied");
+    until_done(read, |_| true).await
+}
+
+/// Repeat `op` while it fails with an error `retryable` accepts, pausing
+/// 100 ms doubling to 1 s, until the request's budget is spent (then the
+/// last error).
+pub async fn until_done<T, E, F, Fut>(mut op: F, retryable: impl Fn(&E) -> bool) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let deadline = Retry::new().deadline;
+    let mut pause = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
     loop {
-        match read().await {
+        match op().await {
             Ok(v) => return Ok(v),
-            Err(e) if !retry.next().await => return Err(e),
-            Err(_) => {}
+            Err(e) if !retryable(&e) || Instant::now() + pause.peek() >= deadline => return Err(e),
+            Err(_) => pause.wait().await,
         }
     }
 }

@@ -22,6 +22,25 @@ pub fn require_root() {
     );
 }
 
+/// [`Netns::block`] by the namespace's name (for a thread that cuts and
+/// mends a link while the test goes on).
+pub fn block_ip(ns: &str, ip: &str, blocked: bool) {
+    if blocked {
+        iptables_drop(ns, "-I", &["INPUT", "1", "-s", ip]);
+        iptables_drop(ns, "-I", &["OUTPUT", "1", "-d", ip]);
+    } else {
+        iptables_drop(ns, "-D", &["INPUT", "-s", ip]);
+        iptables_drop(ns, "-D", &["OUTPUT", "-d", ip]);
+    }
+}
+
+fn iptables_drop(ns: &str, op: &str, rule: &[&str]) {
+    let mut args = vec!["netns", "exec", ns, "iptables", "-w", "5", op];
+    args.extend_from_slice(rule);
+    args.extend_from_slice(&["-j", "DROP"]);
+    run("ip", &args);
+}
+
 fn run(cmd: &str, args: &[&str]) {
     let out = Command::new(cmd)
         .args(args)
@@ -89,13 +108,11 @@ impl Netns {
     /// in this namespace only): a partition between the two while the rest
     /// of the underlay stays reachable. TCP hangs and times out.
     pub fn block(&self, ip: &str) {
-        self.iptables("-I", &["INPUT", "1", "-s", ip]);
-        self.iptables("-I", &["OUTPUT", "1", "-d", ip]);
+        block_ip(&self.name, ip, true);
     }
 
     pub fn unblock(&self, ip: &str) {
-        self.iptables("-D", &["INPUT", "-s", ip]);
-        self.iptables("-D", &["OUTPUT", "-d", ip]);
+        block_ip(&self.name, ip, false);
     }
 
     /// Cut (or mend) this host's underlay cable: nothing in or out on
@@ -115,10 +132,7 @@ impl Netns {
     }
 
     fn iptables(&self, op: &str, rule: &[&str]) {
-        let mut args = vec!["netns", "exec", &self.name, "iptables", "-w", "5", op];
-        args.extend_from_slice(rule);
-        args.extend_from_slice(&["-j", "DROP"]);
-        run("ip", &args);
+        iptables_drop(&self.name, op, rule);
     }
 
     /// Names of the links in the namespace.
@@ -878,6 +892,14 @@ impl Plugin {
 /// Keys under `prefix` (relative to rustoverlay's root) in a networked store,
 /// read with `rustoverlay dump` from inside a host namespace.
 pub fn dump_keys(ns: &Netns, store_url: &str, prefix: &str) -> Vec<String> {
+    dump(ns, store_url, prefix)
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect()
+}
+
+/// `rustoverlay dump`: (key, value) pairs under `prefix`.
+pub fn dump(ns: &Netns, store_url: &str, prefix: &str) -> Vec<(String, String)> {
     let out = Command::new("ip")
         .args([
             "netns",
@@ -899,6 +921,9 @@ pub fn dump_keys(ns: &Netns, store_url: &str, prefix: &str) -> Vec<String> {
     );
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter_map(|l| l.split_whitespace().next().map(String::from))
+        .filter_map(|l| {
+            let (k, v) = l.split_once(' ').unwrap_or((l, ""));
+            (!k.is_empty()).then(|| (k.to_string(), v.to_string()))
+        })
         .collect()
 }
