@@ -1350,7 +1350,7 @@ harness_shared_store_ip() {
 harness_shared_store_args() {
     case "${1:?etcd|consul}" in
         etcd) ;;
-        consul) printf '%s\n' --consul-session-ttl-min 1 ;;
+        consul) printf '%s\n' --consul-session-ttl-min "$(harness_consul_session_ttl_min)" ;;
         *) _hdie "unknown store kind $1 (etcd or consul)" ;;
     esac
 }
