@@ -1118,15 +1118,15 @@ harness_etcd_member_healthy() {
 # harness_etcd_cluster_leader - the member number (1..3) of the leader, as the
 # members that answer see it; failure when none names one.
 harness_etcd_cluster_leader() {
-    local k status id leader="" ids=()
+    local k status id leader="" member_ids=()
     for k in $(seq 1 "$HARNESS_ETCD_CLUSTER_SIZE"); do
         status="$(_harness_etcd_member_http "$k" POST /v3/maintenance/status '{}' || true)"
         id="$(sed -n 's/.*"member_id":"\([0-9]*\)".*/\1/p' <<<"$status")"
-        ids[k]="$id"
+        member_ids[k]="$id"
         [[ -n "$leader" ]] || leader="$(sed -n 's/.*"leader":"\([0-9]*\)".*/\1/p' <<<"$status")"
     done
     for k in $(seq 1 "$HARNESS_ETCD_CLUSTER_SIZE"); do
-        if [[ -n "$leader" && "${ids[k]:-}" == "$leader" ]]; then
+        if [[ -n "$leader" && "${member_ids[k]:-}" == "$leader" ]]; then
             printf '%s\n' "$k"
             return 0
         fi
