@@ -341,3 +341,79 @@ fn entries(ep: &EndpointRecord) -> Vec<PeerEntry> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::fake::FakeDataplane;
+    use kvstore_backends::KeyValue;
+
+    const VNI: u32 = 300;
+    const PREFIX: &str = "/rustoverlay/v1/overlay/o/ep/";
+
+    fn record(id: &str, host: &str, vtep: &str, created_at: u64) -> EndpointRecord {
+        EndpointRecord {
+            endpoint_id: id.into(),
+            network_id: "n".into(),
+            host: host.into(),
+            vtep: vtep.parse().unwrap(),
+            mac: "02:52:0a:4d:00:09".into(),
+            ipv4: Some("10.77.0.9/24".parse().unwrap()),
+            ipv6: None,
+            created_at,
+        }
+    }
+
+    fn event(kind: EventKind, ep: &EndpointRecord, revision: i64) -> WatchEvent {
+        let value = match kind {
+            EventKind::Put => serde_json::to_vec(ep).unwrap(),
+            EventKind::Delete => vec![],
+        };
+        WatchEvent {
+            kind,
+            kv: KeyValue {
+                key: format!("{PREFIX}{}", ep.endpoint_id),
+                value,
+                create_revision: revision,
+                mod_revision: revision,
+                lease: None,
+            },
+        }
+    }
+
+    /// Consul's watch finds deletes by comparing two reads, and dates them
+    /// at the second read's index: a re-created endpoint with the same
+    /// address (and so the same MAC) can arrive before the delete of the old
+    /// one. The delete must not take the new endpoint's entries with it.
+    #[tokio::test]
+    async fn a_late_delete_of_an_old_record_keeps_the_entries_of_a_new_one_with_its_address() {
+        let fake = FakeDataplane::new("192.0.2.1".parse().unwrap());
+        fake.ensure_network(VNI).await.unwrap();
+        let (_live_tx, live) = watch::channel(None);
+        let mut worker = Worker {
+            dataplane: fake.clone(),
+            host: "a".into(),
+            live,
+            prefix: PREFIX.into(),
+            vni: VNI,
+            known: HashMap::new(),
+        };
+        let old = record("old", "b", "192.0.2.2", 100);
+        let new = record("new", "c", "192.0.2.3", 200);
+        worker.apply(event(EventKind::Put, &old, 10)).await.unwrap();
+        worker.apply(event(EventKind::Put, &new, 12)).await.unwrap();
+        worker
+            .apply(event(EventKind::Delete, &old, 12))
+            .await
+            .unwrap();
+        let ip: IpAddr = "10.77.0.9".parse().unwrap();
+        let mac = parse_mac(&new.mac).unwrap();
+        let held = fake.peers(VNI).await.unwrap();
+        assert_eq!(held.neigh.get(&ip), Some(&mac));
+        assert_eq!(
+            held.fdb.get(&mac),
+            Some(&new.vtep),
+            "the new endpoint's host"
+        );
+    }
+}
