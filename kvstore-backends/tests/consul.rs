@@ -552,10 +552,11 @@ async fn an_index_going_backwards_is_handled() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_session_expiry_deletes_its_keys_at_twice_the_ttl() {
+async fn a_lease_is_gone_its_ttl_after_the_last_renewal() {
     let server = server().await;
     let store = store(&server);
-    let ttl = Duration::from_secs(1);
+    // A session of half the lease's TTL: Consul expires it at twice that.
+    let ttl = Duration::from_secs(2);
     let lease = store.grant_lease(ttl).await.expect("grant");
     assert_eq!(server.session_ttl(&lease.0).as_deref(), Some("1s"));
     let mut watch = store.watch("/s/", 0).await.expect("watch");
@@ -581,15 +582,14 @@ async fn a_session_expiry_deletes_its_keys_at_twice_the_ttl() {
         ("/s/leased", EventKind::Delete)
     );
     assert!(ev.revision() > r);
-    // Consul expires a session between TTL and 2x TTL after its renewal;
-    // the test server takes the worst case, 2x. The slack is for the
-    // polling.
+    // Consul (and the test server) expires a session at twice its TTL:
+    // the lease's TTL. The slack is for the polling.
     assert!(
-        gone_after >= ttl * 2,
-        "deleted after {gone_after:?}, before 2x the TTL"
+        gone_after >= ttl,
+        "deleted after {gone_after:?}, before the lease's TTL"
     );
     assert!(
-        gone_after <= ttl * 2 + Duration::from_millis(500),
+        gone_after <= ttl + Duration::from_millis(500),
         "deleted after {gone_after:?}"
     );
     assert!(store.get("/s/plain").await.expect("get").is_some());
@@ -610,8 +610,10 @@ async fn short_ttls_are_raised_to_session_ttl_min_and_bad_leases_refused() {
         .await
         .expect("grant");
     assert_eq!(server.session_ttl(&lease.0).as_deref(), Some("10s"));
+    // Above the minimum, a lease's session has half its TTL (rounded up):
+    // Consul expires a session at twice its TTL.
     let lease = store
-        .grant_lease(Duration::from_millis(10_500))
+        .grant_lease(Duration::from_millis(21_000))
         .await
         .expect("grant");
     assert_eq!(server.session_ttl(&lease.0).as_deref(), Some("11s"));
@@ -620,7 +622,7 @@ async fn short_ttls_are_raised_to_session_ttl_min_and_bad_leases_refused() {
         Err(StoreError::Invalid(_))
     ));
     assert!(matches!(
-        store.grant_lease(Duration::from_secs(86_401)).await,
+        store.grant_lease(Duration::from_secs(2 * 86_400 + 2)).await,
         Err(StoreError::Invalid(_))
     ));
     // A store that believes the minimum is lower than the server's is told

@@ -43,10 +43,11 @@ PART_GRACE="${PART_GRACE:-$GRACE}"
 # store_serve_args    extra `serve` args the plugins need with this store
 # store_ip            its underlay address (what the partition blocks)
 # store_lease_max_s   how long after its last renewal the store may still keep
-#                     a host's registration (etcd: the TTL; Consul expires a
-#                     session between TTL and 2x TTL, and raises TTLs below
-#                     its session_ttl_min: its test server and the plugins
-#                     would run with --session-ttl-min 1s /
+#                     a host's registration: the TTL on both (the plugin asks
+#                     Consul for half the TTL, since Consul expires a session
+#                     at twice its TTL), unless Consul raises it to its
+#                     session_ttl_min (1 s here: the test server and the
+#                     plugins run with --session-ttl-min 1s /
 #                     --consul-session-ttl-min 1)
 # store_dump          `rustoverlay dump` of it ("key value" lines)
 # store_assert_empty  assert_store_empty on it
@@ -63,11 +64,16 @@ start_store() { harness_shared_store_start "$STORE"; }
 store_url() { harness_shared_store_url "$STORE"; }
 store_serve_args() { harness_shared_store_args "$STORE"; }
 store_ip() { harness_shared_store_ip "$STORE"; printf '\n'; }
-# Consul expires a session up to twice its TTL after the last renewal.
+# Consul: a session of half the TTL, at least session_ttl_min, expires at
+# twice its TTL.
 store_lease_max_s() {
+    local min
     case "$STORE" in
         etcd) printf '%s\n' "$HOST_TTL" ;;
-        consul) printf '%s\n' "$((2 * HOST_TTL))" ;;
+        consul)
+            min="$(harness_consul_session_ttl_min)"
+            printf '%s\n' "$((HOST_TTL > 2 * min ? HOST_TTL : 2 * min))"
+            ;;
     esac
 }
 store_dump() { harness_store_dump "$STORE"; }
@@ -354,8 +360,7 @@ harness_stop_if_failed "no full mesh to start from"
 phase "1. host 3 dies: power loss and cable cut"
 ping_start 12 1 pa1 "${IP_OF[pa2]}"
 ping_start 21 2 pa2 "${IP_OF[pa1]}"
-sleep 1
-assert_ok "the background pings run (pa1 -> pa2, pa2 -> pa1, every 200 ms)" \
+assert_eventually "the background pings run (pa1 -> pa2, pa2 -> pa1, every 200 ms)" 10 \
     eval "hdocker 1 exec pa1 pidof ping && hdocker 2 exec pa2 pidof ping"
 pings_t0=$SECONDS
 
@@ -436,8 +441,10 @@ harness_start_host 3 --store "$STORE_URL" "${STORE_ARGS[@]}" --host-ttl "$HOST_T
 assert_eventually "host 3 registers again" 15 \
     eval "store_dump | grep -q '^/rustoverlay/v1/hosts/h3 '"
 # Docker releases the dead containers' endpoints and addresses at boot: the
-# address now held by host 1 (r1) must stay host 1's.
-sleep 2
+# address now held by host 1 (r1) must stay host 1's. Wait until host 3's
+# plugin has been asked (and refused: the address is host 1's now).
+assert_eventually "host 3's dockerd released its dead containers' addresses" 20 \
+    eval "plugin_log_since_start 3 | grep 'IpamDriver.ReleaseAddress' | grep -q 'held by host h1'"
 assert_eq "the reclaimed address $reuse_ip is still held by host 1 (r1) after host 3's dockerd cleaned up" \
     "$reuse_ip h1" "$(store_addresses | awk -v ip="$reuse_ip" '$1 == ip')"
 assert_empty "host 3 holds no address or endpoint after its boot" \

@@ -31,10 +31,12 @@
 //!   before anything is sent.
 //! - Leases are sessions with `Behavior=delete`, no health checks and no
 //!   lock-delay: Consul deletes the keys a session holds when it is destroyed
-//!   (revoke) or expires. Consul expires a session between TTL and 2x TTL
-//!   after its last renewal, and takes TTLs between its `session_ttl_min`
-//!   (10 s by default) and 24 h: shorter TTLs are raised to
-//!   [`ConsulConfig::session_ttl_min`] (with a warning), longer ones refused.
+//!   (revoke) or expires. Consul expires a session twice its TTL after its
+//!   last renewal (the TTL is a lower bound), so a lease's session gets half
+//!   the lease's TTL, and the lease is gone when asked, as on etcd. Consul
+//!   takes session TTLs between its `session_ttl_min` (10 s by default) and
+//!   24 h: shorter ones are raised to [`ConsulConfig::session_ttl_min`] (with
+//!   a warning), longer ones refused.
 //! - Watches are blocking queries on the prefix, resumed from the last
 //!   `X-Consul-Index`, whose successive snapshots are compared. Consul keeps
 //!   no history, so watches have [`WatchFidelity::LatestState`]: see there.

@@ -1,6 +1,7 @@
 //! Sessions: leases are Consul sessions with `Behavior=delete`, no health
 //! checks and no lock-delay, so Consul deletes the keys a session holds when
-//! it is destroyed (revoke) or expires; TTLs are raised to the servers'
+//! it is destroyed (revoke) or expires. A lease's session has half its TTL
+//! (Consul expires a session at twice its TTL), raised to the servers'
 //! `session_ttl_min`. Also the store's "writer" session, which holds no key
 //! at rest and lets puts without a lease detach keys from leases: made on
 //! first use, again after it expired, destroyed when the store goes.
@@ -25,11 +26,16 @@ impl Inner {
         if ttl.is_zero() {
             return Err(StoreError::Invalid("lease TTL is zero".into()));
         }
-        // Consul counts whole seconds; round up so a lease never lives
+        // Consul invalidates a session twice its TTL after the last renewal
+        // (its TTL is only a lower bound), so a lease asked for `ttl` is a
+        // session of half that: gone `ttl` after its last renewal, as on
+        // etcd. Consul counts whole seconds; round up so a lease never lives
         // shorter than asked.
-        let mut secs = ttl
+        let half = ttl / 2;
+        let mut secs = half
             .as_secs()
-            .saturating_add(u64::from(ttl.subsec_nanos() > 0));
+            .saturating_add(u64::from(half.subsec_nanos() > 0))
+            .max(1);
         let min = self
             .session_ttl_min
             .as_secs()
