@@ -4,6 +4,8 @@
 //! when the test fails.
 #![allow(dead_code)]
 
+pub mod calls;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
