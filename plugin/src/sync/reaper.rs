@@ -10,6 +10,10 @@
 //! follows liveness and sweeps its own orphans; only the elected reaper
 //! (`leader`) reads the census, reclaims, and frees addresses that stayed
 //! bound to no endpoint for `--orphan-age`.
+//!
+//! An expired registration alone is no proof that a host is gone: before
+//! reclaiming, the reaper pings the host's VTEPs, and a machine that answers
+//! (cut off from the store, or its plugin down) keeps everything.
 
 use super::leader::Leadership;
 use super::membership::LiveSet;
