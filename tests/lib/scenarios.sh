@@ -1,0 +1,106 @@
+# shellcheck shell=bash
+#
+# tests/lib/scenarios.sh - helpers shared by the tier-3 scenario scripts
+# (ipv6.sh, connect.sh, ipam_options.sh, live_restore.sh, many_networks.sh).
+# Source it after tests/lib/harness.sh, after harness_init. Everything here
+# is built on the harness functions: no daemon, namespace or device is made
+# here that the harness's teardown would not remove.
+
+if [[ -n "${_SCENARIOS_SOURCED:-}" ]]; then
+    return 0
+fi
+_SCENARIOS_SOURCED=1
+
+SC_T_START=$SECONDS
+
+# phase NAME - a phase header with the time since the start.
+phase() { printf '\n=== [%3ss] %s\n' $((SECONDS - SC_T_START)) "$*"; }
+
+# now_ms - wall clock in milliseconds.
+now_ms() {
+    local t="$EPOCHREALTIME"
+    printf '%s\n' $((${t%.*} * 1000 + 10#${t#*.} / 1000))
+}
+
+# sc_net_create N NAME ARGS... - docker network create with both rustoverlay
+# drivers on host N.
+sc_net_create() {
+    local n="$1" name="$2"
+    shift 2
+    hdocker "$n" network create -d rustoverlay --ipam-driver rustoverlay "$@" "$name"
+}
+
+# sc_run N NAME NETWORK [docker run args...] - a sleeping busybox (stops in 1 s).
+sc_run() {
+    local n="$1" name="$2" net="$3"
+    shift 3
+    hdocker "$n" run -d --stop-timeout 1 --network "$net" --name "$name" "$@" "$HARNESS_IMAGE" sleep 3600
+}
+
+# sc_ping N CONTAINER IP - one IPv4 ping (2 s to answer).
+sc_ping() { hdocker "$1" exec "$2" ping -c 1 -W 2 "$3"; }
+
+# sc_ping6 N CONTAINER IP - one IPv6 ping (2 s to answer).
+sc_ping6() { hdocker "$1" exec "$2" ping6 -c 1 -W 2 "$3"; }
+
+# sc_ip6 N CONTAINER NETWORK - the container's global IPv6 address on NETWORK.
+sc_ip6() {
+    hdocker "$1" inspect -f "{{with index .NetworkSettings.Networks \"$3\"}}{{.GlobalIPv6Address}}{{end}}" "$2"
+}
+
+# sc_mac N CONTAINER NETWORK - the container's MAC on NETWORK (lower case).
+sc_mac() {
+    hdocker "$1" inspect -f "{{with index .NetworkSettings.Networks \"$3\"}}{{.MacAddress}}{{end}}" "$2" |
+        tr 'A-F' 'a-f'
+}
+
+# sc_net_id N NETWORK - Docker's network id on host N.
+sc_net_id() { hdocker "$1" network inspect -f '{{.Id}}' "$2"; }
+
+# sc_vni_of_subnet STORE SUBNET - the VNI of the overlay that has SUBNET, from
+# the store (STORE: a host number or etcd/consul, as harness_store_dump).
+sc_vni_of_subnet() {
+    harness_store_dump "$1" |
+        awk -v s="\"$2\"" '$1 ~ /^\/rustoverlay\/v1\/overlay\/[^/]+\/record$/ && index($0, s) { print $2 }' |
+        sed -n 's/.*"vni":\([0-9]*\).*/\1/p' | head -n 1
+}
+
+# sc_has_ovl_ns N VNI - host N has the overlay namespace ro-VNI.
+sc_has_ovl_ns() { hexec_mnt "$1" test -e "/run/rustoverlay/netns/ro-$2"; }
+
+# sc_in_ovl N VNI CMD... - CMD inside host N's overlay namespace ro-VNI.
+sc_in_ovl() {
+    local n="$1" vni="$2"
+    shift 2
+    hexec_mnt "$n" nsenter --net="/run/rustoverlay/netns/ro-$vni" -- "$@"
+}
+
+# sc_alloc_keys STORE - the store's allocation keys (pools, addresses, VNIs,
+# overlays, endpoints, host->network), sorted.
+sc_alloc_keys() {
+    harness_store_dump "$1" | grep -E "$HARNESS_ALLOC_KEY_RE" | awk '{ print $1 }' | sort || true
+}
+
+# sc_rm_all N - remove every container on host N (counted assertion).
+sc_rm_all() {
+    local n="$1" ids
+    ids="$(hdocker "$n" ps -aq)"
+    # shellcheck disable=SC2086 # one id per word
+    [[ -z "$ids" ]] || assert_ok "host $n: remove all containers" hdocker "$n" rm -f $ids
+}
+
+# sc_assert_host_clean N - no rustoverlay network in Docker, no overlay
+# namespace, no ro-*/rc-* link left on host N, and its plugin still runs.
+sc_assert_host_clean() {
+    local n="$1"
+    assert_empty "host $n: no rustoverlay network left in Docker" \
+        "$(hdocker "$n" network ls -q --filter driver=rustoverlay)"
+    assert_empty "host $n: no overlay namespace left under /run/rustoverlay/netns" "$(ovl_namespaces "$n")"
+    assert_empty "host $n: no ro-*/rc-* link left in its namespace" "$(host_ro_links "$n")"
+    assert_ok "host $n: the plugin is still running" harness_plugin_pid "$n"
+}
+
+# sc_plugin_errors N - ERROR lines in host N's plugin log.
+sc_plugin_errors() {
+    grep -E '(^| )ERROR ' "$(harness_host_dir "$1")/plugin.log" || true
+}
