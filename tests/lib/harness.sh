@@ -60,12 +60,64 @@ HARNESS_PREFIX=""
 HARNESS_TMP=""
 HARNESS_NAME=""
 
-# The Debian docker.io CLI matches the daemon; fall back to whatever is on PATH.
-if [[ -x /usr/bin/docker ]]; then
+# The engine (HARNESS_ENGINE): which dockerd the simulated hosts run.
+#   docker20  the machine's own (Debian bookworm's docker.io 20.10), default
+#   docker26  Debian trixie's docker.io 26.1 from the cached root that
+#             tests/lib/trixie-root.sh builds (ROTEST_TRIXIE_ROOT): each host
+#             runs plugin and dockerd in that root (overlay, pivot_root), see
+#             _harness_start_anchor. Everything else is the same.
+HARNESS_ENGINE="${HARNESS_ENGINE:-docker20}"
+HARNESS_ENGINE_ROOT=""
+if [[ "$HARNESS_ENGINE" == docker26 ]]; then
+    HARNESS_ENGINE_ROOT="$("$HARNESS_REPO_ROOT/tests/lib/trixie-root.sh" --path)"
+fi
+
+# Each engine's CLI matches its daemon: Debian's docker.io CLI (bookworm's,
+# or trixie's docker-cli from the root, which runs here as it is); fall back
+# to whatever is on PATH.
+if [[ -n "$HARNESS_ENGINE_ROOT" && -x "$HARNESS_ENGINE_ROOT/usr/bin/docker" ]]; then
+    HARNESS_DOCKER_CLI="${HARNESS_DOCKER_CLI:-$HARNESS_ENGINE_ROOT/usr/bin/docker}"
+elif [[ -x /usr/bin/docker ]]; then
     HARNESS_DOCKER_CLI="${HARNESS_DOCKER_CLI:-/usr/bin/docker}"
 else
     HARNESS_DOCKER_CLI="${HARNESS_DOCKER_CLI:-docker}"
 fi
+
+# harness_engine_check - fail unless HARNESS_ENGINE names a usable engine.
+harness_engine_check() {
+    case "$HARNESS_ENGINE" in
+        docker20) command -v dockerd >/dev/null 2>&1 || _hdie "dockerd not found (Debian package docker.io)" ;;
+        docker26)
+            "$HARNESS_REPO_ROOT/tests/lib/trixie-root.sh" --check ||
+                _hdie "HARNESS_ENGINE=docker26: no trixie root at $HARNESS_ENGINE_ROOT (build it: tests/lib/trixie-root.sh)"
+            ;;
+        *) _hdie "HARNESS_ENGINE must be docker20 or docker26, not '$HARNESS_ENGINE'" ;;
+    esac
+}
+
+# harness_engine_version - the engine's dockerd version, e.g. "26.1.5".
+harness_engine_version() {
+    local v
+    case "$HARNESS_ENGINE" in
+        docker26) v="$("$HARNESS_REPO_ROOT/tests/lib/trixie-root.sh" --versions)" && v="${v#docker=}" && v="${v%% *}" ;;
+        *) v="$(dockerd --version 2>/dev/null | sed -n 's/^Docker version \([^ ,+]*\).*/\1/p')" ;;
+    esac
+    printf '%s\n' "${v:-unknown}"
+}
+
+# harness_compose_bin - the docker-compose of the engine: Compose v1
+# (bookworm's docker-compose 1.29, on PATH) with docker20, Compose v2
+# (trixie's docker-compose 2.x from the root, which runs here as it is) with
+# docker26. HARNESS_COMPOSE overrides it.
+harness_compose_bin() {
+    if [[ -n "${HARNESS_COMPOSE:-}" ]]; then
+        printf '%s\n' "$HARNESS_COMPOSE"
+    elif [[ -n "$HARNESS_ENGINE_ROOT" ]]; then
+        printf '%s\n' "$HARNESS_ENGINE_ROOT/usr/bin/docker-compose"
+    else
+        command -v docker-compose || printf 'docker-compose\n'
+    fi
+}
 
 _hlog() { printf '[harness %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 _hdie() {
@@ -82,9 +134,10 @@ harness_init() {
     local name="${1:?usage: harness_init NAME}"
     [[ "$(id -u)" -eq 0 ]] || _hdie "harness_init: must run as root (network and mount namespaces)"
     local tool
-    for tool in ip nsenter unshare setsid mount umount dockerd "$HARNESS_DOCKER_CLI" timeout; do
+    for tool in ip nsenter unshare setsid mount umount "$HARNESS_DOCKER_CLI" timeout; do
         command -v "$tool" >/dev/null 2>&1 || _hdie "harness_init: '$tool' not found (scripts/test installs the packages)"
     done
+    harness_engine_check
 
     harness_sweep_stale
 
@@ -109,7 +162,7 @@ harness_init() {
     mkdir -p "$DOCKER_CONFIG"
     printf '{}\n' >"$DOCKER_CONFIG/config.json"
 
-    _hlog "run $HARNESS_PREFIX, temp dir $HARNESS_TMP"
+    _hlog "run $HARNESS_PREFIX, temp dir $HARNESS_TMP, engine $HARNESS_ENGINE (dockerd $(harness_engine_version))"
     _harness_setup_underlay
 }
 
@@ -457,31 +510,70 @@ _harness_tail() {
     printf -- '----- end of %s -----\n' "$file"
 }
 
-# harness_start_host N [--no-plugin] [plugin args...] - start host N: the
-# private mount namespace, the plugin (unless --no-plugin), then dockerd.
-# Plugin args are appended to `serve`; --socket, --store, --host-id and
-# --vtep-ip default to this host's values unless given.
-harness_start_host() {
-    local n="${1:?usage: harness_start_host N [--no-plugin] [plugin args...]}"
-    shift
-    local with_plugin=1
-    if [[ "${1:-}" == --no-plugin ]]; then
-        with_plugin=0
-        shift
-    fi
-    harness_add_host "$n"
-    local dir ns anchor
+# _harness_start_anchor N - the process that holds host N's mount namespace
+# (in its network namespace), set up for the engine:
+#  docker20: the machine's root with /run a fresh tmpfs (only this host's
+#    plugin socket in /run/docker/plugins, no system containerd socket, no
+#    /run/systemd) and /sys a sysfs of the host's netns, with the cgroup
+#    hierarchies moved over from the old /sys.
+#  docker26: the trixie root (HARNESS_ENGINE_ROOT) as an overlay whose upper
+#    layer is the host's $dir/root.upper (the cached root is never written; a
+#    host's /etc, /var... persist across harness_stop_host/start_host like a
+#    disk), with proc, a sysfs of the host's netns, /sys/fs/cgroup and /dev
+#    (rbind), the same fresh tmpfs /run, and at their own paths the run's temp
+#    dir (data-roots, sockets, logs, plugin dirs) and the plugin binary's
+#    directory; then pivot_root into it (not chroot: runc would then see the
+#    machine's /sys, e.g. the machine's MTU for eth0).
+# Plugin and dockerd join it with nsenter (so both see the same /run, and
+# dockerd's netns files); hexec_mnt too.
+_harness_start_anchor() {
+    local n="$1" dir ns bindir
     dir="$(harness_host_dir "$n")"
     ns="$(harness_host_ns "$n")"
-    _harness_anchor_pid "$n" >/dev/null && _hdie "harness_start_host: host $n already started"
-    mkdir -p "$dir/data"
-    rm -f "$dir/anchor.pid" "$dir/no-plugin"
-
-    # The anchor holds the host's mount namespace: /run is a fresh tmpfs (only
-    # this host's plugin socket in /run/docker/plugins, no system containerd
-    # socket, no /run/systemd), /sys a sysfs of the host's netns with the
-    # cgroup hierarchies moved over from the old /sys. Plugin and dockerd join
-    # it with nsenter, so both see the same /run (and dockerd's netns files).
+    if [[ "$HARNESS_ENGINE" == docker26 ]]; then
+        bindir="$(dirname "$(harness_bin)")"
+        mkdir -p "$dir/root" "$dir/root.upper" "$dir/root.work"
+        # shellcheck disable=SC2016 # expanded by the inner bash
+        _harness_spawn "$dir/anchor.pid" "$dir/anchor.log" \
+            unshare --mount --propagation private -- \
+            nsenter --net="/run/netns/$ns" -- \
+            bash -c '
+                set -eu
+                dir="$1" lower="$2" tmp="$3" bindir="$4"
+                r="$dir/root"
+                # -n: no utab (libmount would lock /run/mount/utab in the root fs)
+                mount -n -t overlay rotest-root \
+                    -o "lowerdir=$lower,upperdir=$dir/root.upper,workdir=$dir/root.work" "$r"
+                mount -n -t proc rotest-proc "$r/proc"
+                if mount -n -t sysfs rotest-sys "$r/sys"; then
+                    mount -n --rbind /sys/fs/cgroup "$r/sys/fs/cgroup"
+                else
+                    echo "warning: cannot mount a sysfs for this netns; binding the root one" >&2
+                    mount -n --rbind /sys "$r/sys"
+                fi
+                mount -n --rbind /dev "$r/dev"
+                mount -n -t tmpfs -o mode=0755,size=256m rotest-run "$r/run"
+                mkdir -p "$r/run/docker/plugins" "$r/run/containerd" "$r/run/lock"
+                mkdir -p "$r$tmp"
+                mount -n --bind "$tmp" "$r$tmp"
+                case "$bindir/" in
+                    "$tmp/"*) ;;
+                    *)
+                        mkdir -p "$r$bindir"
+                        mount -n --bind "$bindir" "$r$bindir"
+                        mount -n -o remount,bind,ro "$r$bindir"
+                        ;;
+                esac
+                cd "$r"
+                pivot_root . .oldroot
+                cd /
+                umount -n -l /.oldroot
+                echo "$$" >"$dir/anchor.pid.tmp"
+                mv "$dir/anchor.pid.tmp" "$dir/anchor.pid"
+                exec sleep infinity
+            ' rotest-anchor "$dir" "$HARNESS_ENGINE_ROOT" "$HARNESS_TMP" "$bindir"
+        return 0
+    fi
     # shellcheck disable=SC2016 # expanded by the inner bash
     _harness_spawn "$dir/anchor.pid" "$dir/anchor.log" \
         unshare --mount --propagation private -- \
@@ -505,7 +597,29 @@ harness_start_host() {
             mv "$dir/anchor.pid.tmp" "$dir/anchor.pid"
             exec sleep infinity
         ' rotest-anchor "$dir"
-    anchor="$(cat "$dir/anchor.pid")"
+}
+
+# harness_start_host N [--no-plugin] [plugin args...] - start host N: the
+# private mount namespace, the plugin (unless --no-plugin), then dockerd.
+# Plugin args are appended to `serve`; --socket, --store, --host-id and
+# --vtep-ip default to this host's values unless given.
+harness_start_host() {
+    local n="${1:?usage: harness_start_host N [--no-plugin] [plugin args...]}"
+    shift
+    local with_plugin=1
+    if [[ "${1:-}" == --no-plugin ]]; then
+        with_plugin=0
+        shift
+    fi
+    harness_add_host "$n"
+    local dir ns
+    dir="$(harness_host_dir "$n")"
+    ns="$(harness_host_ns "$n")"
+    _harness_anchor_pid "$n" >/dev/null && _hdie "harness_start_host: host $n already started"
+    mkdir -p "$dir/data"
+    rm -f "$dir/anchor.pid" "$dir/no-plugin"
+
+    _harness_start_anchor "$n"
 
     if [[ "$with_plugin" -eq 1 ]]; then
         : >"$dir/plugin.args"
@@ -520,7 +634,7 @@ harness_start_host() {
     local what
     what="dockerd pid $(cat "$dir/dockerd.pid")"
     [[ "$with_plugin" -eq 0 ]] || what+=", plugin pid $(cat "$dir/plugin.pid")"
-    _hlog "host $n up: netns $ns, ip $(harness_host_ip "$n"), $what"
+    _hlog "host $n up: netns $ns, ip $(harness_host_ip "$n"), $what, engine $HARNESS_ENGINE (server $(hdocker "$n" version -f '{{.Server.Version}}' 2>&1))"
 }
 
 # _harness_start_dockerd N - dockerd in host N's namespaces; waits until it
@@ -649,6 +763,10 @@ harness_restart_plugin() {
     harness_kill_plugin "$n" KILL
     bin="$(harness_bin)"
     [[ -x "$bin" ]] || _hdie "plugin binary $bin missing: run 'cargo build --release -p rustoverlay' or set RUSTOVERLAY_BIN"
+    # docker26: the host's root holds only the run's temp dir and the plugin
+    # binary's directory as it was at harness_start_host.
+    [[ -x "/proc/$anchor/root$bin" ]] ||
+        _hdie "plugin binary $bin is not visible in host $n's root (engine $HARNESS_ENGINE: put it under $HARNESS_TMP)"
 
     local -a extra=() args=()
     if [[ -s "$dir/plugin.args" ]]; then
