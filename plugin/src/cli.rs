@@ -52,8 +52,19 @@ pub struct GcArgs {
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum LogFormat {
+    /// One line per event, for people (colours only on a terminal).
     Text,
+    /// One JSON object per line, for log collectors.
     Json,
+}
+
+/// Where the log goes.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogTarget {
+    Stderr,
+    /// For a managed plugin: dockerd files a plugin's stdout under
+    /// level=info and its stderr under level=error.
+    Stdout,
 }
 
 #[derive(Debug, Args)]
@@ -144,8 +155,15 @@ pub struct ServeArgs {
     /// Time limit of one Docker request, in seconds.
     #[arg(long, env = "RUSTOVERLAY_REQUEST_TIMEOUT", default_value_t = 25.0)]
     pub request_timeout: f64,
+    /// Log lines as text or as JSON objects (the filter is RUSTOVERLAY_LOG,
+    /// e.g. info or info,rustoverlay=debug). Text has ANSI colours only when
+    /// the log goes to a terminal and NO_COLOR is unset.
     #[arg(long, env = "RUSTOVERLAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Where the log goes. A fatal error also goes to stderr, as text
+    /// (unless the log itself is JSON on stderr).
+    #[arg(long, env = "RUSTOVERLAY_LOG_TARGET", value_enum, default_value_t = LogTarget::Stderr)]
+    pub log_target: LogTarget,
 }
 
 #[derive(Debug, Args)]

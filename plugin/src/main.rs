@@ -1,6 +1,6 @@
 use clap::Parser;
-use rustoverlay::cli::{Cli, Command, LogFormat};
-use tracing_subscriber::EnvFilter;
+use rustoverlay::cli::{Cli, Command, LogFormat, LogTarget};
+use rustoverlay::cmd::logging::Log;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -12,19 +12,18 @@ async fn main() -> std::process::ExitCode {
         }
     }
     let cli = Cli::parse();
-    let format = match &cli.command {
-        Command::Serve(a) => a.log_format,
-        Command::Dump(_) | Command::Gc(_) => LogFormat::Text,
+    let log = match &cli.command {
+        Command::Serve(a) => Log {
+            format: a.log_format,
+            target: a.log_target,
+        },
+        // `dump` prints the store on stdout: its log stays on stderr.
+        Command::Dump(_) | Command::Gc(_) => Log {
+            format: LogFormat::Text,
+            target: LogTarget::Stderr,
+        },
     };
-    let filter =
-        EnvFilter::try_from_env("RUSTOVERLAY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    log.init();
     let result = match cli.command {
         Command::Serve(args) => rustoverlay::cmd::serve(args).await,
         Command::Dump(args) => rustoverlay::cmd::dump(args).await,
@@ -33,7 +32,7 @@ async fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("rustoverlay: {e:#}");
+            log.fatal(&e);
             std::process::ExitCode::FAILURE
         }
     }

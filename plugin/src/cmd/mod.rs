@@ -2,6 +2,7 @@
 //! Docker; `gc` and `dump` read (and with `gc --apply` clean) the store.
 
 mod inspect;
+pub mod logging;
 pub mod parts;
 mod serve;
 
