@@ -4,8 +4,8 @@
 //! failure branch, so a fresh address costs one transaction.
 
 use super::math::Span;
-use super::{pool_gone, pool_id, too_contended, unclaimed, Ipam};
-use crate::error::{PluginError, Result, StoreContext};
+use super::{pool_gone, too_contended, unclaimed, Ipam};
+use crate::error::{Result, StoreContext};
 use crate::state::codec::{decode, encode};
 use crate::state::keys;
 use crate::state::records::{AddressKind, AllocState, PoolRecord};
@@ -123,12 +123,7 @@ impl Ipam {
                         }
                     }
                 } else {
-                    return Err(PluginError::Exhausted(format!(
-                        "no free address left in subnet {} ({} addresses, all in use); remove \
-                         containers from the network or recreate it with a larger --subnet",
-                        pool_id(&cur.subnet),
-                        cur.span.len
-                    )));
+                    return Err(cur.span.exhausted(&cur.subnet));
                 };
             let addr_key = keys::pool_addr(seg, ip);
             let (extra_compares, extra_ops) = extra.map(|f| f(ip)).unwrap_or_default();

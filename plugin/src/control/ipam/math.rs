@@ -41,6 +41,31 @@ impl Span {
         let n = to_u128(ip);
         (n >= self.first && n - self.first < self.len).then(|| n - self.first)
     }
+
+    /// The error of a pool with no address left. With an --ip-range smaller
+    /// than the subnet, the range is what ran out: say so, with its bounds
+    /// and size (not the subnet's, whose size would mislead).
+    pub(super) fn exhausted(&self, subnet: &IpNetwork) -> PluginError {
+        let (first, last) = host_bounds(subnet);
+        let whole = if last >= first { last - first + 1 } else { 0 };
+        if self.len > 0 && self.len < whole {
+            return PluginError::Exhausted(format!(
+                "no free address left in the --ip-range of subnet {} ({} to {}, {} addresses, \
+                 all in use); remove containers from the network or recreate it with a larger \
+                 --ip-range",
+                pool_id(subnet),
+                self.ip(0),
+                self.ip(self.len - 1),
+                self.len
+            ));
+        }
+        PluginError::Exhausted(format!(
+            "no free address left in subnet {} ({} addresses, all in use); remove containers \
+             from the network or recreate it with a larger --subnet",
+            pool_id(subnet),
+            self.len
+        ))
+    }
 }
 
 /// Reject addresses Docker should never ask for: outside the subnet, the
@@ -156,5 +181,38 @@ mod tests {
         // The subnet's broadcast address stays out even inside the range.
         assert_eq!(span.len, 127);
         assert_eq!(span.offset("10.77.0.127".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn exhaustion_names_the_ip_range_when_it_is_what_ran_out() {
+        let rec = |range: Option<&str>| PoolRecord {
+            subnet: net("10.83.0.0/24"),
+            range: range.map(net),
+            gateway: None,
+            aux: BTreeSet::new(),
+            refs: BTreeMap::new(),
+        };
+        let in_range = Span::of(&rec(Some("10.83.0.128/29")))
+            .exhausted(&net("10.83.0.0/24"))
+            .to_string();
+        assert!(
+            in_range.contains(
+                "--ip-range of subnet 10.83.0.0/24 (10.83.0.128 to 10.83.0.135, 8 addresses"
+            ),
+            "{in_range}"
+        );
+        assert!(in_range.contains("larger --ip-range"), "{in_range}");
+        let whole = Span::of(&rec(None))
+            .exhausted(&net("10.83.0.0/24"))
+            .to_string();
+        assert!(
+            whole.contains("subnet 10.83.0.0/24 (254 addresses") && !whole.contains("--ip-range"),
+            "{whole}"
+        );
+        // A range as large as the subnet is the subnet.
+        let all = Span::of(&rec(Some("10.83.0.0/24")))
+            .exhausted(&net("10.83.0.0/24"))
+            .to_string();
+        assert!(!all.contains("--ip-range"), "{all}");
     }
 }
