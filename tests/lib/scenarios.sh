@@ -102,5 +102,55 @@ sc_assert_host_clean() {
 
 # sc_plugin_errors N - ERROR lines in host N's plugin log.
 sc_plugin_errors() {
-    grep -E '(^| )ERROR ' "$(harness_host_dir "$1")/plugin.log" || true
+    grep -E '^[^ ]+ +ERROR ' "$(harness_host_dir "$1")/plugin.log" || true
+}
+
+# --- extra dockerd settings ----------------------------------------------------
+#
+# The harness writes each host's daemon.json itself, at every dockerd start,
+# and offers no hook for more settings. sc_dockerd_config N MEMBERS makes
+# every later dockerd start of host N add MEMBERS (JSON object members, e.g.
+# '"live-restore": true') to the file dockerd is given with --config-file,
+# right before dockerd is spawned: _harness_spawn is wrapped for that (only
+# spawns whose pid file is a host's dockerd.pid are touched). A test that
+# relies on it must check the setting took (e.g. `docker info`), so that a
+# harness change that bypasses the wrapper fails loudly.
+declare -A SC_DOCKERD_EXTRA=()
+
+sc_dockerd_config() {
+    SC_DOCKERD_EXTRA[${1:?usage: sc_dockerd_config N MEMBERS}]="${2:?JSON members}"
+}
+
+if ! declare -F _sc_harness_spawn_orig >/dev/null; then
+    eval "_sc_harness_spawn_orig() $(declare -f _harness_spawn | tail -n +2)"
+    _harness_spawn() {
+        local pidfile="$1" hostdir n cfg="" a prev=""
+        if [[ "$pidfile" == */dockerd.pid ]]; then
+            hostdir="$(dirname "$pidfile")"
+            n="${hostdir##*/h}"
+            if [[ -n "${SC_DOCKERD_EXTRA[$n]:-}" ]]; then
+                for a in "$@"; do
+                    [[ "$prev" != --config-file ]] || cfg="$a"
+                    [[ "$a" != --config-file=* ]] || cfg="${a#--config-file=}"
+                    prev="$a"
+                done
+                [[ -n "$cfg" ]] || cfg="$hostdir/daemon.json"
+                _sc_json_add "$cfg" "${SC_DOCKERD_EXTRA[$n]}"
+            fi
+        fi
+        _sc_harness_spawn_orig "$@"
+    }
+fi
+
+# _sc_json_add FILE MEMBERS - add members to the JSON object in FILE (created
+# as {} if missing).
+_sc_json_add() {
+    local file="$1" members="$2" body
+    body="$(cat "$file" 2>/dev/null)" || body=""
+    body="$(printf '%s' "$body" | tr -d '\n' | sed 's/^[[:space:]]*//; s/[[:space:]]*$//')"
+    if [[ -z "$body" || "$body" =~ ^\{[[:space:]]*\}$ ]]; then
+        printf '{%s}\n' "$members" >"$file"
+    else
+        printf '%s, %s}\n' "${body%\}}" "$members" >"$file"
+    fi
 }
