@@ -8,11 +8,14 @@
 # mount), so running containers stay connected through a SIGKILLed plugin
 # (dockerd restarts it), a `disable -f` / `enable`, and an upgrade without a
 # registry (`disable -f`, `rm -f`, `create` from a new directory, `set`,
-# `enable`) measured with a 100 ms ping both ways. A third host alone on the
-# embedded store (in the host directory of the "state" mount) keeps its
-# addresses through the same re-create. Then everything is removed, the
-# plugins disabled and removed, and nothing is left: no namespace, device,
-# process, cgroup or store allocation.
+# `enable`) measured with a 100 ms ping both ways. A third host, with
+# neither /etc/rustoverlay nor /var/lib/rustoverlay, enables a freshly
+# created plugin left at its default mounts and store: the plugin makes the
+# host's /var/lib/rustoverlay, and its embedded store there keeps the
+# addresses through the same re-create. The plugins log to stdout
+# (config.json), so dockerd files none of their lines under level=error.
+# Then everything is removed, the plugins disabled and removed, and nothing
+# is left: no namespace, device, process, cgroup or store allocation.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=tests/lib/harness.sh
@@ -49,20 +52,26 @@ ns_inode() {
     printf 'nsfs:%s\n' "$(hexec_mnt "$1" stat -L -c %i "$f")"
 }
 
-# plugin_set N [SETTING=VALUE...] - docker plugin set on host N: its host id,
-# VTEP, a debug log, the host directories of the mounts "certs" and "state",
-# and the given settings.
-plugin_set() {
-    local n="$1" dir
+# plugin_set_plain N [SETTING=VALUE...] - docker plugin set on host N: its
+# host id, VTEP, a debug log and the given settings.
+plugin_set_plain() {
+    local n="$1"
     shift
-    dir="$(harness_host_dir "$n")"
     hdocker "$n" plugin set "$PLUGIN" \
         RUSTOVERLAY_HOST_ID="h$n" \
         RUSTOVERLAY_VTEP_IP="$(harness_host_ip "$n")" \
         RUSTOVERLAY_LOG="info,rustoverlay=debug" \
-        certs.source="$dir/certs" \
-        state.source="$dir/state" \
         "$@"
+}
+
+# plugin_set N [SETTING=VALUE...] - plugin_set_plain, and the mounts "certs"
+# and "state" from directories of the test instead of the host's /etc and
+# /var/lib.
+plugin_set() {
+    local n="$1" dir
+    shift
+    dir="$(harness_host_dir "$n")"
+    plugin_set_plain "$n" certs.source="$dir/certs" state.source="$dir/state" "$@"
 }
 
 # plugin_log N - host N's managed plugin output so far.
@@ -70,6 +79,10 @@ plugin_log() { harness_managed_plugin_log "$1" "${PLUGIN_ID[$1]}"; }
 
 # plugin_log_count N PATTERN - how many lines of it match PATTERN.
 plugin_log_count() { plugin_log "$1" | grep -c -- "$2" || true; }
+
+# plugin_log_errors N - the plugin's lines dockerd filed under level=error
+# (what the plugin wrote to stderr).
+plugin_log_errors() { plugin_log "$1" | grep -- 'level=error' || true; }
 
 # --- boot -----------------------------------------------------------------
 phase "boot: etcd, two hosts without the legacy plugin"
@@ -80,8 +93,10 @@ for h in "${HOSTS[@]}"; do
     # As on a systemd host: the host's /run is a shared mount.
     harness_share_run "$h"
     harness_busybox_image "$h"
-    # The host directories of the plugin's mounts "certs" and "state".
-    mkdir -p "$(harness_host_dir "$h")/certs" "$(harness_host_dir "$h")/state"
+    # The host directories of the plugin's mounts "certs" and "state"; the
+    # plugin's /etc/rustoverlay is certs.source's rustoverlay/.
+    mkdir -p "$(harness_host_dir "$h")/certs/rustoverlay" "$(harness_host_dir "$h")/state"
+    echo "h$h" >"$(harness_host_dir "$h")/certs/rustoverlay/marker"
 done
 assert_fails "host 1 has no legacy plugin socket" \
     hexec_mnt 1 test -e /run/docker/plugins/rustoverlay.sock
@@ -114,6 +129,13 @@ for h in "${HOSTS[@]}"; do
     assert_ok "host $h: the plugin process runs" harness_managed_plugin_pid "$h" "$PLUGIN"
     assert_eventually "host $h: the plugin logs 'serving' as h$h on etcd" 10 \
         eval "plugin_log $h | grep 'serving' | grep -q 'host=h$h.*store=.*etcd'"
+    assert_ok "host $h: dockerd files 'serving' under level=info (the plugin logs to stdout)" \
+        eval "plugin_log $h | grep 'serving' | grep -q 'level=info'"
+    pid="$(harness_managed_plugin_pid "$h" "$PLUGIN")" || pid=none
+    assert_eq "host $h: /etc/rustoverlay in the plugin links to the certs mount" \
+        /host/etc/rustoverlay "$(readlink "/proc/$pid/root/etc/rustoverlay" 2>&1)"
+    assert_eq "host $h: the certs mount is certs.source (its rustoverlay/marker)" \
+        "h$h" "$(cat "/proc/$pid/root/host/etc/rustoverlay/marker" 2>&1)"
 done
 harness_stop_if_failed "the managed plugin did not start"
 
@@ -239,30 +261,48 @@ assert_eventually "c2 (h2) pings c1c (h1)" 15 cping 2 c2 "${IP_OF[c1c]}"
 assert_ok "host 1: remove c1b through the new plugin" hdocker 1 rm -f c1b
 unset "IP_OF[c1b]"
 
-# --- one host, embedded store -------------------------------------------------
-phase "host 3 alone, embedded store on the host (mount 'state'): rm -f / create keeps it"
+# --- one host, no preparation, embedded store ----------------------------------
+phase "host 3 with neither /etc/rustoverlay nor /var/lib/rustoverlay: a fresh plugin at its defaults enables; its embedded store survives rm -f / create"
 harness_start_host 3 --no-plugin
 harness_share_run 3
 harness_busybox_image 3
 h3dir="$(harness_host_dir 3)"
-mkdir -p "$h3dir/certs" "$h3dir/state"
+# Host 3's /var/lib is an empty directory of the test (in its own mount
+# namespace only), so the plugin's store lands there and not in this
+# machine's /var/lib. Its /etc is the machine's, or a copy without
+# rustoverlay/ if the machine has one.
+mkdir -p "$h3dir/varlib"
+hexec_mnt 3 mount -n --bind "$h3dir/varlib" /var/lib
+if hexec_mnt 3 test -e /etc/rustoverlay; then
+    mkdir -p "$h3dir/etc"
+    hexec_mnt 3 cp -a /etc/. "$h3dir/etc/"
+    rm -rf "$h3dir/etc/rustoverlay"
+    hexec_mnt 3 mount -n --bind "$h3dir/etc" /etc
+fi
+assert_fails "host 3 has no /etc/rustoverlay" hexec_mnt 3 test -e /etc/rustoverlay
+assert_fails "host 3 has no /var/lib/rustoverlay" hexec_mnt 3 test -e /var/lib/rustoverlay
 assert_ok "host 3: docker plugin create" harness_managed_plugin_create 3 "$PLUGIN" "$pdir"
 PLUGIN_ID[3]="$(harness_managed_plugin_id 3 "$PLUGIN")" || PLUGIN_ID[3]=none
-assert_ok "host 3: docker plugin set (default store: file:///var/lib/rustoverlay/state.redb)" \
-    plugin_set 3 args="--reclaim-grace 600"
-assert_ok "host 3: docker plugin enable" hdocker 3 plugin enable "$PLUGIN"
+assert_ok "host 3: docker plugin set: host id, VTEP, log, args (mounts and store at their defaults)" \
+    plugin_set_plain 3 args="--reclaim-grace 600"
+assert_eq "host 3: the mounts are the host's /run, /var/lib and /etc" "/run /var/lib /etc" \
+    "$(hdocker 3 plugin inspect -f '{{range .Settings.Mounts}}{{.Source}} {{end}}' "$PLUGIN" 2>&1 | xargs)"
+assert_ok "host 3: docker plugin enable (nothing made on the host first)" hdocker 3 plugin enable "$PLUGIN"
+harness_stop_if_failed "a fresh plugin at its defaults did not enable on a host without /etc/rustoverlay and /var/lib/rustoverlay"
 assert_eventually "host 3: the plugin serves on the embedded store" 10 \
     eval "plugin_log 3 | grep 'serving' | grep -q 'store=.*file'"
 assert_ok "host 3: args reach the plugin (--reclaim-grace 600 on its command line)" \
     eval "tr '\\0' ' ' </proc/\$(harness_managed_plugin_pid 3 $PLUGIN)/cmdline | grep -q -- '--reclaim-grace 600'"
-assert_ok "host 3: the store file is in the host directory" test -s "$h3dir/state/state.redb"
+assert_ok "host 3: the plugin made the host's /var/lib/rustoverlay, with the store file in it" \
+    test -s "$h3dir/varlib/rustoverlay/state.redb"
 assert_ok "host 3: network create solo" \
     hdocker 3 network create -d "$PLUGIN" --ipam-driver "$PLUGIN" --subnet 10.88.0.0/24 solo
 assert_ok "host 3: run e1" hdocker 3 run -d --stop-timeout 1 --network solo --name e1 "$img" sleep 3600
 e1_ip="$(hcontainer_ip 3 e1 solo)"
+assert_empty "host 3: no plugin line under level=error (the plugin logs to stdout)" "$(plugin_log_errors 3)"
 assert_ok "host 3: disable -f, rm -f, create from the new directory, set, enable" eval "
     hdocker 3 plugin disable -f $PLUGIN && hdocker 3 plugin rm -f $PLUGIN &&
-    harness_managed_plugin_create 3 $PLUGIN $pdir2 && plugin_set 3 && hdocker 3 plugin enable $PLUGIN"
+    harness_managed_plugin_create 3 $PLUGIN $pdir2 && plugin_set_plain 3 && hdocker 3 plugin enable $PLUGIN"
 PLUGIN_ID[3]="$(harness_managed_plugin_id 3 "$PLUGIN")" || PLUGIN_ID[3]=none
 assert_ok "host 3: run e2 with the new plugin" \
     hdocker 3 run -d --stop-timeout 1 --network solo --name e2 "$img" sleep 3600
@@ -272,9 +312,10 @@ assert_ok "e2 got another address than e1 ($e2_ip, e1 has $e1_ip): the store sur
 assert_eventually "e2 pings e1" 10 hdocker 3 exec e2 ping -c 1 -W 2 "$e1_ip"
 assert_ok "host 3: remove e1, e2 and solo" eval "hdocker 3 rm -f e1 e2 && hdocker 3 network rm solo"
 assert_empty "host 3: no overlay namespace left" "$(ovl_namespaces 3)"
+assert_empty "host 3: no plugin line under level=error" "$(plugin_log_errors 3)"
 assert_ok "host 3: disable and rm the plugin" eval "hdocker 3 plugin disable $PLUGIN && hdocker 3 plugin rm $PLUGIN"
 assert_empty "host 3: the embedded store (still on the host) holds no allocation" \
-    "$(timeout 30 "$(harness_bin)" dump --store "file://$h3dir/state/state.redb" 2>&1 |
+    "$(timeout 30 "$(harness_bin)" dump --store "file://$h3dir/varlib/rustoverlay/state.redb" 2>&1 |
         grep -E "$HARNESS_ALLOC_KEY_RE|rror" || true)"
 
 # --- teardown ---------------------------------------------------------------
@@ -288,6 +329,8 @@ done
 for h in "${HOSTS[@]}"; do
     assert_empty "host $h: no overlay namespace left in /run/rustoverlay/netns" "$(ovl_namespaces "$h")"
     assert_empty "host $h: no ro-*/rc-* link left" "$(host_ro_links "$h")"
+    assert_empty "host $h: no plugin line under level=error (the plugin logs to stdout)" \
+        "$(plugin_log_errors "$h")"
     assert_ok "host $h: docker plugin disable" hdocker "$h" plugin disable "$PLUGIN"
     assert_ok "host $h: docker plugin rm" hdocker "$h" plugin rm "$PLUGIN"
     assert_empty "host $h: docker plugin ls is empty" "$(hdocker "$h" plugin ls -q)"

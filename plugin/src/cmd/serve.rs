@@ -11,6 +11,7 @@ use crate::sync::membership::Registration;
 use crate::sync::reaper::ReaperConfig;
 use crate::sync::supervisor;
 use anyhow::Context;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +39,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.host_ttl == 0 {
         anyhow::bail!("--host-ttl must be at least 1 second");
     }
+    create_linked_store_dir(&args.store.store)?;
     let store = open::open(
         &args.store,
         secs(args.store.store_timeout, "--store-timeout")?,
@@ -107,6 +109,36 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     result
 }
 
+/// The embedded store's directory may be a link to a directory that does not
+/// exist yet: in the managed plugin, /var/lib/rustoverlay links to
+/// /host/var/lib/rustoverlay, the host's /var/lib/rustoverlay (config.json
+/// mounts the host's /var/lib, which every host has). Create the directory
+/// the link points to; the store creates any other missing directory.
+fn create_linked_store_dir(store_url: &str) -> anyhow::Result<()> {
+    let Some(dir) = store_url
+        .strip_prefix("file://")
+        .and_then(|path| Path::new(path).parent())
+    else {
+        return Ok(());
+    };
+    let is_link = std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink());
+    if !is_link || dir.exists() {
+        return Ok(());
+    }
+    let target =
+        std::fs::read_link(dir).with_context(|| format!("read the link {}", dir.display()))?;
+    let target = dir.parent().unwrap_or(Path::new("/")).join(target);
+    std::fs::create_dir_all(&target).with_context(|| {
+        format!(
+            "create {} (where the store's directory {} points)",
+            target.display(),
+            dir.display()
+        )
+    })?;
+    tracing::info!(directory = %target.display(), "created the store's directory");
+    Ok(())
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
@@ -121,4 +153,28 @@ async fn shutdown_signal() {
         _ = int.recv() => {},
     }
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::create_linked_store_dir;
+
+    #[test]
+    fn a_store_directory_that_is_a_dangling_link_is_created_where_it_points() {
+        let tmp = tempfile::tempdir().unwrap();
+        let host = tmp.path().join("host/var/lib");
+        std::fs::create_dir_all(&host).unwrap();
+        let link = tmp.path().join("rustoverlay");
+        std::os::unix::fs::symlink(host.join("rustoverlay"), &link).unwrap();
+        let url = format!("file://{}/state.redb", link.display());
+        create_linked_store_dir(&url).unwrap();
+        assert!(host.join("rustoverlay").is_dir());
+        // Again: nothing to do.
+        create_linked_store_dir(&url).unwrap();
+        // Not a link, not a file store: untouched.
+        let plain = tmp.path().join("plain");
+        create_linked_store_dir(&format!("file://{}/state.redb", plain.display())).unwrap();
+        assert!(!plain.exists());
+        create_linked_store_dir("etcd://127.0.0.1:2379").unwrap();
+    }
 }
