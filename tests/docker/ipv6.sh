@@ -10,7 +10,10 @@
 # (and IPv4) with the remote container's MAC, the containers resolved each
 # other's v6 address to the right MAC, and solicitations for an unknown
 # address reach no other host. A removed container's v6 neighbour entry goes
-# from the other hosts; nothing is left after removal.
+# from the other hosts. `--ipv6 --subnet` without an IPv4 --subnet (Docker
+# then picks the IPv4 pool per host) is refused on the second host, naming
+# the shared subnet, instead of becoming a second overlay over the same IPv6
+# pool. Nothing is left after removal.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=tests/lib/harness.sh
@@ -166,6 +169,19 @@ ip6n="$(sc_ip6 3 c3n "$NET")"
 assert_ok "c3n has an IPv6 address in $SUBNET6 ($ip6n)" v6_in_subnet "$ip6n"
 assert_eventually "c1 (h1) ping6 c3n (h3, $ip6n)" 15 sc_ping6 1 c1 "$ip6n"
 assert_eventually "c3n (h3) ping6 c2 (h2)" 15 sc_ping6 3 c3n "${IP6[2]}"
+
+phase "--ipv6 --subnet without an IPv4 --subnet: refused on the second host, not split in two"
+# Docker picks the IPv4 pool of such a network on each host by itself: the
+# hosts' networks cannot be one overlay. The second host must be refused (not
+# get an overlay of its own over the shared IPv6 pool, where ping6 across
+# hosts fails silently).
+assert_ok "host 1: network create --ipv6 --subnet fd00:78::/64 v6only" sc_net_create 1 v6only --ipv6 --subnet fd00:78::/64
+out="$(sc_net_create 2 v6only --ipv6 --subnet fd00:78::/64 2>&1)" && rc=0 || rc=$?
+assert_ok "host 2: the same command is refused" test "$rc" -ne 0
+assert_contains "the refusal names the shared IPv6 subnet" "subnet fd00:78::/64 already belongs to a rustoverlay network" "$out"
+assert_contains "and asks for an IPv4 --subnet" "an IPv4 --subnet included" "$out"
+assert_ok "host 1: network rm v6only" hdocker 1 network rm v6only
+hdocker 2 network rm v6only >/dev/null 2>&1 || true
 
 phase "remove everything; nothing is left"
 for h in "${HOSTS[@]}"; do sc_rm_all "$h"; done

@@ -136,6 +136,8 @@ impl Overlays {
                     (rec, kv.mod_revision, vec![], vec![])
                 }
                 None => {
+                    self.refuse_subnets_of_other_overlays(&overlay, &subnets)
+                        .await?;
                     let (vni, next_rev) = match &next {
                         Some(kv) => (decode::<u32>(kv)?, kv.mod_revision),
                         None => (VNI_MIN, 0),
@@ -230,6 +232,59 @@ impl Overlays {
         Err(PluginError::Conflict(
             "could not create the network: the store kept changing under contention; retry".into(),
         ))
+    }
+
+    /// A new overlay must not take a subnet of another overlay: two overlays
+    /// over one address pool would be two data planes that cannot reach each
+    /// other (e.g. `--ipv6 --subnet fd00::/64` without an IPv4 --subnet,
+    /// for which Docker picks an IPv4 pool on each host by itself, so the
+    /// overlays' first subnets differ). Every overlay creation moves the VNI
+    /// cursor, which the creating transaction compares against the revision
+    /// read before this check: an overlay created after it makes that
+    /// transaction fail and the check run again.
+    async fn refuse_subnets_of_other_overlays(
+        &self,
+        overlay: &str,
+        subnets: &[IpNetwork],
+    ) -> Result<()> {
+        let claims = self
+            .store
+            .range(&keys::vni_prefix())
+            .await
+            .ctx(|| "list the overlays".into())?;
+        let next = keys::vni_next();
+        let others: Vec<String> = claims
+            .kvs
+            .into_iter()
+            .filter(|kv| kv.key != next)
+            .filter_map(|kv| String::from_utf8(kv.value).ok())
+            .filter(|o| o != overlay)
+            .collect();
+        // Small batches: stores limit the operations of one transaction.
+        for batch in others.chunks(32) {
+            let ops = batch.iter().map(|o| Op::get(keys::overlay_record(o)));
+            let resp = self
+                .store
+                .txn(Txn::new().and_then(ops.collect()))
+                .await
+                .ctx(|| "read the overlays".into())?;
+            for result in resp.results {
+                let OpResult::Get(Some(kv)) = result else {
+                    continue;
+                };
+                let rec: OverlayRecord = decode(&kv)?;
+                if let Some(s) = subnets.iter().find(|s| rec.subnets.contains(s)) {
+                    return Err(PluginError::Conflict(format!(
+                        "subnet {s} already belongs to a rustoverlay network with subnets {}; \
+                         create the network with exactly the same --subnet options on every \
+                         host, an IPv4 --subnet included (without one, Docker picks an IPv4 \
+                         subnet on each host by itself)",
+                        join(&rec.subnets)
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Find this host's Docker network.

@@ -74,6 +74,11 @@ pub fn vni_claim(vni: u32) -> String {
     format!("{ROOT}vni/{vni}")
 }
 
+/// Prefix of the VNI claims (and the cursor, `vni/next`).
+pub fn vni_prefix() -> String {
+    format!("{ROOT}vni/")
+}
+
 pub fn overlay_record(overlay: &str) -> String {
     format!("{ROOT}overlay/{overlay}/record")
 }
