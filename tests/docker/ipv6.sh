@@ -169,6 +169,13 @@ ip6n="$(sc_ip6 3 c3n "$NET")"
 assert_ok "c3n has an IPv6 address in $SUBNET6 ($ip6n)" v6_in_subnet "$ip6n"
 assert_eventually "c1 (h1) ping6 c3n (h3, $ip6n)" 15 sc_ping6 1 c1 "$ip6n"
 assert_eventually "c3n (h3) ping6 c2 (h2)" 15 sc_ping6 3 c3n "${IP6[2]}"
+FIXED6=fd00:77::1:100
+assert_ok "host 2: docker run --ip6 $FIXED6" sc_run 2 c2f "$NET" --ip6 "$FIXED6"
+assert_eq "c2f has $FIXED6" "$FIXED6" "$(sc_ip6 2 c2f "$NET")"
+assert_eventually "c1 (h1) ping6 c2f (h2, $FIXED6)" 15 sc_ping6 1 c1 "$FIXED6"
+out="$(sc_run 1 c1f "$NET" --ip6 "$FIXED6" 2>&1)" && rc=0 || rc=$?
+assert_ok "host 1: docker run --ip6 $FIXED6 (taken on host 2) is refused" test "$rc" -ne 0
+hdocker 1 rm -f c1f >/dev/null 2>&1 || true
 
 phase "--ipv6 --subnet without an IPv4 --subnet: refused on the second host, not split in two"
 # Docker picks the IPv4 pool of such a network on each host by itself: the
