@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# examples/compose with Debian's docker-compose (v1) on two simulated hosts
+# examples/compose with the engine's docker-compose (harness_compose_bin:
+# Compose v1 1.29 of bookworm with HARNESS_ENGINE=docker20, Compose v2 of
+# trixie with docker26; HARNESS_COMPOSE picks another) on two simulated hosts
 # sharing one etcd: host 1 brings up profile host-a (web: busybox httpd on a
 # fixed address), host 2 profile host-b (client), each its own compose project
 # through DOCKER_HOST; the client reaches web across hosts by name (extra_hosts)
@@ -11,8 +13,9 @@ cd "$(dirname "$0")/../.."
 # shellcheck source=tests/lib/harness.sh
 source tests/lib/harness.sh
 
-command -v docker-compose >/dev/null 2>&1 || {
-    echo "FAIL - docker-compose not found (Debian package docker-compose; scripts/test installs it)"
+COMPOSE="$(harness_compose_bin)"
+command -v "$COMPOSE" >/dev/null 2>&1 || {
+    echo "FAIL - $COMPOSE not found (Debian package docker-compose; scripts/test installs it and the trixie root)"
     echo "0 passed, 1 failed"
     exit 1
 }
@@ -35,7 +38,7 @@ hcompose() {
     shift
     DOCKER_HOST="unix://$(harness_host_dir "$n")/docker.sock" IMAGE="$HARNESS_IMAGE" \
         COMPOSE_INTERACTIVE_NO_CLI=1 \
-        timeout 120 docker-compose --ansi never -f "$EXAMPLE" -p "$PROJECT" "$@"
+        timeout 120 "$COMPOSE" --ansi never -f "$EXAMPLE" -p "$PROJECT" "$@"
 }
 
 # cid N SERVICE - the id of the service's container on host N (empty if none).
@@ -47,7 +50,7 @@ for h in 1 2; do
     harness_start_host "$h" --store "$(harness_etcd_url)"
     harness_busybox_image "$h"
 done
-assert_ok "docker-compose is installed ($(docker-compose version --short 2>/dev/null))" docker-compose version
+assert_ok "docker-compose is installed ($COMPOSE: $("$COMPOSE" version --short 2>/dev/null))" "$COMPOSE" version
 assert_ok "the example is a valid compose file" hcompose 1 config -q
 
 phase "host 1: profile host-a (web); host 2: profile host-b (client)"

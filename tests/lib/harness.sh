@@ -38,6 +38,10 @@
 #                      info,rustoverlay=debug)
 #   HARNESS_BOOT_TIMEOUT  seconds to wait for plugin/dockerd sockets (default 60)
 #   HARNESS_ETCD_TIMEOUT  seconds to wait for etcd to become healthy (default 30)
+#   HARNESS_ENGINE     docker20 (default: the machine's Docker 20.10) or
+#                      docker26 (trixie's Docker 26.1 from the root that
+#                      tests/lib/trixie-root.sh caches); see below
+#   HARNESS_COMPOSE    docker-compose binary (default: harness_compose_bin)
 
 if [[ -n "${_HARNESS_SOURCED:-}" ]]; then
     return 0
