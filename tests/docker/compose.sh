@@ -28,8 +28,6 @@ PROJECT=demo
 WEB_IP=10.77.10.10
 CLIENT_IP=10.77.10.20
 
-phase() { printf '\n=== [%3ss] %s\n' $((SECONDS - T_START)) "$*"; }
-
 # hcompose N ARGS... - docker-compose against host N's dockerd, on the example
 # file, with the test image (no registry here). (busybox 1.35's `wget -T`
 # crashes: timeouts go through busybox's `timeout`.)

@@ -41,15 +41,6 @@ NET_OVERLAY=10.78.0.0_24
 
 # --- helpers ------------------------------------------------------------------
 
-now_ms() {
-    local t="$EPOCHREALTIME"
-    printf '%s\n' $((${t%.*} * 1000 + 10#${t#*.} / 1000))
-}
-
-ms_since() { printf '%s\n' $(($(now_ms) - $1)); }
-
-phase() { printf '\n=== [%3ss] %s\n' $((SECONDS - T_START)) "$*"; }
-
 cping() { hdocker "$1" exec "$2" ping -c 1 -W 2 "$3"; }
 
 store_dump() { harness_store_dump 1; }

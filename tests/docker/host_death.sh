@@ -99,16 +99,6 @@ NET_OVERLAY=10.77.0.0_24
 
 # --- helpers ------------------------------------------------------------------
 
-now_ms() {
-    local t="$EPOCHREALTIME"
-    printf '%s\n' $((${t%.*} * 1000 + 10#${t#*.} / 1000))
-}
-
-# ms_since T0_MS - milliseconds since T0_MS.
-ms_since() { printf '%s\n' $(($(now_ms) - $1)); }
-
-phase() { printf '\n=== [%3ss] %s\n' $((SECONDS - T_START)) "$*"; }
-
 run_c() {
     hdocker "$1" run -d --stop-timeout 1 --network "$NET" --name "$2" "${@:3}" "$img" sleep 3600
 }

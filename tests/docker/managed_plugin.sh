@@ -30,8 +30,6 @@ HOSTS=(1 2)
 NET=appnet
 NET_SUBNET=10.77.0.0/24
 
-phase() { printf '\n=== [%3ss] %s\n' $((SECONDS - T_START)) "$*"; }
-
 # run_c N NAME - a sleeping busybox on host N, on $NET.
 run_c() {
     hdocker "$1" run -d --stop-timeout 1 --network "$NET" --name "$2" "$img" sleep 3600

@@ -37,15 +37,6 @@ PLUGIN_DOWN_S="${PLUGIN_DOWN_S:-5}"
 
 # --- helpers ------------------------------------------------------------------
 
-# now_ms - wall clock in milliseconds.
-now_ms() {
-    local t="$EPOCHREALTIME"
-    printf '%s\n' $((${t%.*} * 1000 + 10#${t#*.} / 1000))
-}
-
-# phase NAME - print a phase header with the time since the start.
-phase() { printf '\n=== [%3ss] %s\n' $((SECONDS - T_START)) "$*"; }
-
 # run_c N NAME [NETWORK] - docker run -d a sleeping busybox on host N.
 run_c() {
     hdocker "$1" run -d --stop-timeout 1 --network "${3:-$NET}" --name "$2" "$img" sleep 3600

@@ -20,8 +20,6 @@ NET_SUBNET=10.77.0.0/24
 PORT=8080
 H1_IP="$(harness_host_ip 1)"
 
-phase() { printf '\n=== [%3ss] %s\n' $((SECONDS - T_START)) "$*"; }
-
 # fetch CMD-PREFIX... URL - busybox wget (timeouts through busybox `timeout`:
 # busybox 1.35's `wget -T` crashes) run through a command prefix.
 fetch() {

@@ -32,8 +32,6 @@ NET_SUBNET=10.77.0.0/24
 # of those costs seconds).
 MAX_LOST="${MAX_LOST:-2}"
 
-phase() { printf '\n=== [%3ss] %s\n' $((SECONDS - T_START)) "$*"; }
-
 # run_c N NAME [docker run options...] - a sleeping busybox on host N, on $NET.
 run_c() {
     local n="$1" name="$2"

@@ -123,6 +123,19 @@ harness_compose_bin() {
     fi
 }
 
+# now_ms - wall clock in milliseconds.
+now_ms() {
+    local t="$EPOCHREALTIME"
+    printf '%s\n' $((${t%.*} * 1000 + 10#${t#*.} / 1000))
+}
+
+# ms_since T0_MS - milliseconds since T0_MS.
+ms_since() { printf '%s\n' $(($(now_ms) - $1)); }
+
+# phase NAME - a phase header with the seconds since the script's start
+# (T_START, or SC_T_START of scenarios.sh).
+phase() { printf '\n=== [%3ss] %s\n' $((SECONDS - ${T_START:-${SC_T_START:-0}})) "$*"; }
+
 _hlog() { printf '[harness %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 _hdie() {
     printf '[harness] ERROR: %s\n' "$*" >&2

@@ -11,16 +11,7 @@ if [[ -n "${_SCENARIOS_SOURCED:-}" ]]; then
 fi
 _SCENARIOS_SOURCED=1
 
-SC_T_START=$SECONDS
-
-# phase NAME - a phase header with the time since the start.
-phase() { printf '\n=== [%3ss] %s\n' $((SECONDS - SC_T_START)) "$*"; }
-
-# now_ms - wall clock in milliseconds.
-now_ms() {
-    local t="$EPOCHREALTIME"
-    printf '%s\n' $((${t%.*} * 1000 + 10#${t#*.} / 1000))
-}
+export SC_T_START=$SECONDS
 
 # sc_net_create N NAME ARGS... - docker network create with both rustoverlay
 # drivers on host N.
