@@ -47,28 +47,6 @@ store_dump() { harness_store_dump 1; }
 
 plugin_log() { cat "$(harness_host_dir "$1")/plugin.log"; }
 
-# containers_on HOST... - "host name ip mac" of the running containers on NET.
-containers_on() {
-    local h ids
-    for h in "$@"; do
-        ids="$(hdocker "$h" ps -q --filter "network=$NET")" || continue
-        [[ -n "$ids" ]] || continue
-        # shellcheck disable=SC2086 # one id per word
-        hdocker "$h" inspect -f "{{.Name}} {{with index .NetworkSettings.Networks \"$NET\"}}{{.IPAddress}} {{.MacAddress}}{{end}}" $ids |
-            awk -v h="$h" '{ sub(/^\//, "", $1); print h, $1, $2, tolower($3) }'
-    done
-}
-
-# store_addresses - "ip hHOST" of the addresses the store holds on NET.
-store_addresses() {
-    store_dump | awk -v p="/rustoverlay/v1/ipam/pool/$NET_OVERLAY/addr/" '
-        index($1, p) == 1 && $2 ~ /"kind":"address"/ {
-            ip = substr($1, length(p) + 1)
-            h = $2; sub(/.*"host":"/, "", h); sub(/".*/, "", h)
-            print ip, h
-        }' | sort -V || true
-}
-
 # registered - the host IDs registered in the store, one a line, sorted.
 registered() {
     store_dump | awk '$1 ~ "^/rustoverlay/v1/hosts/" { sub(".*/", "", $1); print $1 }' | sort

@@ -209,28 +209,6 @@ held_by() {
     ' || true
 }
 
-# store_addresses - "ip holder" of every plain address allocated in NET's pool.
-store_addresses() {
-    store_dump | awk -v p="/rustoverlay/v1/ipam/pool/$NET_OVERLAY/addr/" '
-        index($1, p) == 1 && $2 ~ /"kind":"address"/ {
-            ip = substr($1, length(p) + 1)
-            h = $2; sub(/.*"host":"/, "", h); sub(/".*/, "", h)
-            print ip, h
-        }' | sort -V || true
-}
-
-# containers_on HOST... - "host name ip mac" of every running container on NET.
-containers_on() {
-    local h ids
-    for h in "$@"; do
-        ids="$(hdocker "$h" ps -q --filter "network=$NET")" || continue
-        [[ -n "$ids" ]] || continue
-        # shellcheck disable=SC2086 # one id per word
-        hdocker "$h" inspect -f "{{.Name}} {{with index .NetworkSettings.Networks \"$NET\"}}{{.IPAddress}} {{.MacAddress}}{{end}}" $ids |
-            awk -v h="$h" '{ sub(/^\//, "", $1); print h, $1, $2, tolower($3) }'
-    done
-}
-
 # expected_entries N fdb|neigh CONTAINERS - what host N's VXLAN device must
 # hold for the containers ("host name ip mac" lines) of the other hosts.
 expected_entries() {

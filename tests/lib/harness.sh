@@ -136,6 +136,31 @@ ms_since() { printf '%s\n' $(($(now_ms) - $1)); }
 # (T_START, or SC_T_START of scenarios.sh).
 phase() { printf '\n=== [%3ss] %s\n' $((SECONDS - ${T_START:-${SC_T_START:-0}})) "$*"; }
 
+# Scripts with one overlay network: NET (its name) and NET_OVERLAY (its
+# subnet segment in the store's keys), and a store_dump function.
+
+# containers_on HOST... - "host name ip mac" of every running container on NET.
+containers_on() {
+    local h ids
+    for h in "$@"; do
+        ids="$(hdocker "$h" ps -q --filter "network=$NET")" || continue
+        [[ -n "$ids" ]] || continue
+        # shellcheck disable=SC2086 # one id per word
+        hdocker "$h" inspect -f "{{.Name}} {{with index .NetworkSettings.Networks \"$NET\"}}{{.IPAddress}} {{.MacAddress}}{{end}}" $ids |
+            awk -v h="$h" '{ sub(/^\//, "", $1); print h, $1, $2, tolower($3) }'
+    done
+}
+
+# store_addresses - "ip holder" of every plain address allocated in NET's pool.
+store_addresses() {
+    store_dump | awk -v p="/rustoverlay/v1/ipam/pool/$NET_OVERLAY/addr/" '
+        index($1, p) == 1 && $2 ~ /"kind":"address"/ {
+            ip = substr($1, length(p) + 1)
+            h = $2; sub(/.*"host":"/, "", h); sub(/".*/, "", h)
+            print ip, h
+        }' | sort -V || true
+}
+
 _hlog() { printf '[harness %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 _hdie() {
     printf '[harness] ERROR: %s\n' "$*" >&2
