@@ -53,11 +53,7 @@ peer_entries() {
 }
 
 phase "boot: etcd and two hosts"
-harness_start_etcd
-for h in 1 2; do
-    harness_start_host "$h" --store "$(harness_etcd_url)"
-    harness_busybox_image "$h"
-done
+sc_boot_etcd_hosts 1 2
 for h in 1 2; do
     assert_ok "host $h: create $A ($A_SUB)" sc_net_create "$h" "$A" --subnet "$A_SUB"
     assert_ok "host $h: create $B ($B_SUB)" sc_net_create "$h" "$B" --subnet "$B_SUB"

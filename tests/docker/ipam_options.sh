@@ -44,11 +44,7 @@ in_range() {
 }
 
 phase "boot: etcd and two hosts"
-harness_start_etcd
-for h in 1 2; do
-    harness_start_host "$h" --store "$(harness_etcd_url)"
-    harness_busybox_image "$h"
-done
+sc_boot_etcd_hosts 1 2
 
 phase "$NET: --subnet $SUB --ip-range $RANGE --gateway $GW --aux-address rtr=$AUX"
 OPTS=(--subnet "$SUB" --ip-range "$RANGE" --gateway "$GW" --aux-address "rtr=$AUX")

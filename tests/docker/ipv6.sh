@@ -53,11 +53,7 @@ has_neigh() {
 }
 
 phase "boot: etcd and three hosts"
-harness_start_etcd
-for h in "${HOSTS[@]}"; do
-    harness_start_host "$h" --store "$(harness_etcd_url)"
-    harness_busybox_image "$h"
-done
+sc_boot_etcd_hosts "${HOSTS[@]}"
 
 phase "one dual-stack network on three hosts, one container each"
 for h in "${HOSTS[@]}"; do

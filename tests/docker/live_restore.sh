@@ -50,12 +50,8 @@ has_neigh() {
 }
 
 phase "boot: etcd, host 1 with dockerd --live-restore, host 2 without"
-harness_start_etcd
 sc_dockerd_config 1 '"live-restore": true'
-for h in 1 2; do
-    harness_start_host "$h" --store "$(harness_etcd_url)"
-    harness_busybox_image "$h"
-done
+sc_boot_etcd_hosts 1 2
 assert_eq "host 1: docker info says live restore is enabled" true "$(hdocker 1 info -f '{{.LiveRestoreEnabled}}')"
 harness_stop_if_failed "live restore could not be enabled on host 1"
 for h in 1 2; do

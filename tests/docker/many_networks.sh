@@ -92,11 +92,7 @@ check_ns_devices() {
 }
 
 phase "boot: etcd and two hosts"
-harness_start_etcd
-for h in 1 2; do
-    harness_start_host "$h" --store "$(harness_etcd_url)"
-    harness_busybox_image "$h"
-done
+sc_boot_etcd_hosts 1 2
 
 phase "host 1: $MANY networks, one container each"
 t0=$SECONDS

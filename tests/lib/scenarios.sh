@@ -13,6 +13,17 @@ _SCENARIOS_SOURCED=1
 
 export SC_T_START=$SECONDS
 
+# sc_boot_etcd_hosts N... - start etcd, then hosts N... on it, each with the
+# busybox test image.
+sc_boot_etcd_hosts() {
+    local h
+    harness_start_etcd
+    for h in "$@"; do
+        harness_start_host "$h" --store "$(harness_etcd_url)"
+        harness_busybox_image "$h"
+    done
+}
+
 # sc_net_create N NAME ARGS... - docker network create with both rustoverlay
 # drivers on host N.
 sc_net_create() {
