@@ -114,27 +114,32 @@ async fn bounded(
 ) -> Response {
     let method = req.uri().path().trim_start_matches('/').to_string();
     let span = tracing::info_span!("request", method = %method);
-    if !state.ready.is_ready()
-        && !method.starts_with("Plugin.")
+    let started = tokio::time::Instant::now();
+    // A host that lost its lease serves again once re-registered and
+    // reconciled, usually seconds after the store is back: wait for that
+    // (up to 40% of the limit) rather than refuse a call Docker will not repeat.
+    if !method.starts_with("Plugin.")
         && !method.ends_with("Capabilities")
+        && !state.ready.wait(limit.mul_f64(0.4)).await
     {
         // Read the body before answering: see the note on the handlers.
         let _ = axum::body::to_bytes(req.into_body(), 1 << 20).await;
+        let _enter = span.enter();
         return ApiError(PluginError::Store {
             context: "this host lost its store registration".into(),
-            source: kvstore_backends::StoreError::Unavailable(
-                "re-registering and reconciling before serving again".into(),
-            ),
+            source: kvstore_backends::StoreError::Unavailable(format!(
+                "still re-registering and reconciling after {:?}; retry once the store is reachable",
+                started.elapsed()
+            )),
         })
         .into_response();
     }
     async move {
-        let started = std::time::Instant::now();
         // Retries stop at 60% of the limit: the last round's store calls
         // (each bounded by --store-timeout) then still fit before it.
-        let retry_deadline = tokio::time::Instant::now() + limit.mul_f64(0.6);
+        let retry_deadline = started + limit.mul_f64(0.6);
         let run = with_request_deadline(retry_deadline, next.run(req));
-        let resp = match tokio::time::timeout(limit, run).await {
+        let resp = match tokio::time::timeout_at(started + limit, run).await {
             Ok(resp) => resp,
             Err(_) => ApiError(PluginError::Internal(format!(
                 "{method} did not finish within {limit:?}; the store or the kernel is not answering, \
@@ -147,4 +152,76 @@ async fn bounded(
     }
     .instrument(span)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cmd::parts::HostParts;
+    use crate::dataplane::fake::FakeDataplane;
+    use axum::body::Body;
+    use axum::http::{Request as HttpRequest, StatusCode};
+    use kvstore_backends::MemoryStore;
+    use tower::ServiceExt;
+
+    fn app(ready: &Readiness, limit: Duration) -> Router {
+        let parts = HostParts::new(
+            Arc::new(MemoryStore::new()),
+            FakeDataplane::new("10.0.0.1".parse().unwrap()),
+            "h1",
+            "10.128.0.0/9".parse().unwrap(),
+            24,
+        );
+        router(
+            AppState {
+                driver: parts.driver,
+                ipam: parts.ipam,
+                ready: ready.clone(),
+            },
+            limit,
+        )
+    }
+
+    async fn call(app: Router, method: &str) -> (StatusCode, String) {
+        let req = HttpRequest::post(format!("/{method}"))
+            .body(Body::from("{}"))
+            .unwrap();
+        let resp = app.oneshot(req).await.unwrap();
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn a_call_during_re_registration_waits_for_it_then_is_served() {
+        let ready = Readiness::new(false);
+        let app = app(&ready, Duration::from_secs(5));
+        let setter = ready.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            setter.set(true);
+        });
+        let (status, body) = call(app, "IpamDriver.GetDefaultAddressSpaces").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body.contains("LocalDefaultAddressSpace"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn a_call_is_refused_when_re_registration_outlasts_its_wait() {
+        let ready = Readiness::new(false);
+        let app = app(&ready, Duration::from_millis(500));
+        let t0 = std::time::Instant::now();
+        let (status, body) = call(app.clone(), "IpamDriver.GetDefaultAddressSpaces").await;
+        assert!(
+            t0.elapsed() >= Duration::from_millis(200),
+            "waited 40% of the limit"
+        );
+        assert_ne!(status, StatusCode::OK);
+        assert!(body.contains("lost its store registration"), "{body}");
+        // Handshakes are never held back: Docker needs them to activate us.
+        let (status, _) = call(app, "NetworkDriver.GetCapabilities").await;
+        assert_eq!(status, StatusCode::OK);
+    }
 }
