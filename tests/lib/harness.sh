@@ -18,6 +18,7 @@
 #   ${prefix}-world  ul0 = 10.250.0.254/24; answers ping; runs helpers (httpd, nc)
 #   ${prefix}-hN     ul0 = 10.250.0.N/24 (MTU 1500), default route via the world
 #   ${prefix}-etcd   ul0 = 10.250.0.200/24: etcd on :2379/:2380 (harness_start_etcd)
+#   ${prefix}-reg    ul0 = 10.250.0.210/24: a plugin registry on :5000 (harness_start_registry)
 #
 # Each started host runs the plugin and a dockerd inside its network namespace
 # and inside one private mount namespace (tmpfs on /run, so that dockerd only
@@ -1585,6 +1586,139 @@ harness_managed_plugin_pid() {
 harness_managed_plugin_log() {
     local n="${1:?usage: harness_managed_plugin_log N ID}" id="${2:?plugin id}"
     grep -F "plugin=$id" "$(harness_host_dir "$n")/dockerd.log" || true
+}
+
+# ---------------------------------------------------------------------------
+# a plugin registry (docker plugin push / install / upgrade)
+# ---------------------------------------------------------------------------
+#
+# Debian's docker-registry (distribution 2.8) in its own namespace
+# ${prefix}-reg, cabled to the underlay bridge like a host (ul0 =
+# 10.250.0.210/24, link reg in the underlay namespace), plain HTTP on
+# 10.250.0.210:5000 only, no auth; its own config file, storage and log in
+# $HARNESS_TMP/registry. The hosts' dockerd must list it in
+# insecure-registries (harness_registry_addr). A cleanup hook stops it and
+# removes its storage (the log stays with HARNESS_KEEP=1); its namespace is
+# recorded like a host's, so the trap and the sweep of dead runs remove it.
+
+HARNESS_REGISTRY_IP="${HARNESS_UL_NET}.210"
+HARNESS_REGISTRY_PORT=5000
+
+harness_registry_ns() { printf '%s-reg' "$HARNESS_PREFIX"; }
+harness_registry_dir() { printf '%s/registry' "$HARNESS_TMP"; }
+# harness_registry_addr - host:port for image and plugin references: 10.250.0.210:5000
+harness_registry_addr() { printf '%s:%s' "$HARNESS_REGISTRY_IP" "$HARNESS_REGISTRY_PORT"; }
+
+# harness_registry_pid - pid of the run's registry (failure if not running).
+harness_registry_pid() {
+    local pid
+    pid="$(cat "$(harness_registry_dir)/registry.pid" 2>/dev/null)" || return 1
+    [[ -n "$pid" ]] && _harness_pid_alive "$pid" || return 1
+    printf '%s\n' "$pid"
+}
+
+# harness_registry_http METHOD PATH [ACCEPT] - one HTTP/1.0 request to the
+# registry from its own namespace (bash's /dev/tcp; no curl needed); prints
+# the raw response, headers included.
+harness_registry_http() {
+    # shellcheck disable=SC2016 # expanded by the inner bash
+    nsenter --net="/run/netns/$(harness_registry_ns)" -- timeout 5 bash -c '
+        exec 3<>"/dev/tcp/$0/$1" || exit 1
+        printf "%s %s HTTP/1.0\r\nHost: %s:%s\r\nAccept: %s\r\n\r\n" "$2" "$3" "$0" "$1" "$4" >&3
+        cat <&3' "$HARNESS_REGISTRY_IP" "$HARNESS_REGISTRY_PORT" "${1:?method}" "${2:?path}" "${3:-*/*}" 2>/dev/null
+}
+
+_harness_registry_healthy() {
+    harness_registry_http GET /v2/ | head -n 1 | grep -q ' 200 '
+}
+
+# harness_registry_digest REPO TAG - the digest the registry serves for
+# REPO:TAG's manifest (its Docker-Content-Digest header, schema 2).
+harness_registry_digest() {
+    harness_registry_http HEAD "/v2/${1:?repo}/manifests/${2:?tag}" \
+        application/vnd.docker.distribution.manifest.v2+json |
+        tr -d '\r' | sed -n 's/^[Dd]ocker-[Cc]ontent-[Dd]igest: *//p' | grep .
+}
+
+# harness_start_registry - start the registry (its namespace on first use)
+# and wait until GET /v2/ answers 200.
+harness_start_registry() {
+    local ns ul dir pid bin=/usr/bin/docker-registry
+    [[ -x "$bin" ]] || _hdie "harness_start_registry: $bin not found (Debian package docker-registry)"
+    harness_registry_pid >/dev/null && _hdie "harness_start_registry: already running"
+    ns="$(harness_registry_ns)"
+    ul="$(harness_ul_ns)"
+    dir="$(harness_registry_dir)"
+    if [[ ! -e "/run/netns/$ns" ]]; then
+        _harness_netns_add "$ns"
+        ip -n "$ul" link add reg mtu "$HARNESS_UL_MTU" type veth peer name ul0 mtu "$HARNESS_UL_MTU" netns "$ns"
+        ip -n "$ul" link set reg master br0 up
+        ip -n "$ns" addr add "$HARNESS_REGISTRY_IP/$HARNESS_UL_PREFIXLEN" dev ul0
+        ip -n "$ns" link set ul0 up
+    fi
+    mkdir -p "$dir/storage"
+    cat >"$dir/config.yml" <<YAML
+version: 0.1
+log:
+  level: info
+  formatter: text
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: $dir/storage
+  delete:
+    enabled: true
+http:
+  addr: $(harness_registry_addr)
+YAML
+    [[ " ${HARNESS_CLEANUP_HOOKS[*]} " == *" _harness_registry_cleanup "* ]] ||
+        harness_on_cleanup _harness_registry_cleanup
+    printf '\n===== registry start %s =====\n' "$(date +%T)" >>"$dir/registry.log"
+    # env -i: REGISTRY_* variables of the caller would override the file.
+    _harness_spawn "$dir/registry.pid" "$dir/registry.log" \
+        nsenter --net="/run/netns/$ns" -- \
+        "${_HARNESS_PIDWRAP[@]}" "$dir/registry.pid" \
+        env -i PATH="$PATH" "$bin" serve "$dir/config.yml"
+    pid="$(cat "$dir/registry.pid")"
+    local deadline=$((SECONDS + 30))
+    until _harness_registry_healthy; do
+        _harness_pid_alive "$pid" || { _harness_tail "$dir/registry.log" >&2; _hdie "registry exited during startup"; }
+        ((SECONDS < deadline)) || _hdie "registry not answering on $(harness_registry_addr) after 30s (log: $dir/registry.log)"
+        sleep 0.2
+    done
+    _hlog "registry up: netns $ns, http://$(harness_registry_addr), pid $pid"
+}
+
+# harness_stop_registry - stop the registry (SIGTERM, SIGKILL after 10 s).
+harness_stop_registry() {
+    local pid
+    pid="$(harness_registry_pid)" || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    _harness_wait 10 eval "! _harness_pid_alive $pid" || kill -9 "$pid" 2>/dev/null || true
+    _harness_wait 5 eval "[[ ! -e /proc/$pid ]]" || true
+}
+
+# Cleanup hook: the registry stopped and its storage removed, also with
+# HARNESS_KEEP=1 (its config and log stay then).
+_harness_registry_cleanup() {
+    harness_stop_registry
+    rm -rf --one-file-system "$(harness_registry_dir)/storage"
+}
+
+# harness_managed_plugin_install N ALIAS REF [SETTING=VALUE...] - `docker
+# plugin install --grant-all-permissions --alias ALIAS REF SETTING=VALUE...`
+# on host N (pull, settings, enable), then record the plugin's id like
+# harness_managed_plugin_create does (teardown removes its cgroups), also
+# when the install failed after the pull. Returns the install's status.
+harness_managed_plugin_install() {
+    local n="${1:?usage: harness_managed_plugin_install N ALIAS REF [SETTING=VALUE...]}" alias="${2:?alias}" ref="${3:?reference}" rc=0 id
+    shift 3
+    hdocker "$n" plugin install --grant-all-permissions --alias "$alias" "$ref" "$@" </dev/null || rc=$?
+    if id="$(harness_managed_plugin_id "$n" "$alias" 2>/dev/null)"; then
+        printf '%s\n' "$id" >>"$HARNESS_TMP/.cgroups"
+    fi
+    return "$rc"
 }
 
 # ---------------------------------------------------------------------------
