@@ -26,6 +26,12 @@ pub enum StoreError {
     /// The request itself was wrong (a backend limit, an empty key, ...).
     #[error("invalid store request: {0}")]
     Invalid(String),
+    /// The store refused this client: a TLS handshake that failed (a CA that
+    /// did not sign the store's certificate, a client certificate the store
+    /// does not accept) or credentials it does not know. Nothing was sent,
+    /// and retrying without a configuration change will not help.
+    #[error("the store refused this client: {0}")]
+    Rejected(String),
     /// A backend failure with its context.
     #[error("{context}: {source}")]
     Backend {

@@ -750,7 +750,7 @@ async fn the_acl_token_is_required_when_consul_has_one() {
         ("wrong token", with_token(Some("nope"))),
     ] {
         match store.get("/acl/k").await {
-            Err(e @ StoreError::Backend { .. }) => {
+            Err(e @ StoreError::Rejected(_)) => {
                 let msg = e.to_string();
                 assert!(
                     msg.contains("403") && msg.contains("ACL token"),

@@ -372,7 +372,7 @@ async fn user_and_password_auth() {
 
     let wrong = with_password(Some("wrong"));
     match wrong.get("/auth/k").await {
-        Err(e @ StoreError::Backend { .. }) => {
+        Err(e @ StoreError::Rejected(_)) => {
             let msg = e.to_string();
             assert!(
                 msg.contains("authenticating as user \"root\"")
@@ -426,18 +426,77 @@ async fn tls_with_client_certificates() {
     let store = EtcdStore::new(config).expect("config");
     assert!(store.get("/tls/k").await.expect("get").is_some());
 
-    // Without a client certificate etcd refuses the connection.
-    let mut config = server.config();
-    let tls = config.tls.take().expect("tls");
-    config.tls = Some(TlsFiles {
-        ca: tls.ca,
-        cert: None,
-        key: None,
-    });
-    let anonymous = EtcdStore::new(config).expect("config");
-    match anonymous.get("/tls/k").await {
-        Err(e) => assert!(e.is_transient(), "{e}"),
-        Ok(v) => panic!("no client certificate: expected an error, got {v:?}"),
+    // What an operator gets wrong is refused with a message that says what:
+    // not retried as if the store were down.
+    let other_dir = tempfile::tempdir().expect("dir");
+    let other = make_tls_files(other_dir.path());
+    let tls = server.config().tls.expect("tls");
+    let with = |ca: &std::path::Path, pair: Option<(&std::path::Path, &std::path::Path)>| {
+        let mut config = server.config();
+        config.tls = Some(TlsFiles {
+            ca: ca.to_path_buf(),
+            cert: pair.map(|p| p.0.to_path_buf()),
+            key: pair.map(|p| p.1.to_path_buf()),
+        });
+        config
+    };
+    let own_pair = Some((tls.cert.as_deref().unwrap(), tls.key.as_deref().unwrap()));
+    let other_pair = Some((other.client_cert.as_path(), other.client_key.as_path()));
+    // Under TLS 1.3 etcd checks a client certificate after the handshake:
+    // its alert comes with the first answer, or the connection just closes.
+    for (what, config) in [
+        ("no client certificate", with(&tls.ca, None)),
+        (
+            "a client certificate of another CA",
+            with(&tls.ca, other_pair),
+        ),
+    ] {
+        let store = EtcdStore::new(config).expect("config");
+        match store.get("/tls/k").await {
+            Err(e @ StoreError::Rejected(_)) => {
+                assert!(
+                    e.to_string()
+                        .contains("did not accept this client's certificate"),
+                    "{what}: {e}"
+                )
+            }
+            // The connection closed or broke before the alert was read.
+            Err(StoreError::Unavailable(_)) => {}
+            other => panic!("{what}: expected a rejection, got {other:?}"),
+        }
+    }
+    for (what, config, expect) in [(
+        "another CA",
+        with(&other.ca, own_pair),
+        "not signed by the given CA",
+    )] {
+        let store = EtcdStore::new(config).expect("config");
+        match store.get("/tls/k").await {
+            Err(e @ StoreError::Rejected(_)) => {
+                assert!(e.to_string().contains(expect), "{what}: {e}");
+                assert!(!e.is_transient() && !e.may_have_applied(), "{what}: {e}");
+            }
+            other => panic!("{what}: expected a rejection, got {other:?}"),
+        }
+    }
+    // An expired client certificate is found before any connection.
+    let expired = with(
+        &other.ca,
+        Some((
+            other.expired_client_cert.as_path(),
+            other.expired_client_key.as_path(),
+        )),
+    );
+    match EtcdStore::new(expired) {
+        Err(e @ StoreError::Invalid(_)) => {
+            let msg = e.to_string();
+            assert!(msg.contains("expired on") && msg.contains("2020"), "{msg}");
+            assert!(msg.contains("expired.pem"), "names the file: {msg}");
+        }
+        other => panic!(
+            "expired certificate: expected Invalid, got {:?}",
+            other.map(|_| ())
+        ),
     }
 }
 

@@ -100,6 +100,11 @@ impl Inner {
                 self.target
             ))),
             Err(HttpError::Timeout) => Err(StoreError::Timeout(timeout)),
+            Err(HttpError::Rejected(e)) => Err(StoreError::Rejected(format!(
+                "{}: {}: {e}",
+                what(),
+                self.target
+            ))),
             Err(HttpError::Broken(e)) => Err(StoreError::Unavailable(format!(
                 "{}: {}: the connection broke: {e}",
                 what(),
@@ -156,13 +161,10 @@ impl Inner {
         let context = format!("{what}: {}", self.target);
         let detail = format!("HTTP {}: {body}", reply.status.as_u16());
         match reply.status {
-            StatusCode::FORBIDDEN => StoreError::backend(
-                context,
-                format!(
-                    "{detail} (the ACL token is missing, unknown or lacks permissions: \
-                     it needs key_prefix read/write on the keys and session write)"
-                ),
-            ),
+            StatusCode::FORBIDDEN => StoreError::Rejected(format!(
+                "{context}: {detail} (the ACL token is missing, unknown or lacks permissions: \
+                 it needs key_prefix read/write on the keys and session write)"
+            )),
             StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => StoreError::Invalid(
                 format!("{context}: {detail} (Consul's limits: 64 operations per txn, 512 KiB per value and per txn)"),
             ),
@@ -175,7 +177,7 @@ impl Inner {
             StatusCode::INTERNAL_SERVER_ERROR
                 if body.contains("Permission denied") || body.contains("ACL not found") =>
             {
-                StoreError::backend(context, format!("{detail} (check the ACL token)"))
+                StoreError::Rejected(format!("{context}: {detail} (check the ACL token)"))
             }
             StatusCode::INTERNAL_SERVER_ERROR if body.contains("No cluster leader") => {
                 StoreError::Unavailable(format!(

@@ -49,6 +49,8 @@ pub(super) enum HttpError {
     /// The connection broke while the request was under way: a write may or
     /// may not have been applied.
     Broken(String),
+    /// The TLS handshake failed (CA, client certificate): not sent.
+    Rejected(String),
 }
 
 impl Http {
@@ -209,7 +211,10 @@ impl Http {
                     tokio::time::timeout(self.dial_timeout, connector.connect(name.clone(), tcp))
                         .await
                         .map_err(|_| HttpError::Connect("TLS handshake timed out".into()))?
-                        .map_err(|e| HttpError::Connect(format!("TLS handshake: {e}")))?;
+                        .map_err(|e| match crate::tls::rejection(&e) {
+                            Some(why) => HttpError::Rejected(why),
+                            None => HttpError::Connect(format!("TLS handshake: {e}")),
+                        })?;
                 handshake(stream).await
             }
         }
@@ -322,7 +327,9 @@ fn tls_connector(tls: &TlsFiles) -> Result<tokio_rustls::TlsConnector> {
     .with_root_certificates(roots);
     let mut config = match tls.client_pair("Consul")? {
         Some((cert, key)) => {
-            let certs = CertificateDer::pem_slice_iter(&read("certificate", cert)?)
+            let cert_pem = read("certificate", cert)?;
+            crate::tls::check_client_certificate("Consul", cert, &cert_pem)?;
+            let certs = CertificateDer::pem_slice_iter(&cert_pem)
                 .collect::<std::result::Result<Vec<_>, _>>()
                 .map_err(|e| pem_error("certificate", cert, e))?;
             let key_der = PrivateKeyDer::from_pem_slice(&read("key", key)?)

@@ -268,8 +268,9 @@ impl Connections {
         match map_error(&self.at(i), self.request_timeout, &context, e) {
             // Down or slow: worth retrying like any call.
             transient @ (StoreError::Unavailable(_) | StoreError::Timeout(_)) => transient,
+            rejected @ StoreError::Rejected(_) => rejected,
             // Wrong password, unknown user, auth not enabled: retrying will not help.
-            _ => StoreError::backend(format!("{}: {context}", self.at(i)), detail),
+            _ => StoreError::Rejected(format!("{}: {context}: {detail}", self.at(i))),
         }
     }
 }
@@ -285,10 +286,9 @@ fn tls_options(tls: &TlsFiles) -> Result<TlsOptions> {
         .ca_certificate(Certificate::from_pem(read("CA", &tls.ca)?))
         .assume_http2(true);
     if let Some((cert, key)) = tls.client_pair("etcd")? {
-        options = options.identity(Identity::from_pem(
-            read("certificate", cert)?,
-            read("key", key)?,
-        ));
+        let cert_pem = read("certificate", cert)?;
+        crate::tls::check_client_certificate("etcd", cert, &cert_pem)?;
+        options = options.identity(Identity::from_pem(cert_pem, read("key", key)?));
     }
     Ok(options)
 }

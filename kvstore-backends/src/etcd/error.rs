@@ -105,6 +105,13 @@ pub(super) fn map_error(
     } else {
         format!("{what}: ")
     };
+    let tls = match &e {
+        etcd_client::Error::GRpcStatus(status) => crate::tls::rejection(status),
+        other => crate::tls::rejection(other),
+    };
+    if let Some(why) = tls {
+        return StoreError::Rejected(format!("{what}{target}: {why}"));
+    }
     let detail = describe(&e);
     let unavailable = || StoreError::Unavailable(format!("{what}{target}: {detail}"));
     // The detail, not the error itself: tonic's Display dumps the metadata.
@@ -120,12 +127,12 @@ pub(super) fn map_error(
             Code::DeadlineExceeded => StoreError::Timeout(timeout),
             // A configuration problem, not a bad request.
             Code::InvalidArgument if status.message().contains("user name is empty") => {
-                StoreError::backend(
-                    format!("{what}{target}"),
-                    format!(
-                        "{detail} (etcd has authentication enabled: configure a user and password)"
-                    ),
-                )
+                StoreError::Rejected(format!(
+                    "{what}{target}: {detail} (etcd has authentication enabled: configure a user and password)"
+                ))
+            }
+            Code::Unauthenticated | Code::PermissionDenied => {
+                StoreError::Rejected(format!("{what}{target}: {detail}"))
             }
             // etcd does not say which lease; the lease calls fill it in.
             Code::NotFound if status.message().contains("lease") => {

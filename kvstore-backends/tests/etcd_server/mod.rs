@@ -22,6 +22,9 @@ pub struct TlsFiles {
     pub server_key: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
+    /// A client certificate of the same CA that expired in 2020.
+    pub expired_client_cert: PathBuf,
+    pub expired_client_key: PathBuf,
 }
 
 pub struct EtcdServer {
@@ -304,6 +307,10 @@ pub fn make_tls_files(dir: &Path) -> TlsFiles {
         let key = KeyPair::generate().expect("key");
         let mut params = CertificateParams::new(names).expect("params");
         params.extended_key_usages = vec![usage];
+        if cn == "expired" {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2020, 1, 2);
+        }
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, cn);
@@ -321,6 +328,11 @@ pub fn make_tls_files(dir: &Path) -> TlsFiles {
         rcgen::ExtendedKeyUsagePurpose::ClientAuth,
         "rustoverlay",
     );
+    let (expired_cert, expired_key) = leaf(
+        vec![],
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        "expired",
+    );
     let write = |name: &str, pem: &str| {
         let path = dir.join(name);
         std::fs::write(&path, pem).expect("write PEM");
@@ -332,5 +344,7 @@ pub fn make_tls_files(dir: &Path) -> TlsFiles {
         server_key: write("server-key.pem", &server_key),
         client_cert: write("client.pem", &client_cert),
         client_key: write("client-key.pem", &client_key),
+        expired_client_cert: write("expired.pem", &expired_cert),
+        expired_client_key: write("expired-key.pem", &expired_key),
     }
 }

@@ -44,6 +44,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         &args.store,
         secs(args.store.store_timeout, "--store-timeout")?,
     )?;
+    open::first_contact(store.as_ref(), &args.store.store).await?;
     let dataplane: Arc<dyn Dataplane> = Arc::new(
         Netlink::new(args.vtep_ip, &args.state_dir)
             .await

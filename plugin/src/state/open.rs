@@ -14,12 +14,47 @@ pub enum OpenError {
     Malformed(String),
     #[error("{0}")]
     Options(String),
-    #[error("open the store {url}: {source}")]
+    #[error("open the store {url}")]
     Backend {
         url: String,
         #[source]
         source: kvstore_backends::StoreError,
     },
+    #[error(
+        "the store {url} refused this plugin: check the store's TLS files (--store-ca, \
+         --store-cert, --store-key) and credentials (RUSTOVERLAY_STORE_USER/PASSWORD, \
+         RUSTOVERLAY_CONSUL_TOKEN)"
+    )]
+    Refused {
+        url: String,
+        #[source]
+        source: kvstore_backends::StoreError,
+    },
+}
+
+/// One read at start: a store that refuses this plugin (a wrong CA, client
+/// certificate or password) stops it here with the reason, since no retry
+/// can succeed. A store that is down or slow does not: the plugin serves,
+/// and Docker's calls fail with a store error until it is back.
+pub async fn first_contact(store: &dyn KvStore, url: &str) -> Result<(), OpenError> {
+    match store.get(&crate::state::keys::vni_next()).await {
+        Ok(_) => {
+            tracing::info!(store = url, "store reached");
+            Ok(())
+        }
+        Err(source @ kvstore_backends::StoreError::Rejected(_)) => Err(OpenError::Refused {
+            url: url.to_string(),
+            source,
+        }),
+        Err(e) => {
+            tracing::warn!(
+                store = url,
+                error = %e,
+                "the store is not reachable yet; serving, and Docker's calls fail with a store error until it is"
+            );
+            Ok(())
+        }
+    }
 }
 
 /// Open the store and bound every call on it by `timeout`.
