@@ -235,6 +235,7 @@ down_out="$(hexec_mnt 1 timeout 8 env NO_COLOR=1 RUSTOVERLAY_STORE_USER="$USER_N
     --host-id check --state-dir /run/rustoverlay-check --vtep-ip "$(harness_host_ip 1)" \
     --store "$STORE" --store-timeout 2 "${tls_args[@]}" 2>&1)" || rc=$?
 harness_etcd_link up
+printf '%s\n' "$down_out" | grep -m 1 'not reachable' | cut -c1-300 | sed 's/^/    /' || true
 assert_eq "serve with the store unreachable still runs after 8 s (ended by timeout)" 124 "$rc"
 assert_ok "it said the store is not reachable yet" \
     eval 'grep -q "the store is not reachable yet" <<<"$down_out"'
