@@ -13,6 +13,7 @@ pub mod cli;
 pub mod cmd;
 pub mod control;
 pub mod dataplane;
+pub mod dns;
 pub mod driver;
 pub mod error;
 pub mod state;

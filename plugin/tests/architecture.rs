@@ -19,10 +19,14 @@ const PLUGIN_LAYERS: &[(&str, &[&str])] = &[
     ("util", &[]),
     ("cli", &[]),
     ("dataplane", &["util"]),
+    ("dns", &[]),
     ("error", &["dataplane"]),
     ("state", &["util", "error", "cli"]),
     ("control", &["state", "util", "error"]),
-    ("sync", &["control", "dataplane", "state", "util", "error"]),
+    (
+        "sync",
+        &["control", "dataplane", "dns", "state", "util", "error"],
+    ),
     (
         "driver",
         &["sync", "control", "dataplane", "state", "util", "error"],
@@ -39,6 +43,7 @@ const PLUGIN_LAYERS: &[(&str, &[&str])] = &[
             "sync",
             "control",
             "dataplane",
+            "dns",
             "state",
             "util",
             "error",
@@ -69,6 +74,8 @@ const CONFINED: &[(&str, &[&str])] = &[
     ("axum", &["api", "cmd"]),
     ("rtnetlink", &["dataplane"]),
     ("setns", &["dataplane"]),
+    ("hickory_proto", &["dns"]),
+    ("bollard", &["docker"]),
 ];
 
 fn repo() -> PathBuf {
