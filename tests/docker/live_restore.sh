@@ -9,9 +9,10 @@
 # and host 2 keeps their entries; the plugin gets no Leave or DeleteEndpoint
 # and logs no ERROR; both directions ping afterwards, a new container starts.
 # After the restarts `docker rm` of the restored containers releases
-# everything: their endpoints, addresses and peer entries go, the overlay
-# namespace goes with the last one, and after `network rm` on both hosts the
-# store holds nothing.
+# everything: their endpoints, addresses and peer entries go (the addresses
+# checked before `network rm`, whose ReleasePool would free them anyway), the
+# overlay namespace goes with the last one, and after `network rm` on both
+# hosts the store holds nothing.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=tests/lib/harness.sh
@@ -22,6 +23,10 @@ source tests/lib/scenarios.sh
 
 NET=lrnet
 SUB=10.85.0.0/24
+# For the harness's store_addresses: NET's segment in the store's keys, and
+# the store it reads.
+NET_OVERLAY=10.85.0.0_24
+store_dump() { harness_store_dump etcd; }
 MAX_LOST="${MAX_LOST:-2}"
 
 # log_lines N / log_since N LINE - host N's plugin log: its length; what follows.
@@ -108,11 +113,18 @@ phase "after the restarts: a new container; docker rm releases everything"
 assert_ok "host 1: run l3" sc_run 1 l3 "$NET"
 l3="$(hcontainer_ip 1 l3 "$NET")"
 assert_eventually "r2 (h2) pings l3 (h1)" 15 sc_ping 2 r2 "$l3"
+assert_eq "the store holds the four containers' addresses (address holder)" \
+    "$({ printf '%s h1\n' "${IP[l1]}" "${IP[l2]}" "$l3"; printf '%s h2\n' "${IP[r2]}"; } | sort)" \
+    "$(store_addresses | sort)"
 assert_ok "host 1: docker rm -f l1 l2 l3 (two of them restored by live-restore)" hdocker 1 rm -f l1 l2 l3
 for ip in "${IP[l1]}" "${IP[l2]}" "$l3"; do
     assert_eventually "host 2 dropped its neighbour entry for $ip" 5 eval "! has_neigh 2 $VNI $ip"
 done
 assert_eq "the store holds r2's endpoint only" 1 "$(ep_keys | grep -c .)"
+# Before `network rm`: its ReleasePool frees the whole pool and would hide an
+# address that docker rm leaked.
+assert_eq "the store holds r2's address only: l1's, l2's and l3's were released" \
+    "${IP[r2]} h2" "$(store_addresses)"
 assert_eventually "host 1 removed ro-$VNI with its last container" 10 eval "! sc_has_ovl_ns 1 $VNI"
 assert_empty "host 1: no ro-*/rc-* link left" "$(host_ro_links 1)"
 sc_rm_all 2

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Docker end-to-end on three simulated hosts sharing one etcd: one overlay
 # across hosts (full mesh, full-size packets, MTU), 24 concurrent `docker run`
-# with unique addresses, no devices on a host without a local container, peer
-# removal within 2 s (measured), a SIGKILLed plugin (data plane keeps working,
-# restart reconciles what changed meanwhile), and etcd stopped, then cut off
+# with unique addresses, no devices on a host without a local container, a
+# removed container's entries leaving the other hosts (waited for, time
+# printed), a SIGKILLed plugin (data plane keeps working, restart reconciles
+# what changed meanwhile), and etcd stopped, then cut off
 # (docker run fails in bounded time with a store error and allocates nothing;
 # everything works again once etcd is back; nothing leaks in Docker, the
 # kernel or the store); a network's --aux-address is refused to docker run --ip
@@ -34,6 +35,10 @@ mtu_expected=$((HARNESS_UL_MTU - 50))
 # restart's worth plus missed renewals.
 HOST_TTL="${HOST_TTL:-10}"
 PLUGIN_DOWN_S="${PLUGIN_DOWN_S:-5}"
+# How long a removed container's FDB/neighbour entries may take to leave the
+# other hosts: a generous limit on a wait, not a timing claim (the time is
+# printed; timing figures belong to the benchmarks).
+PEER_REMOVAL_LIMIT_S=15
 
 # --- helpers ------------------------------------------------------------------
 
@@ -272,7 +277,7 @@ for h in 1 2; do
     assert_ok "host $h: remove $AUXNET" hdocker "$h" network rm "$AUXNET"
 done
 
-# --- 4. peer removal reaches the other hosts within 2 s ---------------------
+# --- 4. peer removal reaches the other hosts ---------------------------------
 phase "container removed on host 1: its FDB/neighbour entries leave hosts 2 and 3"
 gone="c1b"
 gone_mac="$(cmac 1 "$gone")"
@@ -291,12 +296,16 @@ while true; do
         [[ -z "$st" ]] || echo "host $h: $st"
     done)"
     [[ -n "$left" ]] || break
-    (($(now_ms) - rm_done < 10000)) || break
+    (($(now_ms) - rm_done < PEER_REMOVAL_LIMIT_S * 1000)) || break
     sleep 0.1
 done
 t_done="$(now_ms)"
-echo "docker rm -f took $((rm_done - rm_start)) ms; entries gone $((t_done - rm_done)) ms after it returned ($((t_done - rm_start)) ms after it started)"
-assert_empty "the removed container's entries are gone from hosts 2 and 3" "$left"
+if [[ -z "$left" ]]; then
+    echo "docker rm -f took $((rm_done - rm_start)) ms; entries gone $((t_done - rm_done)) ms after it returned ($((t_done - rm_start)) ms after it started)"
+else
+    echo "docker rm -f took $((rm_done - rm_start)) ms; entries still there $((t_done - rm_done)) ms after it returned"
+fi
+assert_empty "the removed container's entries are gone from hosts 2 and 3 (within ${PEER_REMOVAL_LIMIT_S} s)" "$left"
 if [[ -n "$left" ]]; then
     for h in 2 3; do
         echo "host $h, entries for $gone_mac / $gone_ip on ro-vx-$VNI:"
@@ -304,7 +313,6 @@ if [[ -n "$left" ]]; then
         { in_ovl "$h" "$VNI" ip neigh show dev "ro-vx-$VNI" || true; } | awk -v ip="$gone_ip" '$1 == ip' | sed 's/^/    /'
     done
 fi
-assert_ok "they were gone within 2 s of the removal ($((t_done - rm_done)) ms)" test $((t_done - rm_done)) -le 2000
 unset "HOST_OF[$gone]" "IP_OF[$gone]"
 CONTAINERS=(c1a c2a c2b c3a c3b)
 assert_eventually "c2a (h2) still pings c1a (h1)" 10 cping 2 c2a "${IP_OF[c1a]}"
