@@ -2,7 +2,7 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnetwork::Ipv4Network;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
@@ -17,6 +17,8 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once at start: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Serve Docker's NetworkDriver and IpamDriver APIs on the plugin socket.
     Serve(ServeArgs),
@@ -164,6 +166,64 @@ pub struct ServeArgs {
     /// (unless the log itself is JSON on stderr).
     #[arg(long, env = "RUSTOVERLAY_LOG_TARGET", value_enum, default_value_t = LogTarget::Stderr)]
     pub log_target: LogTarget,
+    #[command(flatten)]
+    pub dns: DnsArgs,
+}
+
+/// Names across hosts: the resolver and where it learns names.
+#[derive(Debug, Clone, Args)]
+pub struct DnsArgs {
+    /// Turn the resolver and name publishing off (containers then find
+    /// only their own host's containers by name).
+    #[arg(long, env = "RUSTOVERLAY_NO_DNS")]
+    pub no_dns: bool,
+    /// The resolver's address in every container on our overlays and on the
+    /// host; give dockerd `--dns` with it (daemon.json "dns").
+    #[arg(long, env = "RUSTOVERLAY_DNS_ADDRESS", default_value = "169.254.53.53")]
+    pub dns_address: Ipv4Addr,
+    /// Where names that are not on an overlay go (IP or IP:PORT, repeatable
+    /// or comma-separated); default: the host's resolv.conf.
+    #[arg(long, env = "RUSTOVERLAY_DNS_UPSTREAM", value_delimiter = ',', value_parser = parse_upstream)]
+    pub dns_upstream: Vec<SocketAddr>,
+    /// TTL of the resolver's own answers, in seconds.
+    #[arg(long, env = "RUSTOVERLAY_DNS_TTL", default_value_t = 2)]
+    pub dns_ttl: u32,
+    /// Interfaces besides loopback and Docker's bridges whose traffic the
+    /// host's resolver answers (repeatable or comma-separated).
+    #[arg(long, env = "RUSTOVERLAY_DNS_INTERFACE", value_delimiter = ',')]
+    pub dns_interface: Vec<String>,
+    /// The host's resolv.conf, for the upstreams.
+    #[arg(
+        long,
+        env = "RUSTOVERLAY_RESOLV_CONF",
+        default_value = "/etc/resolv.conf"
+    )]
+    pub resolv_conf: PathBuf,
+    /// systemd-resolved's list of upstreams, used when resolv.conf names
+    /// only its stub (127.0.0.53).
+    #[arg(
+        long,
+        env = "RUSTOVERLAY_RESOLVED_CONF",
+        default_value = "/run/systemd/resolve/resolv.conf"
+    )]
+    pub resolved_conf: PathBuf,
+    /// The local Docker engine's API, for container names.
+    #[arg(
+        long,
+        env = "RUSTOVERLAY_DOCKER_SOCKET",
+        default_value = "unix:///var/run/docker.sock"
+    )]
+    pub docker_socket: String,
+}
+
+/// `IP` (port 53) or `IP:PORT` (`[v6]:PORT` for IPv6).
+fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, 53));
+    }
+    s.parse::<SocketAddr>()
+        .map_err(|_| format!("{s:?} is not an IP address or IP:PORT"))
 }
 
 #[derive(Debug, Args)]

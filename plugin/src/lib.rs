@@ -14,6 +14,7 @@ pub mod cmd;
 pub mod control;
 pub mod dataplane;
 pub mod dns;
+pub mod docker;
 pub mod driver;
 pub mod error;
 pub mod state;

@@ -20,12 +20,13 @@ const PLUGIN_LAYERS: &[(&str, &[&str])] = &[
     ("cli", &[]),
     ("dataplane", &["util"]),
     ("dns", &[]),
+    ("docker", &[]),
     ("error", &["dataplane"]),
     ("state", &["util", "error", "cli"]),
     ("control", &["state", "util", "error"]),
     (
         "sync",
-        &["control", "dataplane", "dns", "state", "util", "error"],
+        &["control", "dataplane", "dns", "docker", "state", "util", "error"],
     ),
     (
         "driver",
@@ -44,6 +45,7 @@ const PLUGIN_LAYERS: &[(&str, &[&str])] = &[
             "control",
             "dataplane",
             "dns",
+            "docker",
             "state",
             "util",
             "error",

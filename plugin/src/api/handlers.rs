@@ -116,6 +116,7 @@ pub(super) async fn join(
 ) -> ApiResult<Json<JoinResponse>> {
     endpoint_ids(&req.network_id, &req.endpoint_id)?;
     let src_name = s.driver.join(&req.network_id, &req.endpoint_id).await?;
+    let dns = s.driver.dns_route(&req.sandbox_key).await;
     Ok(Json(JoinResponse {
         interface_name: InterfaceName {
             src_name,
@@ -123,7 +124,7 @@ pub(super) async fn join(
         },
         gateway: String::new(),
         gateway_ipv6: String::new(),
-        static_routes: vec![],
+        static_routes: dns.map(StaticRoute::connected).into_iter().collect(),
         disable_gateway_service: false,
     }))
 }

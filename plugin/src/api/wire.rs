@@ -139,8 +139,29 @@ pub struct JoinResponse {
     pub gateway: String,
     #[serde(rename = "GatewayIPv6")]
     pub gateway_ipv6: String,
-    pub static_routes: Vec<serde_json::Value>,
+    pub static_routes: Vec<StaticRoute>,
     pub disable_gateway_service: bool,
+}
+
+/// A route Docker adds in the container's namespace at Join.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct StaticRoute {
+    pub destination: String,
+    /// 1: on the interface itself (libnetwork's `types.CONNECTED`).
+    pub route_type: u8,
+    pub next_hop: String,
+}
+
+impl StaticRoute {
+    /// `addr`/32 reached directly on the joining interface.
+    pub fn connected(addr: std::net::Ipv4Addr) -> Self {
+        StaticRoute {
+            destination: format!("{addr}/32"),
+            route_type: 1,
+            next_hop: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]

@@ -1,6 +1,7 @@
 //! The subcommands: `serve` wires the layers together (`parts`) and serves
 //! Docker; `gc` and `dump` read (and with `gc --apply` clean) the store.
 
+mod dns;
 mod inspect;
 pub mod logging;
 pub mod parts;

@@ -8,6 +8,7 @@ use crate::dataplane::Dataplane;
 use crate::driver::Driver;
 use crate::sync::devices::Devices;
 use crate::sync::membership::{watch_live_hosts, LiveSet};
+use crate::sync::names::NameService;
 use crate::sync::peers::PeerSync;
 use crate::sync::reconcile::Reconciler;
 use ipnetwork::Ipv4Network;
@@ -35,6 +36,26 @@ impl HostParts {
         default_pool: Ipv4Network,
         default_pool_size: u8,
     ) -> Self {
+        Self::with_names(
+            store,
+            dataplane,
+            host,
+            default_pool,
+            default_pool_size,
+            None,
+        )
+    }
+
+    /// The same, with a resolver on every local overlay when `names` is
+    /// given (built on the same store and data plane).
+    pub fn with_names(
+        store: Arc<dyn KvStore>,
+        dataplane: Arc<dyn Dataplane>,
+        host: &str,
+        default_pool: Ipv4Network,
+        default_pool_size: u8,
+        names: Option<Arc<NameService>>,
+    ) -> Self {
         let ipam = Arc::new(Ipam::new(
             store.clone(),
             host,
@@ -44,24 +65,29 @@ impl HostParts {
         let overlays = Arc::new(Overlays::new(store.clone(), host));
         let live = watch_live_hosts(store.clone());
         let peers = PeerSync::new(store, dataplane.clone(), host.to_string(), live.clone());
-        let devices = Arc::new(Devices::new(
-            host.to_string(),
-            overlays.clone(),
-            dataplane,
-            peers,
-        ));
+        let mut devices = Devices::new(host.to_string(), overlays.clone(), dataplane, peers);
+        let mut driver_dns = None;
+        if let Some(names) = names {
+            driver_dns = Some(names.address());
+            devices = devices.with_names(names);
+        }
+        let devices = Arc::new(devices);
         let reconciler = Arc::new(Reconciler::new(
             host.to_string(),
             overlays.clone(),
             ipam.clone(),
             devices.clone(),
         ));
-        let driver = Arc::new(Driver::new(
+        let mut driver = Driver::new(
             host.to_string(),
             ipam.clone(),
             overlays.clone(),
             devices.clone(),
-        ));
+        );
+        if let Some(address) = driver_dns {
+            driver = driver.with_dns(address);
+        }
+        let driver = Arc::new(driver);
         HostParts {
             ipam,
             overlays,

@@ -50,12 +50,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .context("find the underlay")?,
     );
-    let parts = HostParts::new(
+    let names = super::dns::name_service(&args.dns, store.clone(), dataplane.clone(), &host);
+    let parts = HostParts::with_names(
         store.clone(),
         dataplane.clone(),
         &host,
         args.default_pool,
         args.default_pool_size,
+        names.clone(),
     );
     let registration = Registration::new(
         store.clone(),
@@ -63,6 +65,18 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         dataplane.vtep(),
         Duration::from_secs(args.host_ttl),
     );
+    if let Some(names) = &names {
+        super::dns::start(
+            &args.dns,
+            names,
+            dataplane.as_ref(),
+            parts.overlays.clone(),
+            store.clone(),
+            &host,
+            registration.lease(),
+        )
+        .await;
+    }
     let running = supervisor::start(
         store.clone(),
         host.clone(),

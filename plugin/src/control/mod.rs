@@ -4,5 +4,6 @@
 //! is kept by store transactions, so it is tested on the memory store alone.
 
 pub mod ipam;
+pub mod names;
 pub mod overlay;
 pub mod reclaim;

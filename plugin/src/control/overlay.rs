@@ -493,7 +493,15 @@ impl Overlays {
     ) -> Result<bool> {
         GoneHostFence::check(&self.fence, self.store.as_ref()).await?;
         let key = keys::endpoint(&net.overlay, &ep.endpoint_id);
-        let mut ops = vec![Op::delete(&key)];
+        let mut ops = vec![
+            Op::delete(&key),
+            // Its names go in the same step: no name outlives its endpoint.
+            Op::delete(keys::endpoint_names(
+                &net.overlay,
+                &ep.host,
+                &ep.endpoint_id,
+            )),
+        ];
         ops.extend(bound_keys(net, ep).into_iter().map(Op::delete));
         let txn = Txn::new()
             .when(vec![Compare::mod_revision(&key, rev)])

@@ -9,10 +9,11 @@
 
 use super::error::{DataplaneError, Result};
 use super::names::short_id;
-use super::{Dataplane, KernelPeers, PeerEntry, Probe};
+use super::{Dataplane, DnsSockets, KernelPeers, PeerEntry, Probe};
 use async_trait::async_trait;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -54,6 +55,8 @@ struct State {
     calls: HashMap<FakeOp, usize>,
     /// Underlay addresses whose machines answer probes (none by default).
     answering: HashSet<IpAddr>,
+    /// Container namespaces that already have the resolver's route.
+    routed_sandboxes: HashSet<PathBuf>,
 }
 
 pub struct FakeDataplane {
@@ -107,6 +110,11 @@ impl FakeDataplane {
     }
 
     /// Make the machine at `underlay` answer probes (or stop answering).
+    /// Make a container namespace look as if it had the resolver's route.
+    pub fn set_sandbox_routed(&self, sandbox: &Path) {
+        self.state().routed_sandboxes.insert(sandbox.to_path_buf());
+    }
+
     pub fn set_answering(&self, underlay: IpAddr, answers: bool) {
         let mut st = self.state();
         if answers {
@@ -248,4 +256,30 @@ impl Dataplane for FakeDataplane {
             Probe::Silent
         }
     }
+
+    /// Loopback sockets on free ports: the kernel part is the real
+    /// dataplane's; what the resolver does with them is tested here.
+    async fn dns_listener(&self, vni: u32, _addr: Ipv4Addr) -> Result<DnsSockets> {
+        if !self.has_network(vni) {
+            return Err(DataplaneError::Setup(format!("no devices for VNI {vni}")));
+        }
+        loopback_sockets()
+    }
+
+    async fn host_dns_listener(&self, _addr: Ipv4Addr) -> Result<DnsSockets> {
+        loopback_sockets()
+    }
+
+    async fn sandbox_has_route(&self, sandbox: &Path, _dst: Ipv4Addr) -> Result<bool> {
+        Ok(self.state().routed_sandboxes.contains(sandbox))
+    }
+}
+
+fn loopback_sockets() -> Result<DnsSockets> {
+    let io = |e| DataplaneError::io("bind a loopback socket", e);
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").map_err(io)?;
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").map_err(io)?;
+    udp.set_nonblocking(true).map_err(io)?;
+    tcp.set_nonblocking(true).map_err(io)?;
+    Ok(DnsSockets { udp, tcp })
 }

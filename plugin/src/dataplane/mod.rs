@@ -10,6 +10,7 @@
 //! that the logic above it is tested without root. Every write is idempotent
 //! and every removal treats "already gone" as done, in both.
 
+pub mod dns;
 pub mod error;
 pub mod fake;
 mod fdb;
@@ -20,6 +21,7 @@ pub mod netns;
 pub mod probe;
 mod underlay;
 
+pub use dns::DnsSockets;
 pub use error::DataplaneError;
 pub use netlink::Netlink;
 pub use probe::Probe;
@@ -28,7 +30,8 @@ pub use underlay::Underlay;
 use async_trait::async_trait;
 use error::Result;
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
 use std::time::Duration;
 
 pub const VXLAN_PORT: u16 = 4789;
@@ -102,4 +105,15 @@ pub trait Dataplane: Send + Sync + 'static {
     /// Whether the machine at this underlay address answers (ICMP echo),
     /// within `window`.
     async fn probe_host(&self, underlay: IpAddr, window: Duration) -> Probe;
+
+    /// The resolver's sockets inside the overlay's namespace, on `addr`
+    /// (put on the overlay's bridge, with a route for the answers).
+    async fn dns_listener(&self, vni: u32, addr: Ipv4Addr) -> Result<DnsSockets>;
+
+    /// The resolver's sockets on the host, on `addr` (put on a dummy link).
+    async fn host_dns_listener(&self, addr: Ipv4Addr) -> Result<DnsSockets>;
+
+    /// Whether a container's namespace (Join's SandboxKey) already has a
+    /// route to `dst`: a second one would make Docker's Join fail.
+    async fn sandbox_has_route(&self, sandbox: &Path, dst: Ipv4Addr) -> Result<bool>;
 }

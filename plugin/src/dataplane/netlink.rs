@@ -6,6 +6,7 @@
 //! namespace, `rc-<id>` in the host namespace for Docker to move into the
 //! container.
 
+use super::dns::{self, DnsSockets};
 use super::error::{DataplaneError, Result};
 use super::links::{add_link, delete_by_name, link_index, require_index, set_link};
 use super::names::{
@@ -301,5 +302,23 @@ impl Dataplane for Netlink {
 
     async fn probe_host(&self, underlay: IpAddr, window: Duration) -> Probe {
         probe(underlay, window).await
+    }
+
+    #[tracing::instrument(skip(self))]
+    async fn dns_listener(&self, vni: u32, addr: Ipv4Addr) -> Result<DnsSockets> {
+        let ns = self.handle_in(vni)?;
+        let bridge = require_index(&ns, &bridge_name(vni)).await?;
+        dns::ensure_address(&ns, bridge, addr).await?;
+        dns::ensure_reply_route(&ns, bridge, addr).await?;
+        dns::bind_in(&self.netns.path(&netns_name(vni)), addr)
+    }
+
+    async fn host_dns_listener(&self, addr: Ipv4Addr) -> Result<DnsSockets> {
+        dns::ensure_host_link(&self.host, addr).await?;
+        dns::bind(addr).map_err(|e| DataplaneError::io(format!("bind {addr}:53 on the host"), e))
+    }
+
+    async fn sandbox_has_route(&self, sandbox: &Path, dst: Ipv4Addr) -> Result<bool> {
+        dns::sandbox_has_route(sandbox, dst).await
     }
 }

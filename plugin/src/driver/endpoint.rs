@@ -8,7 +8,8 @@ use crate::state::records::{EndpointRecord, LocalNetwork};
 use crate::util::clock::unix_now;
 use crate::util::mac::{format_mac, mac_for, parse_mac};
 use ipnetwork::IpNetwork;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
 
 /// An endpoint as Docker asks for it, parsed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -84,6 +85,34 @@ impl Driver {
         })
     }
 
+    /// The resolver's address when Docker should route it into the joining
+    /// container (names across hosts are on, and the container has no such
+    /// route yet). The route goes to a container once: Docker adds Join's
+    /// routes with "exclusive", so a second network's copy of the same
+    /// route would fail that network's Join. Docker joins one sandbox's
+    /// endpoints one after another, so looking first is enough. Any doubt
+    /// costs the route, never the Join.
+    pub async fn dns_route(&self, sandbox_key: &str) -> Option<Ipv4Addr> {
+        let dns = self.dns?;
+        let Some(sandbox) = sandbox_path(sandbox_key) else {
+            tracing::warn!(sandbox_key, "cannot see the container's namespace: no route to the resolver (names of other hosts will not resolve in it)");
+            return None;
+        };
+        match self
+            .devices
+            .dataplane()
+            .sandbox_has_route(&sandbox, dns)
+            .await
+        {
+            Ok(true) => None,
+            Ok(false) => Some(dns),
+            Err(e) => {
+                tracing::warn!(sandbox_key, error = %e, "cannot read the container's routes: no route to the resolver");
+                None
+            }
+        }
+    }
+
     /// Build the overlay's devices if this is its first local endpoint, and
     /// the endpoint's veth pair. Returns the container side's name.
     #[tracing::instrument(skip_all, fields(network = %network_id, endpoint = %endpoint_id))]
@@ -149,4 +178,19 @@ impl Driver {
         self.remove_devices_if_unused(&net, &lock).await;
         Ok(())
     }
+}
+
+/// Where a container's namespace file is, seen from this process: Docker's
+/// path, or under /host/run for the managed plugin (which sees the host's
+/// /run there; /var/run is a link to /run).
+fn sandbox_path(key: &str) -> Option<PathBuf> {
+    let direct = PathBuf::from(key);
+    if direct.exists() {
+        return Some(direct);
+    }
+    let rest = key
+        .strip_prefix("/var/run/")
+        .or_else(|| key.strip_prefix("/run/"))?;
+    let mapped = Path::new("/host/run").join(rest);
+    mapped.exists().then_some(mapped)
 }

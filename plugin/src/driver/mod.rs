@@ -26,6 +26,9 @@ pub struct Driver {
     ipam: Arc<Ipam>,
     overlays: Arc<Overlays>,
     devices: Arc<Devices>,
+    /// The resolver's address, when names across hosts are on: Join routes
+    /// it into each container's namespace.
+    dns: Option<std::net::Ipv4Addr>,
 }
 
 impl Driver {
@@ -40,7 +43,14 @@ impl Driver {
             ipam,
             overlays,
             devices,
+            dns: None,
         }
+    }
+
+    /// Route the resolver's address into every joining container.
+    pub fn with_dns(mut self, address: std::net::Ipv4Addr) -> Self {
+        self.dns = Some(address);
+        self
     }
 
     /// This host's endpoint, or an error that says why it is not.

@@ -15,6 +15,7 @@
 //! /rustoverlay/v1/host/<host>/net/<docker-net>    this host's Docker network -> overlay
 //! /rustoverlay/v1/hosts/<host>                    live host registration (under a lease)
 //! /rustoverlay/v1/reaper                          the host that reclaims gone hosts (under its lease)
+//! /rustoverlay/v1/names/<overlay>/<host>/<ep>     a container's names on the overlay (under the host's lease)
 //! ```
 //!
 //! `<pool>` and `<overlay>` are the subnet with `/` replaced by `_`
@@ -109,6 +110,21 @@ pub fn host_registration(host: &str) -> String {
 
 pub fn reaper() -> String {
     format!("{ROOT}reaper")
+}
+
+/// Every published name on an overlay.
+pub fn overlay_names(overlay: &str) -> String {
+    format!("{ROOT}names/{overlay}/")
+}
+
+/// One host's published names on an overlay.
+pub fn host_names(overlay: &str, host: &str) -> String {
+    format!("{ROOT}names/{overlay}/{host}/")
+}
+
+/// The names of one endpoint's container.
+pub fn endpoint_names(overlay: &str, host: &str, endpoint_id: &str) -> String {
+    format!("{ROOT}names/{overlay}/{host}/{endpoint_id}")
 }
 
 #[cfg(test)]

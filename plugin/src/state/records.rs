@@ -107,3 +107,14 @@ pub struct EndpointRecord {
     #[serde(default)]
     pub created_at: u64,
 }
+
+/// `names/<overlay>/<host>/<ep>`: the names Docker gives the endpoint's
+/// container, published by its host under the host's lease (a dead host's
+/// names go with it) and deleted with the endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NameRecord {
+    pub container: String,
+    /// Container name and aliases, lower case.
+    pub names: Vec<String>,
+    pub addrs: Vec<IpAddr>,
+}

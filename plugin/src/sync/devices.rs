@@ -7,6 +7,7 @@
 //! endpoint's devices, nor start-up reconciliation. The lock guards only the
 //! kernel: store state is never guarded by it.
 
+use super::names::NameService;
 use super::peers::PeerSync;
 use crate::control::overlay::Overlays;
 use crate::dataplane::Dataplane;
@@ -20,6 +21,8 @@ pub struct Devices {
     overlays: Arc<Overlays>,
     dataplane: Arc<dyn Dataplane>,
     peers: PeerSync,
+    /// The overlay's resolver, when names across hosts are on.
+    names: Option<Arc<NameService>>,
     locks: Mutex<HashMap<u32, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -38,8 +41,15 @@ impl Devices {
             overlays,
             dataplane,
             peers,
+            names: None,
             locks: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Serve names on every overlay whose devices exist here.
+    pub fn with_names(mut self, names: Arc<NameService>) -> Self {
+        self.names = Some(names);
+        self
     }
 
     pub fn dataplane(&self) -> &dyn Dataplane {
@@ -65,17 +75,26 @@ impl Devices {
         let built = !self.dataplane.has_network(vni);
         self.dataplane.ensure_network(vni).await?;
         self.peers.ensure(overlay, vni);
+        if let Some(names) = &self.names {
+            names.ensure(overlay, vni);
+        }
         Ok(built)
     }
 
     /// Keep peer sync running for devices that already exist (start-up).
     pub fn resume(&self, overlay: &str, vni: u32) {
         self.peers.ensure(overlay, vni);
+        if let Some(names) = &self.names {
+            names.ensure(overlay, vni);
+        }
     }
 
     /// Stop the overlay's peer sync and remove its devices (under its lock).
     pub async fn remove(&self, vni: u32, _lock: &DeviceLock) -> Result<()> {
         self.peers.stop(vni);
+        if let Some(names) = &self.names {
+            names.stop(vni);
+        }
         self.dataplane.remove_network(vni).await?;
         Ok(())
     }

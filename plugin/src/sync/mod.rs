@@ -3,14 +3,17 @@
 //! (`peers`), membership (`membership`: registration and the live set), the
 //! devices that follow local endpoints (`devices`), reconciliation at start,
 //! after a lost lease and of orphans (`reconcile`), the gone-host reaper
-//! (`reaper`, one per cluster, elected in `leader`), and the supervisor that
-//! starts them and owns readiness.
+//! (`reaper`, one per cluster, elected in `leader`), container names
+//! (`publish`: Docker's API -> store; `names`: store -> each overlay's
+//! resolver), and the supervisor that starts them and owns readiness.
 
 pub mod devices;
 pub mod follow;
 pub mod leader;
 pub mod membership;
+pub mod names;
 pub mod peers;
+pub mod publish;
 pub mod readiness;
 pub mod reaper;
 pub mod reconcile;
