@@ -830,6 +830,13 @@ harness_restart_plugin() {
     fi
     _harness_has_flag --host-id "${extra[@]}" || args+=(--host-id "h$n")
     _harness_has_flag --vtep-ip "${extra[@]}" || args+=(--vtep-ip "$(harness_host_ip "$n")")
+    # Names across hosts: this host's dockerd, and upstreams from a file of
+    # the run's (empty unless a test writes one), never the machine's.
+    _harness_has_flag --docker-socket "${extra[@]}" || args+=(--docker-socket "unix://$dir/docker.sock")
+    if ! _harness_has_flag --resolv-conf "${extra[@]}"; then
+        [[ -e "$dir/resolv.conf" ]] || : >"$dir/resolv.conf"
+        args+=(--resolv-conf "$dir/resolv.conf")
+    fi
 
     before="$(_harness_socket_id "$n")" || before=none
     printf '\n===== plugin start %s: %s serve %s %s =====\n' "$(date +%T)" "$bin" "${args[*]}" "${extra[*]}" >>"$dir/plugin.log"

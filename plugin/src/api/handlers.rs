@@ -116,7 +116,7 @@ pub(super) async fn join(
 ) -> ApiResult<Json<JoinResponse>> {
     endpoint_ids(&req.network_id, &req.endpoint_id)?;
     let src_name = s.driver.join(&req.network_id, &req.endpoint_id).await?;
-    let dns = s.driver.dns_route(&req.sandbox_key).await;
+    let dns = s.driver.dns_route(&req.sandbox_key, &req.endpoint_id).await;
     Ok(Json(JoinResponse {
         interface_name: InterfaceName {
             src_name,

@@ -5,25 +5,25 @@
 //!   the replies (the namespace has nothing else to route to, and its
 //!   containers may sit in any subnet of the overlay). Containers reach the
 //!   address through a connected route that Join hands Docker.
-//! - On the host: a dummy link `ro-dns0` with the address, so that queries
-//!   from Docker's bridges and the host network are delivered locally (and
-//!   refused at once while the plugin is down, instead of leaving the host
-//!   by its default route).
+//! - On the host: the address on `lo` (a dummy link would do, but not every
+//!   kernel has the module), so that queries from Docker's bridges and the
+//!   host network are delivered locally, and refused at once while the
+//!   plugin is down instead of leaving the host by its default route.
 //!
 //! Sockets are bound inside a namespace on a short-lived thread (as in
 //! `netns.rs`); a socket stays in the namespace it was made in.
 
 use super::error::{DataplaneError, Result};
-use super::links::{add_link, require_index, set_link};
+use super::links::require_index;
 use super::netns::connect_in;
 use futures::TryStreamExt;
 use rtnetlink::packet_route::route::{RouteAttribute, RouteScope};
-use rtnetlink::{Handle, LinkDummy, LinkUnspec, RouteMessageBuilder};
+use rtnetlink::{Handle, RouteMessageBuilder};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::Path;
 
 /// The host's link that carries the resolver's address.
-pub const HOST_DNS_LINK: &str = "ro-dns0";
+pub const HOST_DNS_LINK: &str = "lo";
 const DNS_PORT: u16 = 53;
 
 /// A listener's sockets, still std (the caller registers them with tokio).
@@ -73,21 +73,9 @@ pub(super) async fn ensure_reply_route(handle: &Handle, bridge: u32, addr: Ipv4A
         .map_err(|e| DataplaneError::netlink("add the resolver's reply route", e))
 }
 
-/// The host's `ro-dns0`, up, with the resolver's address.
-pub(super) async fn ensure_host_link(handle: &Handle, addr: Ipv4Addr) -> Result<()> {
-    add_link(
-        handle,
-        LinkDummy::new(HOST_DNS_LINK).up().build(),
-        HOST_DNS_LINK,
-    )
-    .await?;
+/// The resolver's address on the host's loopback link.
+pub(super) async fn ensure_host_address(handle: &Handle, addr: Ipv4Addr) -> Result<()> {
     let index = require_index(handle, HOST_DNS_LINK).await?;
-    set_link(
-        handle,
-        LinkUnspec::new_with_index(index).up().build(),
-        HOST_DNS_LINK,
-    )
-    .await?;
     ensure_address(handle, index, addr).await
 }
 

@@ -110,7 +110,7 @@ pub trait Dataplane: Send + Sync + 'static {
     /// (put on the overlay's bridge, with a route for the answers).
     async fn dns_listener(&self, vni: u32, addr: Ipv4Addr) -> Result<DnsSockets>;
 
-    /// The resolver's sockets on the host, on `addr` (put on a dummy link).
+    /// The resolver's sockets on the host, on `addr` (put on loopback).
     async fn host_dns_listener(&self, addr: Ipv4Addr) -> Result<DnsSockets>;
 
     /// Whether a container's namespace (Join's SandboxKey) already has a

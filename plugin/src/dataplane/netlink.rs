@@ -314,7 +314,7 @@ impl Dataplane for Netlink {
     }
 
     async fn host_dns_listener(&self, addr: Ipv4Addr) -> Result<DnsSockets> {
-        dns::ensure_host_link(&self.host, addr).await?;
+        dns::ensure_host_address(&self.host, addr).await?;
         dns::bind(addr).map_err(|e| DataplaneError::io(format!("bind {addr}:53 on the host"), e))
     }
 

@@ -89,28 +89,44 @@ impl Driver {
     /// container (names across hosts are on, and the container has no such
     /// route yet). The route goes to a container once: Docker adds Join's
     /// routes with "exclusive", so a second network's copy of the same
-    /// route would fail that network's Join. Docker joins one sandbox's
-    /// endpoints one after another, so looking first is enough. Any doubt
-    /// costs the route, never the Join.
-    pub async fn dns_route(&self, sandbox_key: &str) -> Option<Ipv4Addr> {
+    /// route would fail that network's Join. A running container's namespace
+    /// is asked; a container being started has none yet (runc makes it
+    /// after the Joins), so the Joins of one start are remembered. Docker
+    /// joins one sandbox's endpoints one after another, so this is race
+    /// free. Any doubt costs the route, never the Join.
+    pub async fn dns_route(&self, sandbox_key: &str, endpoint_id: &str) -> Option<Ipv4Addr> {
         let dns = self.dns?;
-        let Some(sandbox) = sandbox_path(sandbox_key) else {
-            tracing::warn!(sandbox_key, "cannot see the container's namespace: no route to the resolver (names of other hosts will not resolve in it)");
-            return None;
-        };
-        match self
-            .devices
-            .dataplane()
-            .sandbox_has_route(&sandbox, dns)
-            .await
-        {
-            Ok(true) => None,
-            Ok(false) => Some(dns),
-            Err(e) => {
-                tracing::warn!(sandbox_key, error = %e, "cannot read the container's routes: no route to the resolver");
-                None
+        if let Some(sandbox) = sandbox_path(sandbox_key) {
+            match self
+                .devices
+                .dataplane()
+                .sandbox_has_route(&sandbox, dns)
+                .await
+            {
+                Ok(true) => return None,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(sandbox_key, error = %e, "cannot read the container's routes: no route to the resolver (names of other hosts will not resolve in it)");
+                    return None;
+                }
             }
         }
+        let mut routes = self.dns_routes.lock().unwrap_or_else(|e| e.into_inner());
+        match routes.get(sandbox_key) {
+            Some(holder) if holder != endpoint_id && sandbox_path(sandbox_key).is_none() => None,
+            _ => {
+                routes.insert(sandbox_key.to_string(), endpoint_id.to_string());
+                Some(dns)
+            }
+        }
+    }
+
+    /// The endpoint left its container: it no longer carries a route.
+    fn forget_dns_route(&self, endpoint_id: &str) {
+        self.dns_routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, holder| holder != endpoint_id);
     }
 
     /// Build the overlay's devices if this is its first local endpoint, and
@@ -138,6 +154,7 @@ impl Driver {
 
     #[tracing::instrument(skip_all, fields(network = %network_id, endpoint = %endpoint_id))]
     pub async fn leave(&self, network_id: &str, endpoint_id: &str) -> Result<()> {
+        self.forget_dns_route(endpoint_id);
         let (net, ep) = self.known_endpoint(network_id, endpoint_id).await?;
         let _lock = self.devices.lock(net.vni).await;
         self.devices

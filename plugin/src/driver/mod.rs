@@ -29,6 +29,10 @@ pub struct Driver {
     /// The resolver's address, when names across hosts are on: Join routes
     /// it into each container's namespace.
     dns: Option<std::net::Ipv4Addr>,
+    /// Container namespaces (SandboxKey) given the resolver's route at a
+    /// Join while their namespace did not exist yet, and the endpoint that
+    /// carries it.
+    dns_routes: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl Driver {
@@ -44,6 +48,7 @@ impl Driver {
             overlays,
             devices,
             dns: None,
+            dns_routes: Default::default(),
         }
     }
 
