@@ -10,6 +10,7 @@
 //! socket) the one real implementation.
 
 pub mod client;
+pub mod fake;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
