@@ -231,6 +231,85 @@ async fn sessions_expire_at_twice_their_ttl_and_delete_their_keys() {
     );
 }
 
+/// A renewed session expires 2x TTL after its LAST renewal, not after its
+/// creation (nor a TTL after the renewal): renewed three times, each renewal
+/// more than a TTL after the one before and the last one well past 2x TTL
+/// after creation, it still holds its key; then it holds it for at least 2x
+/// TTL after that last renewal, and is gone some time later.
+#[tokio::test]
+async fn a_renewed_session_expires_twice_its_ttl_after_the_last_renewal() {
+    let s = server(Config {
+        session_ttl_min: Duration::from_secs(1),
+        ..Config::default()
+    })
+    .await;
+    let ttl = Duration::from_secs(1);
+    let body = r#"{"TTL": "1s", "Behavior": "delete", "LockDelay": "0s"}"#;
+    let id = call(&s, "PUT", "/v1/session/create", body, None).await.body["ID"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let created = Instant::now();
+    let acquire = format!("/v1/kv/held?acquire={id}");
+    assert_eq!(call(&s, "PUT", &acquire, "v", None).await.body, json!(true));
+    let held = || async { call(&s, "GET", "/v1/kv/held", "", None).await.status == 200 };
+    let renew = format!("/v1/session/renew/{id}");
+
+    // Renewed every 1.2 s: past the TTL since the previous renewal (or the
+    // creation), well inside 2x TTL.
+    let mut last = created;
+    for n in 1..=3 {
+        tokio::time::sleep(ttl * 6 / 5).await;
+        assert!(held().await, "the key went before renewal {n}");
+        let sent = Instant::now();
+        let r = call(&s, "PUT", &renew, "", None).await;
+        assert_eq!(
+            r.status,
+            200,
+            "renewal {n}, {:?} after the previous one (2x TTL is {:?}): {}",
+            sent.duration_since(last),
+            ttl * 2,
+            r.text
+        );
+        assert_eq!(r.body[0]["ID"], json!(id), "{}", r.text);
+        last = sent;
+    }
+    assert!(
+        last.duration_since(created) > ttl * 2,
+        "the last renewal came past 2x TTL after the creation"
+    );
+
+    // Never before 2x TTL after the last renewal (`last` is taken before
+    // the renewal was sent, so the server's renewal is no earlier), and
+    // gone some time after (the bound is generous: the point is that it
+    // does go).
+    let gone_by = ttl * 2 + Duration::from_secs(3);
+    while held().await {
+        assert!(
+            last.elapsed() < gone_by,
+            "the session still holds its key {gone_by:?} after its last renewal"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let lived = last.elapsed();
+    assert!(
+        lived >= ttl * 2,
+        "the key went {lived:?} after the last renewal, before 2x TTL ({:?})",
+        ttl * 2
+    );
+    eprintln!(
+        "expired {lived:?} after the last renewal, {:?} after the creation",
+        created.elapsed()
+    );
+    assert_eq!(call(&s, "PUT", &renew, "", None).await.status, 404);
+    assert_eq!(
+        call(&s, "GET", &format!("/v1/session/info/{id}"), "", None)
+            .await
+            .body,
+        json!([])
+    );
+}
+
 #[tokio::test]
 async fn the_acl_token_is_checked() {
     let s = server(Config {
