@@ -2,8 +2,9 @@
 //! member that stops answering (stalled, or the leader gone) costs one call
 //! at most; the calls after it, and watches, go to the healthy members. In
 //! network namespaces (root), members cut off from their peers in turn (they
-//! still answer clients, "no leader") and then a killed one cost no lease and
-//! stall no call, renewal or watch longer than one call's bound.
+//! still answer clients, "no leader", which the test checks by asking each
+//! cut member alone) and then a killed one cost no lease and stall no call,
+//! renewal or watch longer than one call's bound.
 
 #[allow(dead_code)] // shared test support; this file uses two helpers of it
 mod etcd_server;
@@ -269,6 +270,49 @@ async fn leader(endpoints: &[String]) -> Option<usize> {
     ids.iter().position(|id| id.is_some() && *id == leader)
 }
 
+/// Asks one member alone, through a client of its own that requires a leader
+/// (as the store's does), for a key: Ok when it refuses with Unavailable "no
+/// leader" (the state a member cut off from its peers must be in for the
+/// scenario to mean anything), else what it answered instead.
+async fn refuses_without_leader(endpoint: &str) -> Result<(), String> {
+    let options = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(2))
+        .with_require_leader(true);
+    let call = async {
+        let mut c = etcd_client::Client::connect([endpoint], Some(options)).await?;
+        c.get("/probe", None).await
+    };
+    match tokio::time::timeout(Duration::from_secs(5), call).await {
+        Ok(Err(etcd_client::Error::GRpcStatus(s)))
+            if s.code() == tonic::Code::Unavailable && s.message().contains("no leader") =>
+        {
+            Ok(())
+        }
+        Ok(Err(e)) => Err(format!("error {e}")),
+        Ok(Ok(_)) => Err("an answer (it has a leader)".into()),
+        Err(_) => Err("nothing within 5 s".into()),
+    }
+}
+
+/// Polls member `i` until it refuses clients with "no leader"; fails the
+/// test if it does not within `limit`.
+async fn wait_until_leaderless(endpoints: &[String], i: usize, limit: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        match refuses_without_leader(&endpoints[i]).await {
+            Ok(()) => return started.elapsed(),
+            Err(what) => assert!(
+                started.elapsed() < limit,
+                "m{} cut off from its peers for {limit:?} still does not answer clients \
+                 \"no leader\" (last: {what}): the scenario would test nothing",
+                i + 1
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn renew_forever(store: std::sync::Arc<dyn KvStore>, lease: LeaseId, probe: Shared) {
     let mut last_ok = Instant::now();
     loop {
@@ -395,11 +439,27 @@ async fn partition_scenario(members: Members) {
     };
     tokio::time::sleep(Duration::from_secs(3)).await;
     // The store prefers the first endpoint until it fails: its streams are there.
-    let (members, phase) = (&members, &phase);
+    let (members, phase, eps) = (&members, &phase, &endpoints);
     let cut_then_heal = |i: usize| async move {
         members.cut(i);
         phase(format!("m{} cut from its peers", i + 1), false);
-        tokio::time::sleep(TTL * 4).await;
+        let cut = Instant::now();
+        // The precondition: the member really is in a minority and says
+        // so to its clients (a follower notices after an election timeout,
+        // a leader steps down after one).
+        let after = wait_until_leaderless(eps, i, Duration::from_secs(15)).await;
+        eprintln!(
+            "m{} answers clients \"no leader\" {after:.1?} after the cut",
+            i + 1
+        );
+        tokio::time::sleep((TTL * 4).saturating_sub(cut.elapsed())).await;
+        // And it stayed so for the whole cut.
+        if let Err(what) = refuses_without_leader(&eps[i]).await {
+            panic!(
+                "m{} answered {what} at the end of its cut instead of \"no leader\"",
+                i + 1
+            );
+        }
         members.heal(i);
         phase(format!("m{} healed", i + 1), true);
         tokio::time::sleep(Duration::from_secs(6)).await;
