@@ -111,7 +111,23 @@ async fn calls_whose_answer_was_lost_are_retried_and_leave_nothing_behind() {
         })
         .await
         .unwrap();
+    let mapping = rustoverlay::state::keys::host_network("a", "net-a2");
+    assert!(
+        s.get(&mapping).await.unwrap().is_some(),
+        "CreateNetwork stored net-a2's overlay mapping"
+    );
     a.driver.delete_network("net-a2").await.unwrap();
+    assert!(
+        s.get(&mapping).await.unwrap().is_none(),
+        "DeleteNetwork left net-a2's overlay mapping behind"
+    );
+    assert!(
+        s.get(&rustoverlay::state::keys::host_network("a", "net-a"))
+            .await
+            .unwrap()
+            .is_some(),
+        "net-a (same overlay) keeps its mapping"
+    );
 
     // RequestAddress --ip: applied, answer lost; Docker's retry gets it.
     hooked.lose_answers(1);
