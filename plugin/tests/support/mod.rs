@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod calls;
+pub mod proxy;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -33,6 +34,17 @@ pub fn block_ip(ns: &str, ip: &str, blocked: bool) {
     } else {
         iptables_drop(ns, "-D", &["INPUT", "-s", ip]);
         iptables_drop(ns, "-D", &["OUTPUT", "-d", ip]);
+    }
+}
+
+/// Drop only what comes from `ip` into namespace `ns` (iptables INPUT): the
+/// host's requests still get there and are acted on, their answers are
+/// lost.
+pub fn block_answers_from(ns: &str, ip: &str, blocked: bool) {
+    if blocked {
+        iptables_drop(ns, "-I", &["INPUT", "1", "-s", ip]);
+    } else {
+        iptables_drop(ns, "-D", &["INPUT", "-s", ip]);
     }
 }
 
@@ -716,6 +728,25 @@ impl Lan {
             assert!(Instant::now() < deadline, "etcd did not listen within 20 s");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Freeze (SIGSTOP) or thaw (SIGCONT) the store that runs on this LAN,
+    /// etcd or Consul: frozen, it keeps every connection open and answers
+    /// nothing, as a hung store; its clock goes on, so what expired meanwhile
+    /// expires when it thaws.
+    pub fn freeze_store(&self, frozen: bool) {
+        let child = self
+            .etcd
+            .as_ref()
+            .or(self.consul.as_ref())
+            .expect("a store runs on the LAN");
+        let signal = if frozen {
+            nix::sys::signal::Signal::SIGSTOP
+        } else {
+            nix::sys::signal::Signal::SIGCONT
+        };
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal)
+            .expect("signal the store");
     }
 
     pub fn stop_etcd(&mut self) {
