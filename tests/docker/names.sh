@@ -9,9 +9,10 @@
 # host within 2 s; a container on another overlay is not resolvable; an
 # outside name is answered through the upstream both from the overlay and
 # from Docker's default bridge (latencies printed, against a direct query);
-# the host's resolver answers nothing from the underlay; after the plugin on
-# host 1 is killed and dockerd there restarted, host 1's names resolve on
-# host 2 again within 5 s of the plugin's return.
+# the host's resolver answers nothing from the underlay; names keep
+# resolving through a store outage longer than the lease and resync after;
+# after the plugin on host 1 is killed and dockerd there restarted, host 1's
+# names resolve on host 2 again within 5 s of the plugin's return.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=tests/lib/harness.sh
@@ -162,6 +163,18 @@ for pair in "1 front1" "2 client" "3 far"; do
         harness_fail "host $h: web still resolves 2 s after docker rm (to '$(lookup "$h" "$c" web || true)')"
     fi
 done
+
+phase "a store outage longer than the lease: names keep resolving, and resync after"
+harness_stop_etcd
+t0="$(now_ms)"
+assert_ok "host 2: front resolves (both) while the store is down" resolves_to 2 client front "$BOTH"
+sleep $((TTL + 2))
+assert_ok "host 2: front still resolves $((TTL + 2)) s into the outage" resolves_to 2 client front "$BOTH"
+harness_start_etcd
+printf 'figure: the store was down %s ms\n' "$(ms_since "$t0")"
+assert_ok "host 1: a container started after the outage" sc_run 1 late "$NET"
+assert_eventually "host 2 resolves it" 15 resolves_to 2 client late "$(hcontainer_ip 1 late "$NET")"
+assert_eventually "host 2: front resolves to both again" 15 resolves_to 2 client front "$BOTH"
 
 phase "the plugin on host 1 killed, then dockerd restarted: host 1's names come back on host 2"
 harness_kill_plugin 1 KILL
