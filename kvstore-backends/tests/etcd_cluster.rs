@@ -441,8 +441,12 @@ async fn partition_scenario(members: Members) {
     // The store prefers the first endpoint until it fails: its streams are there.
     let (members, phase, eps) = (&members, &phase, &endpoints);
     let cut_then_heal = |i: usize| async move {
+        // Cutting the leader off is an election too: the lease must live
+        // (the new leader extends it), but renewals may pause past the TTL.
+        let leads = leader(eps).await == Some(i);
         members.cut(i);
-        phase(format!("m{} cut from its peers", i + 1), false);
+        let role = if leads { " (the leader)" } else { "" };
+        phase(format!("m{}{role} cut from its peers", i + 1), leads);
         let cut = Instant::now();
         // The precondition: the member really is in a minority and says
         // so to its clients (a follower notices after an election timeout,
