@@ -620,3 +620,249 @@ async fn a_gone_host_whose_machine_still_answers_keeps_its_addresses_until_it_fa
     assert!(!is_free(&c.b, c.eb.ip()).await, "b's own address stays");
     task.abort();
 }
+
+#[tokio::test]
+async fn a_record_that_cannot_be_read_does_not_stop_the_census() {
+    let c = cluster().await;
+    let net_b = c.b.overlays.lookup("net-b").await.unwrap();
+    // Garbage where an endpoint and a network of host c would be.
+    let bad_ep = keys::endpoint(&net_b.overlay, "brokenccccccccccc");
+    c.store.put(&bad_ep, b"\xff".to_vec()).await.unwrap();
+    let bad_net = keys::host_network("c", "net-c");
+    c.store.put(&bad_net, b"{}".to_vec()).await.unwrap();
+
+    let read = census(c.store.as_ref())
+        .await
+        .expect("the census skips what it cannot read");
+    assert_eq!(read.holdings["a"].endpoints.len(), 1);
+    assert_eq!(read.holdings["b"].endpoints.len(), 1);
+    assert!(!read.holdings.contains_key("c"), "nothing read for c");
+    // The unreadable endpoint may hold any address of its overlay's pool:
+    // none is collected while it stays.
+    assert!(read.unbound.is_empty(), "{:?}", read.unbound);
+    c.store.delete(&bad_ep).await.unwrap();
+    let unbound = census(c.store.as_ref()).await.unwrap().unbound;
+    assert_eq!(
+        unbound.iter().map(|u| u.ip).collect::<Vec<_>>(),
+        vec![c.a_unbound]
+    );
+    c.store.put(&bad_ep, b"\xff".to_vec()).await.unwrap();
+    // Reclaim and gc go on for everyone else.
+    c.a.unregister().await;
+    let report = gc(c.store.clone(), true, Duration::ZERO, true)
+        .await
+        .unwrap();
+    assert!(report.contains("reclaimed host a"), "{report}");
+    assert!(is_free(&c.b, c.ea.ip()).await);
+    assert!(c.store.get(&bad_ep).await.unwrap().is_some(), "left alone");
+}
+
+/// A store that counts ranges by prefix and the open watches of the root.
+struct Counted {
+    inner: Arc<dyn KvStore>,
+    ranges: std::sync::Mutex<BTreeMap<String, u64>>,
+    root_watches: Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl Counted {
+    fn new(inner: Arc<dyn KvStore>) -> Arc<Counted> {
+        Arc::new(Counted {
+            inner,
+            ranges: Default::default(),
+            root_watches: Default::default(),
+        })
+    }
+
+    fn ranges(&self, prefix: &str) -> u64 {
+        self.ranges
+            .lock()
+            .unwrap()
+            .get(prefix)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn root_watches(&self) -> i64 {
+        self.root_watches.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Counts down an open watch when the stream goes.
+struct Open(Arc<std::sync::atomic::AtomicI64>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[async_trait::async_trait]
+impl KvStore for Counted {
+    fn backend_name(&self) -> &'static str {
+        "counted"
+    }
+    fn watch_fidelity(&self) -> kvstore_backends::WatchFidelity {
+        self.inner.watch_fidelity()
+    }
+    async fn get(&self, key: &str) -> kvstore_backends::Result<Option<KeyValue>> {
+        self.inner.get(key).await
+    }
+    async fn range(
+        &self,
+        prefix: &str,
+    ) -> kvstore_backends::Result<kvstore_backends::RangeResponse> {
+        *self
+            .ranges
+            .lock()
+            .unwrap()
+            .entry(prefix.into())
+            .or_default() += 1;
+        self.inner.range(prefix).await
+    }
+    async fn txn(
+        &self,
+        txn: kvstore_backends::Txn,
+    ) -> kvstore_backends::Result<kvstore_backends::TxnResponse> {
+        self.inner.txn(txn).await
+    }
+    async fn watch(
+        &self,
+        prefix: &str,
+        start: i64,
+    ) -> kvstore_backends::Result<kvstore_backends::WatchStream> {
+        use futures::StreamExt;
+        let stream = self.inner.watch(prefix, start).await?;
+        if prefix != keys::ROOT {
+            return Ok(stream);
+        }
+        self.root_watches
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let open = Open(self.root_watches.clone());
+        Ok(stream.map(move |e| (&open, e).1).boxed())
+    }
+    async fn grant_lease(
+        &self,
+        ttl: Duration,
+    ) -> kvstore_backends::Result<kvstore_backends::LeaseId> {
+        self.inner.grant_lease(ttl).await
+    }
+    async fn keep_alive(&self, lease: kvstore_backends::LeaseId) -> kvstore_backends::Result<()> {
+        self.inner.keep_alive(lease).await
+    }
+    async fn revoke_lease(&self, lease: kvstore_backends::LeaseId) -> kvstore_backends::Result<()> {
+        self.inner.revoke_lease(lease).await
+    }
+}
+
+#[tokio::test]
+async fn the_reaper_reads_the_whole_store_once_while_it_leads_and_stops_following_after() {
+    use rustoverlay::sync::readiness::Readiness;
+    use rustoverlay::sync::reaper::{self, ReaperConfig};
+    let c = cluster().await;
+    let counted = Counted::new(c.store.clone());
+    let period = Duration::from_millis(50);
+    let lease = c.store.grant_lease(HOUR).await.unwrap();
+    let (registered, lease) = tokio::sync::watch::channel(Some(lease));
+    let task = tokio::spawn(reaper::run(
+        counted.clone(),
+        "b".into(),
+        Readiness::new(true),
+        c.b.reconciler.clone(),
+        ReaperConfig {
+            period,
+            grace: Duration::from_millis(300),
+            orphan_age: HOUR,
+        },
+        c.b.live.clone(),
+        lease,
+    ));
+    eventually("b leads and follows the store", || {
+        counted.root_watches() == 1
+    })
+    .await;
+    tokio::time::sleep(period * 10).await;
+    assert_eq!(counted.ranges(keys::ROOT), 1, "no full read per round");
+
+    // Rounds still work from the model: a gone host is reclaimed.
+    c.a.unregister().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !holdings_of(c.store.as_ref(), "a").await.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "a never reclaimed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(counted.ranges(keys::ROOT), 1, "changes came by the watch");
+
+    // The role ends (b's registration is lost): b stops following.
+    registered.send_replace(None);
+    eventually("b stops following", || counted.root_watches() == 0).await;
+    // Registered again, b takes the role again with one fresh full read.
+    let lease = c.store.grant_lease(HOUR).await.unwrap();
+    c.store.delete(&keys::reaper()).await.unwrap();
+    registered.send_replace(Some(lease));
+    eventually("b follows again", || counted.root_watches() == 1).await;
+    assert_eq!(counted.ranges(keys::ROOT), 2);
+    task.abort();
+    let _ = task.await;
+    assert_eq!(counted.root_watches(), 0, "the watch goes with the reaper");
+}
+
+#[tokio::test]
+async fn the_orphan_sweep_reads_the_store_again_only_after_a_change() {
+    use rustoverlay::dataplane::names::short_id;
+    use rustoverlay::dataplane::Dataplane;
+    let counted = Counted::new(store());
+    let s: Arc<dyn KvStore> = counted.clone();
+    let a = Host::start(&s, "a", "192.0.2.1").await;
+    let b = Host::start(&s, "b", "192.0.2.2").await;
+    a.create_network("net-a", SUBNET).await;
+    b.create_network("net-b", SUBNET).await;
+    let running = a.run("net-a", "runningaaaaaaaaa").await;
+    // Each sweep that reads the store starts with this host's networks.
+    let reads = || counted.ranges(&keys::host_networks("a"));
+    let age = Duration::from_secs(2);
+    let sweep = || a.reconciler.sweep_orphans_when_changed(s.as_ref(), age);
+
+    assert_eq!(sweep().await.unwrap(), 0);
+    let first = reads();
+    for _ in 0..5 {
+        assert_eq!(sweep().await.unwrap(), 0);
+    }
+    assert_eq!(reads(), first, "nothing changed: nothing read");
+    // A write anywhere in the store: read again, once.
+    b.ipam.request_address(POOL, None, false).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(sweep().await.unwrap(), 0);
+    }
+    assert_eq!(reads(), first + 1);
+
+    // Created, never joined (its container went while the store was
+    // unreachable): young now, an orphan once old, with no other change.
+    let orphan = a.create_endpoint("net-a", "orphanaaaaaaaaaa").await;
+    assert_eq!(sweep().await.unwrap(), 0, "young");
+    let before = reads();
+    let (mut calls, deadline) = (0, std::time::Instant::now() + Duration::from_secs(10));
+    while sweep().await.unwrap() == 0 {
+        assert!(std::time::Instant::now() < deadline, "the orphan stayed");
+        calls += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        reads() - before <= 2 && calls > 10,
+        "{} reads in {calls} sweeps: read again only when an endpoint came of age",
+        reads() - before
+    );
+    assert!(!endpoint_holds(&a, "net-a", &orphan.endpoint_id, orphan.ip()).await);
+
+    // A bridge port that goes without any store write (a Leave whose
+    // DeleteEndpoint never came): read again, and the endpoint is an orphan.
+    assert_eq!(sweep().await.unwrap(), 0);
+    let before = reads();
+    assert_eq!(sweep().await.unwrap(), 0);
+    assert_eq!(reads(), before);
+    a.fake
+        .remove_endpoint_link(VNI, short_id(&running.endpoint_id))
+        .await
+        .unwrap();
+    assert_eq!(sweep().await.unwrap(), 1, "the endpoint whose port went");
+    assert_eq!(reads(), before + 1);
+}

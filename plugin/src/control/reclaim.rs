@@ -1,19 +1,35 @@
-//! Reclaiming what gone hosts held, and `rustoverlay gc`. The loop that
-//! decides when to reclaim lives in `sync::reaper`.
+//! Reclaiming what gone hosts held, and `rustoverlay gc`, from a census of
+//! who holds what. The loop that decides when to reclaim lives in
+//! `sync::reaper`.
 //!
 //! A host is gone when its registration (under a lease) has expired. After a
 //! grace period, any live host removes the gone host's endpoints, frees their
 //! addresses, detaches its networks and drops its pool references. Every one
 //! of those writes carries the gone-host fence (`state::fence`), so nothing
 //! is ever reclaimed from a host that came back.
+//!
+//! The census comes from a model ([`CensusIndex`]) that keeps, decoded, only
+//! the records the census reads (registrations, each host's networks,
+//! endpoints, pool references, addresses and their bindings), by store key.
+//! It is built from one read of the root ([`census`], `gc`), or kept current
+//! from a full read and then a watch's changes (the elected reaper,
+//! `sync::leader`): the same census comes out of both. A record this
+//! version cannot read is skipped with one warning naming its key, instead
+//! of stopping reclaim and collection for the whole cluster. Skipping is
+//! safe: what a skipped record held is left alone (kept, never handed out
+//! twice): no address of a pool of an overlay with an unreadable endpoint
+//! record is listed as unbound, and no address is released while its
+//! endpoint binding stays.
 
 use super::ipam::{pool_id, Ipam};
 use super::overlay::Overlays;
 use crate::error::{PluginError, Result, StoreContext};
 use crate::state::codec::decode;
 use crate::state::keys;
-use crate::state::records::{AddressKind, AddressRecord, EndpointRecord, LocalNetwork, PoolRecord};
-use kvstore_backends::{KvStore, Revision};
+use crate::state::records::{
+    AddressKind, AddressRecord, EndpointRecord, LocalNetwork, OverlayRecord, PoolRecord,
+};
+use kvstore_backends::{EventKind, KeyValue, KvStore, Revision, WatchEvent};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -52,7 +68,8 @@ pub struct UnboundAddress {
     pub revision: Revision,
 }
 
-/// A full read of what every host holds (gc and reclaim are rare; this scans).
+/// What every host holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Census {
     pub holdings: HashMap<String, Holdings>,
     /// Addresses handed out but bound to no endpoint.
@@ -60,96 +77,288 @@ pub struct Census {
     pub registered: HashSet<String>,
 }
 
+/// One full read of the store root, as a census (`gc`, tests).
 pub async fn census(store: &dyn KvStore) -> Result<Census> {
-    let root = keys::ROOT;
-    let all = store
-        .range(root)
-        .await
-        .ctx(|| "read the whole rustoverlay state".into())?;
-    let mut holdings: HashMap<String, Holdings> = HashMap::new();
-    let mut registered = HashSet::new();
-    let mut bound: HashSet<(String, IpAddr)> = HashSet::new();
-    let mut addresses = vec![];
-    let mut overlays: HashMap<String, Vec<EndpointRecord>> = HashMap::new();
-    let mut nets_by_overlay: HashMap<(String, String), LocalNetwork> = HashMap::new();
-    for kv in &all.kvs {
-        let rest = &kv.key[root.len()..];
-        let parts: Vec<&str> = rest.split('/').collect();
-        match parts.as_slice() {
-            ["hosts", host] => {
-                registered.insert(host.to_string());
-            }
-            ["host", host, "net", net_id] => {
-                let net: LocalNetwork = decode(kv)?;
-                nets_by_overlay.insert((host.to_string(), net.network_id.clone()), net);
-                holdings
-                    .entry(host.to_string())
-                    .or_default()
-                    .networks
-                    .push(net_id.to_string());
-            }
-            ["overlay", overlay, "ep", _] => {
-                let ep: EndpointRecord = decode(kv)?;
-                overlays.entry(overlay.to_string()).or_default().push(ep);
-            }
-            ["ipam", "pool", _, "record"] => {
-                let rec: PoolRecord = decode(kv)?;
-                let id = pool_id(&rec.subnet);
-                for (host, n) in rec.refs {
-                    holdings
-                        .entry(host)
-                        .or_default()
-                        .pool_refs
-                        .insert(id.clone(), n);
+    let mut index = CensusIndex::default();
+    index.reload(store).await?;
+    Ok(index.census())
+}
+
+/// One stored record the census reads, decoded.
+#[derive(Debug, Clone)]
+enum Record {
+    /// `hosts/<host>`.
+    Registered(String),
+    /// `host/<host>/net/<net>`.
+    Network {
+        host: String,
+        net_id: String,
+        net: LocalNetwork,
+    },
+    /// `overlay/<overlay>/ep/<ep>`.
+    Endpoint(EndpointRecord),
+    /// `overlay/<overlay>/record`: the pools of its subnets.
+    Overlay { overlay: String, pools: Vec<String> },
+    /// `ipam/pool/<pool>/record`: its references per host.
+    Pool {
+        id: String,
+        refs: BTreeMap<String, u32>,
+    },
+    /// `ipam/pool/<pool>/addr/<ip>` of a plain address (not gateway or aux).
+    Address {
+        pool: String,
+        ip: IpAddr,
+        holder: String,
+        revision: Revision,
+    },
+    /// `ipam/pool/<pool>/bound/<ip>`: the address has an endpoint.
+    Bound { pool: String, ip: IpAddr },
+}
+
+/// The census's model: the records it reads, by key.
+#[derive(Debug, Default)]
+pub struct CensusIndex {
+    records: BTreeMap<String, Record>,
+    /// Keys holding a value this version cannot read, at the revision
+    /// warned about (one warning per key and value).
+    undecodable: HashMap<String, Revision>,
+    /// Warnings given about such values.
+    warnings: u64,
+}
+
+impl CensusIndex {
+    /// Replace the model with one full read of the root.
+    pub async fn reload(&mut self, store: &dyn KvStore) -> Result<()> {
+        let all = store
+            .range(keys::ROOT)
+            .await
+            .ctx(|| "read the whole rustoverlay state".into())?;
+        self.resync(&all.kvs);
+        Ok(())
+    }
+
+    /// Replace the model with a full read of the root (every key under
+    /// `keys::ROOT`).
+    pub fn resync(&mut self, kvs: &[KeyValue]) {
+        self.records.clear();
+        let warned = std::mem::take(&mut self.undecodable);
+        for kv in kvs {
+            match parse(kv) {
+                Ok(Some(rec)) => {
+                    self.records.insert(kv.key.clone(), rec);
                 }
-            }
-            ["ipam", "pool", seg, "addr", ip] => {
-                let rec: AddressRecord = decode(kv)?;
-                if rec.kind == AddressKind::Address {
-                    if let Ok(ip) = ip.parse::<IpAddr>() {
-                        addresses.push((seg.replace('_', "/"), ip, rec, kv.mod_revision));
+                Ok(None) => {}
+                Err(e) => {
+                    if warned.get(&kv.key) == Some(&kv.mod_revision) {
+                        self.undecodable.insert(kv.key.clone(), kv.mod_revision);
+                    } else {
+                        self.skip(kv, &e);
                     }
                 }
             }
-            _ => {}
         }
     }
-    for eps in overlays.values() {
-        for ep in eps {
+
+    /// Apply one change seen by a watch of the root.
+    pub fn apply(&mut self, event: &WatchEvent) {
+        let kv = &event.kv;
+        if event.kind == EventKind::Delete {
+            self.records.remove(&kv.key);
+            self.undecodable.remove(&kv.key);
+            return;
+        }
+        match parse(kv) {
+            Ok(rec) => {
+                self.undecodable.remove(&kv.key);
+                match rec {
+                    Some(rec) => self.records.insert(kv.key.clone(), rec),
+                    None => self.records.remove(&kv.key),
+                };
+            }
+            Err(e) => {
+                // Whatever the key held before is gone from the store.
+                self.records.remove(&kv.key);
+                if self.undecodable.get(&kv.key) != Some(&kv.mod_revision) {
+                    self.skip(kv, &e);
+                }
+            }
+        }
+    }
+
+    /// Keys skipped because their values cannot be read.
+    pub fn undecodable(&self) -> impl Iterator<Item = &str> {
+        self.undecodable.keys().map(String::as_str)
+    }
+
+    /// Warnings given so far about values that cannot be read.
+    pub fn warnings(&self) -> u64 {
+        self.warnings
+    }
+
+    fn skip(&mut self, kv: &KeyValue, error: &PluginError) {
+        self.warnings += 1;
+        tracing::warn!(key = %kv.key, error = %error, "skipping a stored record this version cannot read: the census goes on without it, and what it holds is left alone");
+        self.undecodable.insert(kv.key.clone(), kv.mod_revision);
+    }
+
+    /// The census of what the model holds (no store read).
+    pub fn census(&self) -> Census {
+        let mut holdings: HashMap<String, Holdings> = HashMap::new();
+        let mut registered = HashSet::new();
+        let mut bound: HashSet<(&str, IpAddr)> = HashSet::new();
+        let mut nets: HashMap<(&str, &str), &LocalNetwork> = HashMap::new();
+        let mut endpoints = vec![];
+        let mut addresses = vec![];
+        let mut pools = vec![];
+        let mut overlay_pools: HashMap<&str, &[String]> = HashMap::new();
+        for rec in self.records.values() {
+            match rec {
+                Record::Registered(host) => {
+                    registered.insert(host.clone());
+                }
+                Record::Network { host, net_id, net } => {
+                    nets.insert((host, &net.network_id), net);
+                    holdings
+                        .entry(host.clone())
+                        .or_default()
+                        .networks
+                        .push(net_id.clone());
+                }
+                Record::Endpoint(ep) => endpoints.push(ep),
+                Record::Overlay { overlay, pools } => {
+                    overlay_pools.insert(overlay, pools);
+                }
+                Record::Pool { id, refs } => pools.push((id, refs)),
+                Record::Address {
+                    pool,
+                    ip,
+                    holder,
+                    revision,
+                } => addresses.push((pool, *ip, holder, *revision)),
+                Record::Bound { pool, ip } => {
+                    bound.insert((pool, *ip));
+                }
+            }
+        }
+        for (id, refs) in pools {
+            for (host, n) in refs {
+                holdings
+                    .entry(host.clone())
+                    .or_default()
+                    .pool_refs
+                    .insert(id.clone(), *n);
+            }
+        }
+        let mut bound_by_endpoint: HashSet<(String, IpAddr)> = HashSet::new();
+        for ep in endpoints {
             for a in [ep.ipv4, ep.ipv6].into_iter().flatten() {
                 let pool = ipnetwork::IpNetwork::new(a.network(), a.prefix())
                     .map(|n| pool_id(&n))
                     .unwrap_or_default();
-                bound.insert((pool, a.ip()));
+                bound_by_endpoint.insert((pool, a.ip()));
             }
             let held = holdings.entry(ep.host.clone()).or_default();
             held.vteps.insert(ep.vtep);
-            if let Some(net) = nets_by_overlay.get(&(ep.host.clone(), ep.network_id.clone())) {
-                held.endpoints.push((net.clone(), ep.endpoint_id.clone()));
+            if let Some(net) = nets.get(&(ep.host.as_str(), ep.network_id.as_str())) {
+                held.endpoints
+                    .push(((*net).clone(), ep.endpoint_id.clone()));
             }
         }
-    }
-    let mut unbound = vec![];
-    for (pool, ip, rec, revision) in addresses {
-        if !bound.contains(&(pool.clone(), ip)) {
-            unbound.push(UnboundAddress {
-                pool: pool.clone(),
-                ip,
-                holder: rec.host.clone(),
-                revision,
-            });
+        // An endpoint record that cannot be read may hold any address of its
+        // overlay's pools (and records of older versions have no binding
+        // key): none of those is collected while it stays.
+        let mut uncertain: HashSet<String> = HashSet::new();
+        for key in self.undecodable.keys() {
+            let rest = key.strip_prefix(keys::ROOT).unwrap_or_default();
+            if let ["overlay", overlay, "ep", _] = rest.split('/').collect::<Vec<_>>()[..] {
+                uncertain.insert(overlay.replace('_', "/"));
+                let theirs = overlay_pools.get(overlay).copied().unwrap_or_default();
+                uncertain.extend(theirs.iter().cloned());
+            }
         }
-        holdings
-            .entry(rec.host)
-            .or_default()
-            .addresses
-            .push((pool, ip));
+        let mut unbound = vec![];
+        for (pool, ip, holder, revision) in addresses {
+            // Bound by an endpoint record, or by a binding whose endpoint
+            // record was skipped: either way not free to collect.
+            let is_bound = bound.contains(&(pool.as_str(), ip))
+                || bound_by_endpoint.contains(&(pool.clone(), ip))
+                || uncertain.contains(pool);
+            if !is_bound {
+                unbound.push(UnboundAddress {
+                    pool: pool.clone(),
+                    ip,
+                    holder: holder.clone(),
+                    revision,
+                });
+            }
+            holdings
+                .entry(holder.clone())
+                .or_default()
+                .addresses
+                .push((pool.clone(), ip));
+        }
+        Census {
+            holdings,
+            unbound,
+            registered,
+        }
     }
-    Ok(Census {
-        holdings,
-        unbound,
-        registered,
-    })
+}
+
+/// The record a key holds, if the census reads it; an error when its value
+/// cannot be read.
+fn parse(kv: &KeyValue) -> Result<Option<Record>> {
+    let Some(rest) = kv.key.strip_prefix(keys::ROOT) else {
+        return Ok(None);
+    };
+    let parts: Vec<&str> = rest.split('/').collect();
+    let rec = match parts.as_slice() {
+        ["hosts", host] => Record::Registered(host.to_string()),
+        ["host", host, "net", net_id] => Record::Network {
+            host: host.to_string(),
+            net_id: net_id.to_string(),
+            net: decode(kv)?,
+        },
+        ["overlay", _, "ep", _] => Record::Endpoint(decode(kv)?),
+        ["overlay", overlay, "record"] => {
+            let rec: OverlayRecord = decode(kv)?;
+            Record::Overlay {
+                overlay: overlay.to_string(),
+                pools: rec.subnets.iter().map(pool_id).collect(),
+            }
+        }
+        ["ipam", "pool", _, "record"] => {
+            let rec: PoolRecord = decode(kv)?;
+            Record::Pool {
+                id: pool_id(&rec.subnet),
+                refs: rec.refs,
+            }
+        }
+        ["ipam", "pool", seg, "addr", ip] => {
+            let rec: AddressRecord = decode(kv)?;
+            let Ok(ip) = ip.parse::<IpAddr>() else {
+                return Ok(None);
+            };
+            if rec.kind != AddressKind::Address {
+                return Ok(None);
+            }
+            Record::Address {
+                pool: seg.replace('_', "/"),
+                ip,
+                holder: rec.host,
+                revision: kv.mod_revision,
+            }
+        }
+        ["ipam", "pool", seg, "bound", ip] => match ip.parse::<IpAddr>() {
+            Ok(ip) => Record::Bound {
+                pool: seg.replace('_', "/"),
+                ip,
+            },
+            Err(_) => return Ok(None),
+        },
+        _ => return Ok(None),
+    };
+    Ok(Some(rec))
 }
 
 /// Remove everything a gone host holds. Every write requires that the host is
@@ -199,7 +408,11 @@ pub async fn gc(
     min_age: Duration,
     gone_hosts: bool,
 ) -> Result<String> {
-    let first = census(store.as_ref()).await?;
+    // One model for both reads, so a record that cannot be read is warned
+    // about once.
+    let mut index = CensusIndex::default();
+    index.reload(store.as_ref()).await?;
+    let first = index.census();
     let watched: HashSet<(String, IpAddr, Revision)> = first
         .unbound
         .iter()
@@ -210,7 +423,8 @@ pub async fn gc(
     } else {
         tracing::info!(addresses = watched.len(), min_age = ?min_age, "watching addresses bound to no endpoint");
         tokio::time::sleep(min_age).await;
-        census(store.as_ref()).await?
+        index.reload(store.as_ref()).await?;
+        index.census()
     };
     let mut out = String::new();
     let mut gone: Vec<(&String, &Holdings)> = census
@@ -267,4 +481,56 @@ pub async fn gc(
         out.push_str("run again with --apply to free these\n");
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(key: &str, value: &[u8], revision: Revision) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: value.to_vec(),
+            create_revision: revision,
+            mod_revision: revision,
+            lease: None,
+        }
+    }
+
+    fn put(key: &str, value: &[u8], revision: Revision) -> WatchEvent {
+        WatchEvent {
+            kind: EventKind::Put,
+            kv: kv(key, value, revision),
+        }
+    }
+
+    #[test]
+    fn a_record_that_cannot_be_read_is_skipped_with_one_warning() {
+        let registration = kv(&keys::host_registration("a"), b"{}", 1);
+        let bad = keys::endpoint("10.77.0.0_24", "broken");
+        let mut index = CensusIndex::default();
+        let read = [registration, kv(&bad, b"\xff", 2)];
+        index.resync(&read);
+        let skipped = |i: &CensusIndex| {
+            let keys: Vec<String> = i.undecodable().map(String::from).collect();
+            (i.warnings(), keys)
+        };
+        assert_eq!(skipped(&index), (1, vec![bad.clone()]));
+        assert!(index.census().registered.contains("a"), "the rest is read");
+        // Rounds, a full read again, the same change replayed: no new warning.
+        for _ in 0..3 {
+            index.census();
+        }
+        index.resync(&read);
+        index.apply(&put(&bad, b"\xff", 2));
+        assert_eq!(skipped(&index).0, 1, "one warning per key");
+        // Other garbage is worth a warning; a delete ends it.
+        index.apply(&put(&bad, b"[]", 3));
+        assert_eq!(skipped(&index), (2, vec![bad.clone()]));
+        index.apply(&WatchEvent {
+            kind: EventKind::Delete,
+            kv: kv(&bad, b"", 4),
+        });
+        assert_eq!(skipped(&index), (2, vec![]));
+    }
 }

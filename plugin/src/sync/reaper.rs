@@ -5,22 +5,25 @@
 //! "Gone since" follows the live-hosts watch, not samples: a host that
 //! registers again, even briefly, starts its grace over, and a host is
 //! reclaimed when its grace ends (a timer), not at the next sample after.
-//! The period only paces the orphan sweep and the census that finds hosts
-//! holding state that were gone before this plugin started. Every host
-//! follows liveness and sweeps its own orphans; only the elected reaper
-//! (`leader`) reads the census, reclaims, and frees addresses that stayed
-//! bound to no endpoint for `--orphan-age`.
+//! The period only paces the orphan sweep and the census round that finds
+//! hosts holding state that were gone before this plugin started. Every
+//! host follows liveness and sweeps its own orphans (reading the store again
+//! only after something changed, `Reconciler::sweep_orphans_when_changed`);
+//! only the elected reaper (`leader`) keeps the census, reclaims, and frees
+//! addresses that stayed bound to no endpoint for `--orphan-age`. It keeps
+//! the census in memory from a watch of the store while it leads
+//! (`leader::CensusFeed`), so a round reads nothing from the store.
 //!
 //! An expired registration alone is no proof that a host is gone: before
 //! reclaiming, the reaper pings the host's VTEPs, and a machine that answers
 //! (cut off from the store, or its plugin down) keeps everything.
 
-use super::leader::Leadership;
+use super::leader::{CensusFeed, Leadership, Role};
 use super::membership::LiveSet;
 use super::readiness::Readiness;
 use super::reconcile::Reconciler;
 use crate::control::ipam::Ipam;
-use crate::control::reclaim::{census, reclaim_host, Census, Holdings, UnboundAddress};
+use crate::control::reclaim::{reclaim_host, Census, Holdings, UnboundAddress};
 use crate::dataplane::{Dataplane, Probe};
 use kvstore_backends::{KvStore, LeaseId, Revision};
 use std::collections::HashMap;
@@ -102,12 +105,15 @@ pub async fn run(
     let mut gone = GoneSince::default();
     let mut seen: LiveSet = live.borrow_and_update().clone();
     let mut leader = Leadership::new(store.clone(), me.clone(), lease);
+    let mut feed = CensusFeed::new(store.clone());
     let mut next_tick = Instant::now() + config.period;
     let mut leading = false;
     let mut unbound = Unbound::new();
     loop {
-        // Only the reaper wakes for a grace's end; the others just follow.
-        let due = if leading {
+        // Only the reaper wakes for a grace's end, once its census is read;
+        // the others just follow.
+        let synced = feed.is_synced();
+        let due = if leading && synced {
             gone.next_due(config.grace)
         } else {
             None
@@ -130,27 +136,44 @@ pub async fn run(
             _ = tokio::time::sleep_until(next_tick) => {
                 next_tick = Instant::now() + config.period;
                 if ready.is_ready() {
-                    if let Err(e) = reconciler.sweep_orphans(config.orphan_age).await {
+                    let swept = reconciler
+                        .sweep_orphans_when_changed(store.as_ref(), config.orphan_age)
+                        .await;
+                    if let Err(e) = swept {
                         tracing::warn!(error = %e, "orphaned-endpoint sweep failed");
                     }
                 }
             }
             _ = sleep_until_opt(due) => {}
+            // The role's census has just been read: a first round now.
+            _ = feed.synced(), if leading && !synced => {}
         }
-        leading = leader.hold().await;
-        if leading {
-            let probe = reconciler.dataplane();
-            let ctx = ReapContext {
-                store: &store,
-                me: &me,
-                config: &config,
-                live: &seen,
-                probe,
-            };
-            reap(&ctx, &mut gone, &mut unbound).await;
-        } else {
+        let role = leader.check().await;
+        leading = role == Role::Reaper;
+        match role {
+            Role::Reaper => feed.start(),
+            Role::Other => feed.stop(),
+            // A store error: no round now, but keep the model.
+            Role::Unknown => {}
+        }
+        if !leading {
             unbound.clear();
+            continue;
         }
+        // Before the role's first full read there is no census: that read
+        // wakes the loop (`feed.synced()`).
+        let Some(census) = feed.census() else {
+            continue;
+        };
+        let probe = reconciler.dataplane();
+        let ctx = ReapContext {
+            store: &store,
+            me: &me,
+            config: &config,
+            live: &seen,
+            probe,
+        };
+        reap(&ctx, &census, &mut gone, &mut unbound).await;
     }
 }
 
@@ -234,10 +257,10 @@ async fn still_answers(probe: &dyn Dataplane, held: &Holdings) -> Option<(IpAddr
     None
 }
 
-/// Read who holds what; count hosts holding state that are not registered
-/// as gone (from now, if not counted yet); reclaim those past their grace
-/// whose machines no longer answer.
-async fn reap(ctx: &ReapContext<'_>, gone: &mut GoneSince, unbound: &mut Unbound) {
+/// From the census of who holds what: count hosts holding state that are
+/// not registered as gone (from now, if not counted yet); reclaim those past
+/// their grace whose machines no longer answer.
+async fn reap(ctx: &ReapContext<'_>, census: &Census, gone: &mut GoneSince, unbound: &mut Unbound) {
     let ReapContext {
         store,
         me,
@@ -246,20 +269,15 @@ async fn reap(ctx: &ReapContext<'_>, gone: &mut GoneSince, unbound: &mut Unbound
         probe,
     } = *ctx;
     let now = Instant::now();
-    let census = match census(store.as_ref()).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(error = %e, retry_in = ?config.period, "reaper could not read the store");
-            // No second try before a period has passed, due or not.
-            for g in gone.hosts.values_mut() {
-                g.retry_at = Some(now + config.period);
-            }
-            return;
-        }
-    };
     for (host, held) in &census.holdings {
-        let registered =
-            census.registered.contains(host) || live.as_ref().is_some_and(|l| l.contains(host));
+        // The live set, once known, decides: the census's model may be a
+        // change behind it, and a host that has just left it must not
+        // start its grace over at the next round. (Reclaim writes are
+        // fenced on the registration in the store whatever this says.)
+        let registered = match live {
+            Some(live) => live.contains(host),
+            None => census.registered.contains(host),
+        };
         if host.as_str() == me || registered || held.is_empty() {
             gone.hosts.remove(host);
             continue;
@@ -296,7 +314,7 @@ async fn reap(ctx: &ReapContext<'_>, gone: &mut GoneSince, unbound: &mut Unbound
             }
         }
     }
-    collect_unbound(store, &census, unbound, config.orphan_age, now).await;
+    collect_unbound(store, census, unbound, config.orphan_age, now).await;
     // Hosts gone that hold nothing any more need no timer.
     gone.hosts
         .retain(|h, _| census.holdings.get(h).is_some_and(|held| !held.is_empty()));

@@ -1,18 +1,25 @@
 //! Reconciling this host's kernel with the store: at start, after a lost
 //! lease, and for orphaned endpoints. The store is the truth; the kernel is
 //! made to match it, never the other way round.
+//!
+//! The periodic orphan sweep reads the store again only after something it
+//! reads changed ([`Reconciler::sweep_orphans_when_changed`]), so an idle
+//! host's sweep costs one small read, not a read of every endpoint of its
+//! overlays.
 
 use super::devices::Devices;
 use crate::control::ipam::{pool_id, Ipam};
 use crate::control::overlay::Overlays;
 use crate::dataplane::names::short_id;
 use crate::dataplane::Dataplane;
-use crate::error::{PluginError, Result};
+use crate::error::{PluginError, Result, StoreContext};
+use crate::state::keys;
 use crate::state::records::EndpointRecord;
 use crate::util::backoff::Backoff;
 use crate::util::clock::unix_now;
+use kvstore_backends::{KvStore, Revision, WatchFidelity};
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub struct Reconciler {
@@ -20,6 +27,28 @@ pub struct Reconciler {
     overlays: Arc<Overlays>,
     ipam: Arc<Ipam>,
     devices: Arc<Devices>,
+    /// What the last sweep that removed nothing read.
+    swept: Mutex<Option<Swept>>,
+}
+
+/// Everything an orphan sweep's outcome depends on, but the clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SweepInputs {
+    /// The store's revision: every write anywhere in the store changes it.
+    revision: Revision,
+    min_age: Duration,
+    /// Every VNI with devices on this host, with its bridge ports.
+    kernel: Vec<(u32, Vec<String>)>,
+}
+
+/// A sweep that removed nothing: while its inputs stay the same, another
+/// sweep would remove nothing either, until `next_due`.
+#[derive(Debug)]
+struct Swept {
+    inputs: SweepInputs,
+    /// When (Unix seconds, the sweep's own clock) the youngest endpoint of
+    /// this host it saw becomes old enough to be an orphan.
+    next_due: Option<u64>,
 }
 
 impl Reconciler {
@@ -34,6 +63,7 @@ impl Reconciler {
             overlays,
             ipam,
             devices,
+            swept: Mutex::new(None),
         }
     }
 
@@ -126,17 +156,87 @@ impl Reconciler {
     /// addresses are freed. Young endpoints are left alone: Docker joins an
     /// endpoint right after creating it.
     pub async fn sweep_orphans(&self, min_age: Duration) -> Result<usize> {
+        Ok(self.sweep(min_age).await?.0)
+    }
+
+    /// [`Reconciler::sweep_orphans`], unless nothing it reads changed since
+    /// the last sweep removed nothing: not the store (its revision, read
+    /// here with one small read), not this host's bridge ports, and no
+    /// endpoint of this host came of age since. Then it would remove
+    /// nothing again, and is skipped. On a store whose watches keep no
+    /// history (Consul), whose reads give no store-wide revision, it always
+    /// sweeps.
+    pub async fn sweep_orphans_when_changed(
+        &self,
+        store: &dyn KvStore,
+        min_age: Duration,
+    ) -> Result<usize> {
+        if store.watch_fidelity() != WatchFidelity::EveryChange {
+            return self.sweep_orphans(min_age).await;
+        }
+        // Both read before the sweep reads anything: a change after them is
+        // seen by the next call.
+        let revision = store
+            .range(&keys::reaper())
+            .await
+            .ctx(|| "read the store's revision".into())?
+            .revision;
+        // Ports that cannot be listed now: sweep, and skip nothing next time.
+        let inputs = self.kernel_ports().await.ok().map(|kernel| SweepInputs {
+            revision,
+            min_age,
+            kernel,
+        });
+        let unchanged = self.swept().take().filter(|last| {
+            inputs.as_ref() == Some(&last.inputs)
+                && last.next_due.is_none_or(|due| unix_now() < due)
+        });
+        if let Some(last) = unchanged {
+            *self.swept() = Some(last);
+            return Ok(0);
+        }
+        let (removed, next_due) = self.sweep(min_age).await?;
+        if let Some(inputs) = inputs.filter(|_| removed == 0) {
+            *self.swept() = Some(Swept { inputs, next_due });
+        }
+        Ok(removed)
+    }
+
+    fn swept(&self) -> std::sync::MutexGuard<'_, Option<Swept>> {
+        self.swept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every VNI with devices here and its bridge ports, in order.
+    async fn kernel_ports(&self) -> Result<Vec<(u32, Vec<String>)>> {
+        let dataplane = self.devices.dataplane();
+        let mut vnis = dataplane.local_vnis();
+        vnis.sort_unstable();
+        let mut out = Vec::with_capacity(vnis.len());
+        for vni in vnis {
+            let mut ports = dataplane.endpoint_ports(vni).await?;
+            ports.sort();
+            out.push((vni, ports));
+        }
+        Ok(out)
+    }
+
+    /// The sweep: how many endpoints it removed, and when the youngest
+    /// endpoint of this host it left alone comes of age.
+    async fn sweep(&self, min_age: Duration) -> Result<(usize, Option<u64>)> {
         let now = unix_now();
         let mut removed = 0;
+        let mut next_due: Option<u64> = None;
         for net in self.overlays.local_networks().await? {
             let (eps, _) = self.overlays.endpoints(&net.overlay).await?;
-            let old: Vec<EndpointRecord> = eps
+            let (old, young): (Vec<EndpointRecord>, Vec<EndpointRecord>) = eps
                 .into_iter()
                 .filter(|e| e.host == self.host && e.network_id == net.network_id)
-                .filter(|e| {
-                    e.created_at > 0 && now.saturating_sub(e.created_at) >= min_age.as_secs()
-                })
-                .collect();
+                .filter(|e| e.created_at > 0)
+                .partition(|e| now.saturating_sub(e.created_at) >= min_age.as_secs());
+            for e in young {
+                let due = e.created_at.saturating_add(min_age.as_secs());
+                next_due = Some(next_due.map_or(due, |d| d.min(due)));
+            }
             if old.is_empty() {
                 continue;
             }
@@ -177,6 +277,6 @@ impl Reconciler {
                     .await?;
             }
         }
-        Ok(removed)
+        Ok((removed, next_due))
     }
 }
