@@ -10,8 +10,10 @@
 # each other across hosts. `docker run --ip` of the gateway or the aux
 # address is refused on both hosts; `--ip` outside the range but inside the
 # subnet works and is reachable across hosts. A network without --gateway
-# gets one gateway shared by both hosts. After removal the store is empty and
-# the subnet can be created again with another gateway and range.
+# gets one gateway shared by both hosts. A --subnet with host bits set is
+# refused by Docker 26 itself and passed on (normalised by the plugin) by
+# Docker 20.10. After removal the store is empty and the subnet can be
+# created again with another gateway and range.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=tests/lib/harness.sh
@@ -134,6 +136,26 @@ p1="$(hcontainer_ip 1 p1 "$NET2")"
 p2="$(hcontainer_ip 2 p2 "$NET2")"
 assert_ok "neither container got the gateway ($p1, $p2)" test "$p1" != "$gw1" -a "$p2" != "$gw1"
 assert_eventually "p1 (h1) pings p2 (h2)" 15 sc_ping 1 p1 "$p2"
+
+# pool_claimed SEGMENT - the shared store holds the pool's record (grep -c
+# reads all its input: no SIGPIPE for the pipeline).
+pool_claimed() { harness_store_dump etcd | awk '{ print $1 }' | grep -c "/ipam/pool/$1/record\$" >/dev/null; }
+
+phase "a --subnet with host bits set: Docker 26 refuses it itself, Docker 20.10 passes it on normalised"
+HB=10.86.0.5/24
+if [[ "$HARNESS_ENGINE" == docker26 ]]; then
+    hb_out="$(sc_net_create 1 hostbits --subnet "$HB" 2>&1)" && hb_rc=0 || hb_rc=$?
+    assert_ok "Docker 26 refuses --subnet $HB" test "$hb_rc" -ne 0
+    assert_contains "its message names the subnet it should be" "should be 10.86.0.0/24" "$hb_out"
+    assert_fails "no pool was claimed for it" pool_claimed 10.86.0.0_24
+else
+    assert_ok "Docker 20.10 creates --subnet $HB" sc_net_create 1 hostbits --subnet "$HB"
+    assert_ok "host 1: run hb1 on it" sc_run 1 hb1 hostbits
+    assert_contains "hb1's address lies in 10.86.0.0/24" 10.86.0. "$(hcontainer_ip 1 hb1 hostbits)"
+    assert_ok "the plugin claimed the pool 10.86.0.0/24" pool_claimed 10.86.0.0_24
+    assert_ok "host 1: remove hb1" hdocker 1 rm -f hb1
+    assert_ok "host 1: network rm hostbits" hdocker 1 network rm hostbits
+fi
 
 phase "remove everything; nothing is left; the subnet is free for other options"
 for h in 1 2; do sc_rm_all "$h"; done
