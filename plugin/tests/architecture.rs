@@ -26,7 +26,15 @@ const PLUGIN_LAYERS: &[(&str, &[&str])] = &[
     ("control", &["state", "util", "error"]),
     (
         "sync",
-        &["control", "dataplane", "dns", "docker", "state", "util", "error"],
+        &[
+            "control",
+            "dataplane",
+            "dns",
+            "docker",
+            "state",
+            "util",
+            "error",
+        ],
     ),
     (
         "driver",
