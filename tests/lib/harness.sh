@@ -968,7 +968,8 @@ _harness_kill_host_procs() {
             done
             true
         )"
-        pids="$(for p in $pids; do _harness_pid_alive "$p" && echo "$p"; done | sort -u)"
+        # `if`, not `&&`: a dead last pid must not fail the loop (pipefail).
+        pids="$(for p in $pids; do if _harness_pid_alive "$p"; then echo "$p"; fi; done | sort -u)"
         [[ -n "$pids" ]] || break
         # shellcheck disable=SC2086
         kill -9 $pids 2>/dev/null || true
