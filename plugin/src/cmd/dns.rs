@@ -9,9 +9,11 @@ use crate::dns::{self, DockerBridges, Forwarder, NameTable, Resolver, Scope, Ups
 use crate::docker::client::Client;
 use crate::sync::names::NameService;
 use crate::sync::publish::Publisher;
+use crate::util::backoff::Backoff;
 use crate::util::task::spawn_supervised;
 use kvstore_backends::{KvStore, LeaseId};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 use tokio::sync::watch;
 
 /// The resolver and the per-overlay name service, or `None` with --no-dns.
@@ -51,48 +53,20 @@ pub fn name_service(
 pub async fn start(
     args: &DnsArgs,
     names: &NameService,
-    dataplane: &dyn Dataplane,
+    dataplane: Arc<dyn Dataplane>,
     overlays: Arc<Overlays>,
     store: Arc<dyn KvStore>,
     host: &str,
     lease: watch::Receiver<Option<LeaseId>>,
 ) {
     let resolver = names.resolver().clone();
-    match dataplane.host_dns_listener(args.dns_address).await {
-        Ok(sockets) => {
-            let acl: Arc<dyn dns::Acl> = Arc::new(DockerBridges {
-                extra: args.dns_interface.clone(),
-            });
-            match (
-                tokio::net::UdpSocket::from_std(sockets.udp),
-                tokio::net::TcpListener::from_std(sockets.tcp),
-            ) {
-                (Ok(udp), Ok(tcp)) => {
-                    tokio::spawn(dns::server::serve_udp_filtered(
-                        resolver.clone(),
-                        udp,
-                        acl.clone(),
-                    ));
-                    tokio::spawn(dns::server::serve_tcp(
-                        resolver,
-                        Scope::Host,
-                        tcp,
-                        Some(acl),
-                    ));
-                    tracing::info!(address = %args.dns_address, "resolver listening on the host");
-                }
-                (Err(e), _) | (_, Err(e)) => {
-                    tracing::error!(error = %e, "cannot register the host resolver's sockets")
-                }
-            }
-        }
-        Err(e) => tracing::error!(
-            address = %args.dns_address,
-            error = %e,
-            "no resolver on the host: containers outside our overlays that use it as their DNS server get no answers; \
-             is another DNS server bound to port 53 on all addresses? (or choose --dns-address)"
-        ),
-    }
+    let acl: Arc<dyn dns::Acl> = Arc::new(DockerBridges {
+        extra: args.dns_interface.clone(),
+    });
+    let address = args.dns_address;
+    spawn_supervised("host_dns", move || {
+        host_listener(dataplane.clone(), resolver.clone(), acl.clone(), address)
+    });
     let docker: Arc<dyn crate::docker::DockerApi> = Arc::new(Client::new(&args.docker_socket));
     let (table, host) = (names.table().clone(), host.to_string());
     spawn_supervised("names_publish", move || {
@@ -105,4 +79,57 @@ pub async fn start(
         );
         publisher.run()
     });
+}
+
+/// Serve the host's listener, setting it up again (with back-off) whenever
+/// that fails or a socket breaks: every container outside our overlays that
+/// uses the address depends on it.
+async fn host_listener(
+    dataplane: Arc<dyn Dataplane>,
+    resolver: Arc<Resolver>,
+    acl: Arc<dyn dns::Acl>,
+    address: std::net::Ipv4Addr,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut said = String::new();
+    loop {
+        let sockets = match dataplane.host_dns_listener(address).await {
+            Ok(s) => s,
+            Err(e) => {
+                // Once per distinct cause, not once per try.
+                if e.to_string() != said {
+                    said = e.to_string();
+                    tracing::error!(
+                        %address,
+                        error = %e,
+                        "no resolver on the host yet: containers outside our overlays that use it as their DNS server get no answers; \
+                         is another DNS server bound to port 53 on all addresses? (or choose --dns-address)"
+                    );
+                }
+                backoff.wait().await;
+                continue;
+            }
+        };
+        let (udp, tcp) = match (
+            tokio::net::UdpSocket::from_std(sockets.udp),
+            tokio::net::TcpListener::from_std(sockets.tcp),
+        ) {
+            (Ok(u), Ok(t)) => (u, t),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(error = %e, "cannot register the host resolver's sockets");
+                backoff.wait().await;
+                continue;
+            }
+        };
+        if !said.is_empty() {
+            said.clear();
+        }
+        tracing::info!(%address, "resolver listening on the host");
+        backoff.reset();
+        tokio::select! {
+            _ = dns::server::serve_udp_filtered(resolver.clone(), udp, acl.clone()) => {}
+            _ = dns::server::serve_tcp(resolver.clone(), Scope::Host, tcp, Some(acl.clone())) => {}
+        }
+        backoff.wait().await;
+    }
 }

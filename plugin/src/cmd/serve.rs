@@ -69,7 +69,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         super::dns::start(
             &args.dns,
             names,
-            dataplane.as_ref(),
+            dataplane.clone(),
             parts.overlays.clone(),
             store.clone(),
             &host,

@@ -82,6 +82,28 @@ impl Query {
         self.message.id()
     }
 
+    /// The largest UDP answer the client takes: 512 bytes, or what its EDNS
+    /// option says.
+    pub fn udp_limit(&self) -> usize {
+        self.message
+            .extensions()
+            .as_ref()
+            .map_or(512, |e| e.max_payload().max(512) as usize)
+    }
+
+    /// [`Query::answer`], or, when that is longer than `limit`, an empty
+    /// answer with the TC bit: the client asks again over TCP (an alias
+    /// held by many containers does not fit 512 bytes).
+    pub fn answer_within(&self, addrs: &[IpAddr], ttl: u32, limit: usize) -> Vec<u8> {
+        let full = self.answer(addrs, ttl);
+        if full.len() <= limit {
+            return full;
+        }
+        let mut truncated = self.response(ResponseCode::NoError);
+        truncated.set_authoritative(true).set_truncated(true);
+        encode(&truncated, self.id())
+    }
+
     /// The answer for a name we hold: the addresses of the asked family, or
     /// none (NOERROR, no data) when the name has only the other family.
     pub fn answer(&self, addrs: &[IpAddr], ttl: u32) -> Vec<u8> {
@@ -189,6 +211,19 @@ pub(crate) mod tests {
         let m = decode(&q.answer(&addrs[..1], 2));
         assert_eq!(m.response_code(), ResponseCode::NoError);
         assert!(m.answers().is_empty(), "a v4-only name has no AAAA data");
+    }
+
+    #[test]
+    fn an_answer_too_long_for_udp_is_truncated_for_a_retry_over_tcp() {
+        let addrs: Vec<IpAddr> = (1..=60).map(|i| IpAddr::from([10, 77, 0, i])).collect();
+        let q = parse(&query_bytes("front", RecordType::A, 4)).unwrap();
+        assert_eq!(q.udp_limit(), 512);
+        let m = decode(&q.answer_within(&addrs, 2, q.udp_limit()));
+        assert!(m.truncated());
+        assert!(m.answers().is_empty());
+        let m = decode(&q.answer_within(&addrs, 2, u16::MAX as usize));
+        assert!(!m.truncated());
+        assert_eq!(m.answers().len(), 60);
     }
 
     #[test]

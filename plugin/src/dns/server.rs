@@ -22,9 +22,19 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio::time::timeout;
 
 /// A TCP client that sends nothing for this long is dropped.
 const TCP_IDLE: Duration = Duration::from_secs(3);
+/// One TCP exchange (answer and write) may take no longer: a client that
+/// does not read its answers cannot hold a task and a socket for ever.
+const TCP_EXCHANGE: Duration = Duration::from_secs(5);
+/// TCP clients served at once per listener; more wait in the backlog.
+const MAX_TCP: usize = 128;
+/// Pause after a failed accept (out of file descriptors, say).
+const ACCEPT_PAUSE: Duration = Duration::from_millis(200);
 
 /// Which listener a query came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,7 +81,11 @@ impl Resolver {
             );
             if let Some(addrs) = found {
                 tracing::trace!(name = %query.name, ?addrs, %source, "answered");
-                return Some(query.answer(&addrs, self.ttl));
+                let limit = match transport {
+                    Transport::Udp => query.udp_limit(),
+                    Transport::Tcp => u16::MAX as usize,
+                };
+                return Some(query.answer_within(&addrs, self.ttl, limit));
             }
         }
         let relayed = match transport {
@@ -91,8 +105,11 @@ pub trait Acl: Send + Sync + 'static {
     fn allows_interface(&self, name: &str) -> bool;
 }
 
-/// Loopback and Docker's bridges (`docker0`, `docker_gwbridge`, `br-<id>`),
-/// plus any names the operator adds.
+/// Loopback and Docker's bridges (`docker0`, `docker_gwbridge`, and
+/// `br-<first 12 hex digits of the network ID>`), plus any names the
+/// operator adds (`--dns-interface`, e.g. a bridge network with its own
+/// `com.docker.network.bridge.name`). Other `br-*` names (`br-lan`,
+/// `br-ex`) often face the underlay and are not allowed.
 #[derive(Debug, Default)]
 pub struct DockerBridges {
     pub extra: Vec<String>,
@@ -103,16 +120,21 @@ impl Acl for DockerBridges {
         name == "lo"
             || name == "docker0"
             || name == "docker_gwbridge"
-            || name.starts_with("br-")
+            || name
+                .strip_prefix("br-")
+                .is_some_and(|id| id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit()))
             || self.extra.iter().any(|e| e == name)
     }
 }
 
 /// Answer UDP queries on an overlay's listener until the socket fails.
+/// Dropping the future stops the replies in flight too.
 pub async fn serve_udp(resolver: Arc<Resolver>, scope: Scope, socket: UdpSocket) {
     let socket = Arc::new(socket);
+    let mut replies = JoinSet::new();
     let mut buf = vec![0u8; 4096];
     loop {
+        while replies.try_join_next().is_some() {}
         let (n, from) = match socket.recv_from(&mut buf).await {
             Ok(r) => r,
             Err(e) => {
@@ -120,7 +142,14 @@ pub async fn serve_udp(resolver: Arc<Resolver>, scope: Scope, socket: UdpSocket)
                 return;
             }
         };
-        spawn_reply(&resolver, &scope, &socket, buf[..n].to_vec(), from);
+        spawn_reply(
+            &mut replies,
+            &resolver,
+            &scope,
+            &socket,
+            buf[..n].to_vec(),
+            from,
+        );
     }
 }
 
@@ -133,8 +162,10 @@ pub async fn serve_udp_filtered(resolver: Arc<Resolver>, socket: UdpSocket, acl:
         return;
     }
     let socket = Arc::new(socket);
+    let mut replies = JoinSet::new();
     let mut buf = vec![0u8; 4096];
     loop {
+        while replies.try_join_next().is_some() {}
         let received = socket
             .async_io(Interest::READABLE, || {
                 recv_with_interface(&socket, &mut buf)
@@ -156,11 +187,19 @@ pub async fn serve_udp_filtered(resolver: Arc<Resolver>, socket: UdpSocket, acl:
             tracing::debug!(%from, interface = ?name, "DNS query from outside Docker's bridges dropped");
             continue;
         }
-        spawn_reply(&resolver, &Scope::Host, &socket, buf[..n].to_vec(), from);
+        spawn_reply(
+            &mut replies,
+            &resolver,
+            &Scope::Host,
+            &socket,
+            buf[..n].to_vec(),
+            from,
+        );
     }
 }
 
 fn spawn_reply(
+    replies: &mut JoinSet<()>,
     resolver: &Arc<Resolver>,
     scope: &Scope,
     socket: &Arc<UdpSocket>,
@@ -168,7 +207,7 @@ fn spawn_reply(
     from: SocketAddr,
 ) {
     let (resolver, scope, socket) = (resolver.clone(), scope.clone(), socket.clone());
-    tokio::spawn(async move {
+    replies.spawn(async move {
         if let Some(answer) = resolver
             .answer(&scope, from.ip(), &packet, Transport::Udp)
             .await
@@ -205,20 +244,28 @@ fn recv_with_interface(
     Ok((msg.bytes, from, ifindex))
 }
 
-/// Answer TCP queries until the listener fails. `allowed` decides which
-/// peers are served (the host's listener); an overlay's listener allows all.
+/// Answer TCP queries for as long as the future runs (dropping it stops
+/// every connection too). `acl` decides which peers are served (the host's
+/// listener); an overlay's listener allows all.
 pub async fn serve_tcp(
     resolver: Arc<Resolver>,
     scope: Scope,
     listener: TcpListener,
     acl: Option<Arc<dyn Acl>>,
 ) {
+    let slots = Arc::new(Semaphore::new(MAX_TCP));
+    let mut connections = JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let (stream, peer) = match listener.accept().await {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(error = %e, ?scope, "DNS TCP listener stopped");
-                return;
+                tracing::warn!(error = %e, ?scope, "DNS TCP accept failed; going on");
+                tokio::time::sleep(ACCEPT_PAUSE).await;
+                continue;
             }
         };
         if let Some(acl) = &acl {
@@ -228,7 +275,10 @@ pub async fn serve_tcp(
             }
         }
         let (resolver, scope) = (resolver.clone(), scope.clone());
-        tokio::spawn(async move { serve_connection(resolver, scope, stream, peer).await });
+        connections.spawn(async move {
+            serve_connection(resolver, scope, stream, peer).await;
+            drop(slot);
+        });
     }
 }
 
@@ -239,17 +289,17 @@ async fn serve_connection(
     peer: SocketAddr,
 ) {
     loop {
-        let query = match tokio::time::timeout(TCP_IDLE, forward::read_framed(&mut stream)).await {
+        let query = match timeout(TCP_IDLE, forward::read_framed(&mut stream)).await {
             Ok(Ok(q)) => q,
             _ => return,
         };
-        let Some(answer) = resolver
-            .answer(&scope, peer.ip(), &query, Transport::Tcp)
-            .await
-        else {
-            return;
+        let exchange = async {
+            let answer = resolver
+                .answer(&scope, peer.ip(), &query, Transport::Tcp)
+                .await?;
+            forward::write_framed(&mut stream, &answer).await.ok()
         };
-        if forward::write_framed(&mut stream, &answer).await.is_err() {
+        if !matches!(timeout(TCP_EXCHANGE, exchange).await, Ok(Some(()))) {
             return;
         }
     }

@@ -108,14 +108,17 @@ impl Upstreams {
             }
         }
         let servers = self.read();
-        if servers.is_empty() {
-            tracing::warn!(
-                resolv_conf = %self.files.resolv_conf.display(),
-                "no upstream DNS server: names that are not on an overlay get SERVFAIL; \
-                 set --dns-upstream or a nameserver in the host's resolv.conf"
-            );
-        } else if cached.as_ref().map(|c| &c.servers) != Some(&servers) {
-            tracing::info!(?servers, "DNS upstreams");
+        // Said when the list changes, not at every re-read.
+        if cached.as_ref().map(|c| &c.servers) != Some(&servers) {
+            if servers.is_empty() {
+                tracing::warn!(
+                    resolv_conf = %self.files.resolv_conf.display(),
+                    "no upstream DNS server: names that are not on an overlay get SERVFAIL; \
+                     set --dns-upstream or a nameserver in the host's resolv.conf"
+                );
+            } else {
+                tracing::info!(?servers, "DNS upstreams");
+            }
         }
         *cached = Some(Cached {
             checked: Instant::now(),
@@ -134,10 +137,29 @@ impl Upstreams {
     }
 
     fn read(&self) -> Vec<SocketAddr> {
-        let resolv = std::fs::read_to_string(&self.files.resolv_conf).unwrap_or_default();
-        let resolved = std::fs::read_to_string(&self.files.resolved_conf).ok();
-        from_files(&resolv, resolved.as_deref(), self.own)
+        let resolved = read_host_file(&self.files.resolved_conf);
+        match read_host_file(&self.files.resolv_conf) {
+            Some(resolv) => from_files(&resolv, resolved.as_deref(), self.own),
+            // No resolv.conf: systemd-resolved's list is still the host's.
+            None => from_files(resolved.as_deref().unwrap_or_default(), None, self.own),
+        }
     }
+}
+
+/// Read a host file. The managed plugin sees the host's files under /host,
+/// where an absolute link (`/etc/resolv.conf` ->
+/// `/run/systemd/resolve/stub-resolv.conf`) points into the plugin's own
+/// root: such a link is followed under /host too.
+fn read_host_file(path: &std::path::Path) -> Option<String> {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        return Some(text);
+    }
+    let target = std::fs::read_link(path).ok()?;
+    let root = std::path::Path::new("/host");
+    if !(path.starts_with(root) && target.is_absolute()) {
+        return None;
+    }
+    std::fs::read_to_string(root.join(target.strip_prefix("/").ok()?)).ok()
 }
 
 impl Files {

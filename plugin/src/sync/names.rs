@@ -15,13 +15,15 @@ use async_trait::async_trait;
 use kvstore_backends::{EventKind, KvStore, RangeResponse, WatchEvent};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-/// An overlay's resolver tasks: its listener and its names follower.
-type Tasks = (u32, [JoinHandle<()>; 2]);
+/// An overlay's resolver tasks (its listener and its names follower), and
+/// the flag that lets its follower write the table.
+type Tasks = (u32, [JoinHandle<()>; 2], Arc<AtomicBool>);
 
 pub struct NameService {
     store: Arc<dyn KvStore>,
@@ -66,10 +68,11 @@ impl NameService {
         let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
         if tasks
             .get(overlay)
-            .is_some_and(|(v, t)| *v == vni && t.iter().all(|t| !t.is_finished()))
+            .is_some_and(|(v, t, _)| *v == vni && t.iter().all(|t| !t.is_finished()))
         {
             return;
         }
+        let alive = Arc::new(AtomicBool::new(true));
         let span = tracing::info_span!(parent: None, "names", overlay = %overlay, vni);
         let listener = {
             let (dataplane, resolver, address, overlay) = (
@@ -91,10 +94,11 @@ impl NameService {
             })
         };
         let follower = {
-            let (store, table, overlay) = (
+            let (store, table, overlay, alive) = (
                 self.store.clone(),
                 self.resolver.table.clone(),
                 overlay.to_string(),
+                alive.clone(),
             );
             spawn_supervised("names_sync", move || {
                 let (store, mut worker) = (
@@ -103,6 +107,7 @@ impl NameService {
                         table: table.clone(),
                         overlay: overlay.clone(),
                         prefix: keys::overlay_names(&overlay),
+                        alive: alive.clone(),
                     },
                 );
                 async move {
@@ -112,7 +117,10 @@ impl NameService {
                 .instrument(span.clone())
             })
         };
-        if let Some((_, old)) = tasks.insert(overlay.to_string(), (vni, [listener, follower])) {
+        if let Some((_, old, old_alive)) =
+            tasks.insert(overlay.to_string(), (vni, [listener, follower], alive))
+        {
+            old_alive.store(false, Ordering::SeqCst);
             old.iter().for_each(|t| t.abort());
         }
     }
@@ -125,8 +133,11 @@ impl NameService {
             .table
             .write()
             .unwrap_or_else(|e| e.into_inner());
-        tasks.retain(|overlay, (v, t)| {
+        tasks.retain(|overlay, (v, t, alive)| {
             if *v == vni {
+                // Under the table's lock: a follower that has not seen the
+                // abort yet finds the flag down and writes nothing more.
+                alive.store(false, Ordering::SeqCst);
                 t.iter().for_each(|t| t.abort());
                 table.clear(overlay);
             }
@@ -137,7 +148,8 @@ impl NameService {
 
 impl Drop for NameService {
     fn drop(&mut self) {
-        for (_, (_, t)) in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+        for (_, (_, t, alive)) in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+            alive.store(false, Ordering::SeqCst);
             t.iter().for_each(|t| t.abort());
         }
     }
@@ -175,10 +187,11 @@ async fn listen(
         };
         tracing::debug!(%address, "resolver listening");
         let scope = Scope::Overlay(overlay.clone());
-        tokio::join!(
-            server::serve_udp(resolver.clone(), scope.clone(), udp),
-            server::serve_tcp(resolver.clone(), scope, tcp, None),
-        );
+        // Either half ending (a socket error) sets both up again.
+        tokio::select! {
+            _ = server::serve_udp(resolver.clone(), scope.clone(), udp) => {}
+            _ = server::serve_tcp(resolver.clone(), scope, tcp, None) => {}
+        }
         backoff.wait().await;
     }
 }
@@ -187,6 +200,8 @@ struct Worker {
     table: Arc<RwLock<NameTable>>,
     overlay: String,
     prefix: String,
+    /// Down once the overlay is no longer served here.
+    alive: Arc<AtomicBool>,
 }
 
 impl Worker {
@@ -212,8 +227,10 @@ impl Worker {
         }
     }
 
-    fn table(&self) -> std::sync::RwLockWriteGuard<'_, NameTable> {
-        self.table.write().unwrap_or_else(|e| e.into_inner())
+    /// The table, to change it, unless the overlay was stopped meanwhile.
+    fn table(&self) -> Option<std::sync::RwLockWriteGuard<'_, NameTable>> {
+        let table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        self.alive.load(Ordering::SeqCst).then_some(table)
     }
 }
 
@@ -226,21 +243,27 @@ impl Follower for Worker {
             .filter_map(|kv| self.entry(&kv.key, &kv.value))
             .collect();
         tracing::debug!(records = entries.len(), "names resynced");
-        self.table().replace(&self.overlay, entries);
+        if let Some(mut table) = self.table() {
+            table.replace(&self.overlay, entries);
+        }
         Ok(())
     }
 
     async fn apply(&mut self, event: WatchEvent) -> anyhow::Result<()> {
         match event.kind {
             EventKind::Put => {
-                if let Some(entry) = self.entry(&event.kv.key, &event.kv.value) {
-                    self.table().put(&self.overlay, entry);
+                if let (Some(entry), Some(mut table)) =
+                    (self.entry(&event.kv.key, &event.kv.value), self.table())
+                {
+                    table.put(&self.overlay, entry);
                 }
             }
             EventKind::Delete => {
                 if let Some((host, endpoint)) = self.ids(&event.kv.key) {
                     let (host, endpoint) = (host.to_string(), endpoint.to_string());
-                    self.table().remove(&self.overlay, &host, &endpoint);
+                    if let Some(mut table) = self.table() {
+                        table.remove(&self.overlay, &host, &endpoint);
+                    }
                 }
             }
         }

@@ -35,6 +35,9 @@ pub struct Publisher {
     lease: watch::Receiver<Option<LeaseId>>,
     /// This host's Docker networks of ours, by Docker network ID.
     nets: HashMap<String, LocalNetwork>,
+    /// Docker network IDs seen not to be ours (an ID is never reused), so
+    /// that events of other networks cost no store read.
+    foreign: std::collections::HashSet<String>,
     /// What is in the store under the current lease.
     published: HashMap<Slot, NameRecord>,
     by_container: HashMap<String, BTreeSet<Slot>>,
@@ -63,6 +66,7 @@ impl Publisher {
             table,
             lease,
             nets: HashMap::new(),
+            foreign: Default::default(),
             published: HashMap::new(),
             by_container: HashMap::new(),
         }
@@ -144,9 +148,12 @@ impl Publisher {
     }
 
     /// The lease names are written under, waiting while there is none.
+    /// Waits on a clone: a lease change must still wake the main loop, which
+    /// then publishes everything again under the new lease.
     async fn current_lease(&mut self) -> Option<LeaseId> {
-        let lease = self.lease.wait_for(|l| l.is_some()).await.ok()?;
-        lease.clone()
+        let mut lease = self.lease.clone();
+        let current = lease.wait_for(|l| l.is_some()).await.ok()?;
+        current.clone()
     }
 
     /// Read our networks and their containers, publish what is there and
@@ -255,9 +262,12 @@ impl Publisher {
         match change {
             Change::Container(id) => self.refresh_container(&id).await,
             Change::Network { id, container } => {
-                if !self.nets.contains_key(&id) {
-                    // Possibly one of ours created just now, or gone.
+                if !self.nets.contains_key(&id) && !self.foreign.contains(&id) {
+                    // Possibly one of ours created just now.
                     self.refresh_networks().await?;
+                    if !self.nets.contains_key(&id) {
+                        self.foreign.insert(id.clone());
+                    }
                 }
                 match container {
                     Some(c) if self.nets.contains_key(&id) => self.refresh_container(&c).await,
