@@ -224,6 +224,18 @@ mod tests {
     }
 
     #[test]
+    fn without_resolv_conf_resolveds_list_is_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Files {
+            resolv_conf: dir.path().join("missing"),
+            resolved_conf: dir.path().join("resolved.conf"),
+        };
+        std::fs::write(&files.resolved_conf, "nameserver 192.0.2.5\n").unwrap();
+        let up = Upstreams::new(vec![], files, OWN);
+        assert_eq!(up.current(), vec![sa("192.0.2.5:53")]);
+    }
+
+    #[test]
     fn a_changed_file_is_read_again_and_flags_win() {
         let dir = tempfile::tempdir().unwrap();
         let files = Files {
