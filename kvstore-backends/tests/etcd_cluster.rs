@@ -313,6 +313,33 @@ async fn wait_until_leaderless(endpoints: &[String], i: usize, limit: Duration) 
     }
 }
 
+/// Polls every member until each serves a request that needs a leader: the
+/// cluster has settled after a heal, so the next phase does not begin in the
+/// middle of this one's election. Fails the test after `limit`.
+async fn wait_until_led(endpoints: &[String], limit: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let mut leaderless = Vec::new();
+        for (i, ep) in endpoints.iter().enumerate() {
+            let answered = matches!(
+                refuses_without_leader(ep).await,
+                Err(what) if what.starts_with("an answer")
+            );
+            if !answered {
+                leaderless.push(i + 1);
+            }
+        }
+        if leaderless.is_empty() {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "members {leaderless:?} still serve no request that needs a leader {limit:?} after the heal"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn renew_forever(store: std::sync::Arc<dyn KvStore>, lease: LeaseId, probe: Shared) {
     let mut last_ok = Instant::now();
     loop {
@@ -466,7 +493,10 @@ async fn partition_scenario(members: Members) {
         }
         members.heal(i);
         phase(format!("m{} healed", i + 1), true);
-        tokio::time::sleep(Duration::from_secs(6)).await;
+        let healed = Instant::now();
+        let settled = wait_until_led(eps, Duration::from_secs(30)).await;
+        eprintln!("every member has a leader {settled:.1?} after the heal");
+        tokio::time::sleep(Duration::from_secs(6).saturating_sub(healed.elapsed())).await;
     };
     let a = 0;
     cut_then_heal(a).await;
