@@ -24,7 +24,7 @@ rounds="${ROBENCH_ROUNDS:-5}"
 DNS=169.254.53.53
 
 harness_bg "$(harness_world_ns)" dnsmasq dnsmasq --no-daemon --conf-file=/dev/null --no-resolv --no-hosts \
-    --pid-file= --user=root --listen-address="$HARNESS_WORLD_IP" --bind-interfaces --port=53 \
+    --pid-file= --user=root --domain-needed --local=/#/ --listen-address="$HARNESS_WORLD_IP" --bind-interfaces --port=53 \
     --host-record=outside.test,192.0.2.10 >/dev/null
 harness_start_etcd
 for h in 1 2; do

@@ -78,7 +78,7 @@ median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
 phase "boot: an upstream DNS server, etcd, three hosts with dockerd --dns $DNS"
 harness_bg "$(harness_world_ns)" dnsmasq dnsmasq --no-daemon --conf-file=/dev/null --no-resolv --no-hosts \
-    --pid-file= --user=root --listen-address="$UPSTREAM" --bind-interfaces --port=53 \
+    --pid-file= --user=root --domain-needed --local=/#/ --listen-address="$UPSTREAM" --bind-interfaces --port=53 \
     --host-record="outside.test,$OUTSIDE_IP" --log-queries >/dev/null
 harness_start_etcd
 for h in 1 2 3; do
