@@ -110,12 +110,9 @@ async fn host_listener(
                 continue;
             }
         };
-        let (udp, tcp) = match (
-            tokio::net::UdpSocket::from_std(sockets.udp),
-            tokio::net::TcpListener::from_std(sockets.tcp),
-        ) {
-            (Ok(u), Ok(t)) => (u, t),
-            (Err(e), _) | (_, Err(e)) => {
+        let (udp, tcp) = match sockets.into_tokio() {
+            Ok(pair) => pair,
+            Err(e) => {
                 tracing::error!(error = %e, "cannot register the host resolver's sockets");
                 backoff.wait().await;
                 continue;

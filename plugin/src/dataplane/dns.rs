@@ -26,11 +26,21 @@ use std::path::Path;
 pub const HOST_DNS_LINK: &str = "lo";
 const DNS_PORT: u16 = 53;
 
-/// A listener's sockets, still std (the caller registers them with tokio).
+/// A listener's sockets, still std (made on a thread inside a namespace).
 #[derive(Debug)]
 pub struct DnsSockets {
     pub udp: UdpSocket,
     pub tcp: TcpListener,
+}
+
+impl DnsSockets {
+    /// Register both with the current tokio runtime.
+    pub fn into_tokio(self) -> std::io::Result<(tokio::net::UdpSocket, tokio::net::TcpListener)> {
+        Ok((
+            tokio::net::UdpSocket::from_std(self.udp)?,
+            tokio::net::TcpListener::from_std(self.tcp)?,
+        ))
+    }
 }
 
 fn errno(e: &rtnetlink::Error) -> Option<i32> {

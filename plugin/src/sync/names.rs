@@ -174,12 +174,9 @@ async fn listen(
                 continue;
             }
         };
-        let (udp, tcp) = match (
-            tokio::net::UdpSocket::from_std(sockets.udp),
-            tokio::net::TcpListener::from_std(sockets.tcp),
-        ) {
-            (Ok(u), Ok(t)) => (u, t),
-            (Err(e), _) | (_, Err(e)) => {
+        let (udp, tcp) = match sockets.into_tokio() {
+            Ok(pair) => pair,
+            Err(e) => {
                 tracing::warn!(error = %e, "could not register the resolver's sockets");
                 backoff.wait().await;
                 continue;
