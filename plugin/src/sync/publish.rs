@@ -159,13 +159,7 @@ impl Publisher {
     /// Read our networks and their containers, publish what is there and
     /// withdraw what is not.
     async fn resync(&mut self) -> Result<(), Failed> {
-        self.refresh_networks().await?;
-        let mut containers = BTreeSet::new();
-        for id in self.nets.keys() {
-            if let Some(net) = self.docker.network(id).await? {
-                containers.extend(net.containers);
-            }
-        }
+        let containers = self.refresh_networks().await?;
         let mut wanted: HashMap<Slot, NameRecord> = HashMap::new();
         let mut by_container: HashMap<String, BTreeSet<Slot>> = HashMap::new();
         for id in containers {
@@ -197,7 +191,8 @@ impl Publisher {
     }
 
     /// This host's networks of ours, and their Docker names for the table.
-    async fn refresh_networks(&mut self) -> Result<(), Failed> {
+    /// Returns the containers on them (one Docker read per network).
+    async fn refresh_networks(&mut self) -> Result<BTreeSet<String>, Failed> {
         self.nets = self
             .overlays
             .local_networks()
@@ -206,8 +201,10 @@ impl Publisher {
             .map(|n| (n.network_id.clone(), n))
             .collect();
         let mut names: HashMap<String, BTreeSet<String>> = HashMap::new();
+        let mut containers = BTreeSet::new();
         for (id, net) in &self.nets {
             if let Some(found) = self.docker.network(id).await? {
+                containers.extend(found.containers);
                 names
                     .entry(net.overlay.clone())
                     .or_default()
@@ -218,7 +215,7 @@ impl Publisher {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .set_networks(names);
-        Ok(())
+        Ok(containers)
     }
 
     /// The names a running container should have published, per endpoint.
