@@ -93,6 +93,21 @@ async fn two_hosts_learn_each_other_and_containers_talk(store: Store) {
     }
     assert!(s2.ping(ip1), "h2's container cannot reach h1's");
 
+    // The bridge has one MAC, whatever ports come and go: containers keep
+    // it in their neighbour cache for the resolver's address on the bridge.
+    let bridge = |p: &Plugin| p.in_overlay(vni, &["ip", "-br", "link", "show", "ro-br-256"]);
+    assert!(
+        bridge(&p2).contains("02:53:0a:fb:00:02"),
+        "h2's bridge has no fixed MAC: {}",
+        bridge(&p2)
+    );
+    join(&c2, "net-on-h2", "ep4dddddddddddd").await;
+    assert!(
+        bridge(&p2).contains("02:53:0a:fb:00:02"),
+        "h2's bridge changed its MAC when a port joined: {}",
+        bridge(&p2)
+    );
+
     // An endpoint removed on h1 disappears from h2's kernel.
     c1.call(
         "NetworkDriver.Leave",

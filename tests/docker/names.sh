@@ -47,19 +47,28 @@ lookup() {
 resolves_to() { [[ "$(lookup "$1" "$2" "$3")" == "$4" ]]; }
 
 # unresolved N CONTAINER NAME - NAME does not resolve in CONTAINER.
-unresolved() { ! lookup "$1" "$2" "$3" >/dev/null; }
+# An answer that says so (NXDOMAIN), not a timeout: a resolver that is down
+# must not pass for one that knows the name is gone.
+unresolved() {
+    local answer
+    answer="$(hdocker "$1" exec "$2" nslookup -type=a "$3" 2>&1)" || true
+    [[ "$answer" == *NXDOMAIN* ]]
+}
 
 # wait_ms LIMIT_S CMD... - milliseconds until CMD succeeds (polled every
-# 50 ms), or fails after LIMIT_S.
+# 50 ms); fails when that is not within LIMIT_S (a check that succeeds only
+# after a slow answer fails too).
 wait_ms() {
-    local limit="$1" t0
+    local limit="$1" t0 ms
     shift
     t0="$(now_ms)"
     until "$@"; do
         (($(ms_since "$t0") < limit * 1000)) || return 1
         sleep 0.05
     done
-    ms_since "$t0"
+    ms="$(ms_since "$t0")"
+    ((ms <= limit * 1000)) || return 1
+    echo "$ms"
 }
 
 # query_ms N CONTAINER NAME - milliseconds one lookup of NAME takes.

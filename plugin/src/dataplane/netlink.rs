@@ -83,10 +83,34 @@ impl Netlink {
         let mtu = self.overlay_mtu();
         let (br, vx) = (bridge_name(vni), vxlan_name(vni));
 
+        // A bridge left to itself takes the lowest MAC of its ports, so a
+        // new container's port could change it. Containers keep the old MAC
+        // for the resolver's address in their neighbour cache and lose DNS
+        // until it expires (~30 s): the bridge gets a fixed MAC instead.
+        let br_mac = bridge_mac(self.underlay.vtep);
         let br_index = match link_index(&ns, &br).await? {
-            Some(i) => i,
+            Some(i) => {
+                set_link(
+                    &ns,
+                    LinkUnspec::new_with_index(i)
+                        .address(br_mac.to_vec())
+                        .build(),
+                    &br,
+                )
+                .await?;
+                i
+            }
             None => {
-                add_link(&ns, LinkBridge::new(&br).mtu(mtu).up().build(), &br).await?;
+                add_link(
+                    &ns,
+                    LinkBridge::new(&br)
+                        .mtu(mtu)
+                        .address(br_mac.to_vec())
+                        .up()
+                        .build(),
+                    &br,
+                )
+                .await?;
                 require_index(&ns, &br).await?
             }
         };
@@ -321,4 +345,11 @@ impl Dataplane for Netlink {
     async fn sandbox_has_route(&self, sandbox: &Path, dst: Ipv4Addr) -> Result<bool> {
         dns::sandbox_has_route(sandbox, dst).await
     }
+}
+
+/// The fixed MAC of this host's overlay bridges: locally administered,
+/// unique per host (its VTEP), and apart from container MACs (`02:52:…`).
+fn bridge_mac(vtep: std::net::Ipv4Addr) -> [u8; 6] {
+    let o = vtep.octets();
+    [0x02, 0x53, o[0], o[1], o[2], o[3]]
 }

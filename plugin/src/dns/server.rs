@@ -92,6 +92,7 @@ impl Resolver {
             Transport::Udp => self.forwarder.udp(packet).await,
             Transport::Tcp => self.forwarder.tcp(packet).await,
         };
+        tracing::trace!(name = %query.name, %source, ?scope, ok = relayed.is_ok(), "forwarded");
         Some(match relayed {
             Ok(bytes) => bytes,
             Err(NoAnswer::Busy) => query.failure(ResponseCode::Refused),
@@ -212,7 +213,9 @@ fn spawn_reply(
             .answer(&scope, from.ip(), &packet, Transport::Udp)
             .await
         {
-            let _ = socket.send_to(&answer, from).await;
+            if let Err(e) = socket.send_to(&answer, from).await {
+                tracing::debug!(%from, error = %e, ?scope, "DNS answer not sent");
+            }
         }
     });
 }
