@@ -187,6 +187,7 @@ async fn idle_reads_per_minute(endpoints: usize) -> Vec<[f64; 3]> {
                     aux: vec![],
                 }],
                 ipv6: vec![],
+                cluster: false,
             })
             .await
             .unwrap();

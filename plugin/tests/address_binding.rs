@@ -108,6 +108,7 @@ async fn calls_whose_answer_was_lost_are_retried_and_leave_nothing_behind() {
                 aux: vec![],
             }],
             ipv6: vec![],
+            cluster: false,
         })
         .await
         .unwrap();

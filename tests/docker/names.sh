@@ -55,22 +55,6 @@ unresolved() {
     [[ "$answer" == *NXDOMAIN* ]]
 }
 
-# wait_ms LIMIT_S CMD... - milliseconds until CMD succeeds (polled every
-# 50 ms); fails when that is not within LIMIT_S (a check that succeeds only
-# after a slow answer fails too).
-wait_ms() {
-    local limit="$1" t0 ms
-    shift
-    t0="$(now_ms)"
-    until "$@"; do
-        (($(ms_since "$t0") < limit * 1000)) || return 1
-        sleep 0.05
-    done
-    ms="$(ms_since "$t0")"
-    ((ms <= limit * 1000)) || return 1
-    echo "$ms"
-}
-
 # query_ms N CONTAINER NAME - milliseconds one lookup of NAME takes.
 query_ms() {
     local t0
@@ -104,7 +88,7 @@ phase "a name on host 1 resolves on host 2, also as name.network, and answers pi
 assert_ok "host 2: client" sc_run 2 client "$NET"
 assert_ok "host 1: web" sc_run 1 web "$NET"
 WEB_IP="$(hcontainer_ip 1 web "$NET")"
-if ms="$(wait_ms 10 resolves_to 2 client web "$WEB_IP")"; then
+if ms="$(sc_wait_ms 10 resolves_to 2 client web "$WEB_IP")"; then
     harness_pass "host 2 resolves web ($WEB_IP) by name"
     printf 'figure: web resolved on host 2 %s ms after docker run on host 1 returned\n' "$ms"
 else
@@ -166,7 +150,7 @@ phase "docker rm -f web: the name is gone on every host within 2 s"
 assert_ok "host 1: docker rm -f web" hdocker 1 rm -f web
 for pair in "1 front1" "2 client" "3 far"; do
     read -r h c <<<"$pair"
-    if ms="$(wait_ms 2 unresolved "$h" "$c" web)"; then
+    if ms="$(sc_wait_ms 2 unresolved "$h" "$c" web)"; then
         harness_pass "host $h: web no longer resolves (${ms} ms after docker rm returned)"
     else
         harness_fail "host $h: web still resolves 2 s after docker rm (to '$(lookup "$h" "$c" web || true)')"
@@ -190,7 +174,7 @@ harness_kill_plugin 1 KILL
 assert_eventually "host 2: front1's name goes with host 1's lease" $((TTL * 3)) \
     unresolved 2 client front1
 harness_restart_plugin 1
-if ms="$(wait_ms 5 resolves_to 2 client front1 "$F1")"; then
+if ms="$(sc_wait_ms 5 resolves_to 2 client front1 "$F1")"; then
     harness_pass "host 2 resolves front1 again ${ms} ms after host 1's plugin returned"
 else
     harness_fail "host 2 does not resolve front1 within 5 s of host 1's plugin returning"
@@ -198,7 +182,7 @@ fi
 harness_restart_dockerd 1
 assert_eventually "host 1: front1 (--restart always) runs again" 30 running 1 front1
 F1B="$(hcontainer_ip 1 front1 "$NET")"
-if ms="$(wait_ms 10 resolves_to 2 client front1 "$F1B")"; then
+if ms="$(sc_wait_ms 10 resolves_to 2 client front1 "$F1B")"; then
     harness_pass "host 2 resolves front1 ($F1B) after dockerd's restart on host 1"
     printf 'figure: front1 resolved on host 2 %s ms after it ran again\n' "$ms"
 else

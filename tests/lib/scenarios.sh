@@ -156,3 +156,19 @@ _sc_json_add() {
         printf '%s, %s}\n' "${body%\}}" "$members" >"$file"
     fi
 }
+
+# sc_wait_ms LIMIT_S CMD... - milliseconds until CMD succeeds (polled every
+# 50 ms); fails when that is not within LIMIT_S (a check that succeeds only
+# after a slow answer fails too).
+sc_wait_ms() {
+    local limit="$1" t0 ms
+    shift
+    t0="$(now_ms)"
+    until "$@"; do
+        (($(ms_since "$t0") < limit * 1000)) || return 1
+        sleep 0.05
+    done
+    ms="$(ms_since "$t0")"
+    ((ms <= limit * 1000)) || return 1
+    echo "$ms"
+}

@@ -3,8 +3,9 @@
 //! spaces) happens here, with a message that names the field and the fix.
 
 use super::wire::{
-    CreateEndpointRequest, CreateNetworkRequest, IpamData, ENDPOINT_OPTION_PREFIX,
-    GATEWAY_ADDRESS_TYPE, GLOBAL_ADDRESS_SPACE, LOCAL_ADDRESS_SPACE, REQUEST_ADDRESS_TYPE,
+    CreateEndpointRequest, CreateNetworkRequest, IpamData, Options, ENDPOINT_OPTION_PREFIX,
+    GATEWAY_ADDRESS_TYPE, GENERIC_OPTIONS, GLOBAL_ADDRESS_SPACE, LOCAL_ADDRESS_SPACE,
+    REQUEST_ADDRESS_TYPE,
 };
 use crate::control::ipam::{parse_pool_id, PoolRequest};
 use crate::driver::{EndpointSpec, NetworkSpec, PoolSpec, CREATE_HINT};
@@ -49,11 +50,34 @@ pub fn network_spec(req: CreateNetworkRequest) -> Result<NetworkSpec> {
         &req.network_id,
         req.ipv6_data.as_deref().unwrap_or_default(),
     )?;
+    let cluster = cluster_option(req.options.as_ref())?;
     Ok(NetworkSpec {
         network_id: req.network_id,
         ipv4,
         ipv6,
+        cluster,
     })
+}
+
+/// `-o cluster=true`: the network is defined once for every host.
+fn cluster_option(options: Option<&Options>) -> Result<bool> {
+    let value = options
+        .and_then(|o| o.get(GENERIC_OPTIONS))
+        .and_then(|g| g.get("cluster"));
+    match value {
+        None => Ok(false),
+        Some(serde_json::Value::Bool(b)) => Ok(*b),
+        Some(serde_json::Value::String(s)) => match s.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" => Ok(true),
+            "false" | "0" | "no" | "" => Ok(false),
+            _ => Err(PluginError::BadRequest(format!(
+                "option cluster={s:?} is not a boolean; use -o cluster=true or leave it out"
+            ))),
+        },
+        Some(other) => Err(PluginError::BadRequest(format!(
+            "option cluster={other} is not a boolean; use -o cluster=true or leave it out"
+        ))),
+    }
 }
 
 fn pools_of(network_id: &str, data: &[IpamData]) -> Result<Vec<PoolSpec>> {
@@ -221,6 +245,23 @@ mod tests {
         for bad in ["", " ", "a/b", "ééé", "a b", &"x".repeat(129)] {
             assert!(require_id("EndpointID", bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn the_cluster_option_is_a_boolean_or_refused() {
+        let with = |v: serde_json::Value| -> Options {
+            HashMap::from([(
+                GENERIC_OPTIONS.to_string(),
+                serde_json::json!({ "cluster": v }),
+            )])
+        };
+        assert!(!cluster_option(None).unwrap());
+        assert!(cluster_option(Some(&with("true".into()))).unwrap());
+        assert!(cluster_option(Some(&with(true.into()))).unwrap());
+        assert!(!cluster_option(Some(&with("false".into()))).unwrap());
+        let err = cluster_option(Some(&with("maybe".into()))).unwrap_err();
+        assert!(err.to_string().contains("-o cluster=true"), "{err}");
+        assert!(cluster_option(Some(&with(3.into()))).is_err());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use crate::control::ipam::Ipam;
 use crate::control::overlay::Overlays;
 use crate::dataplane::Dataplane;
-use crate::driver::Driver;
+use crate::driver::{ClusterHooks, Driver};
 use crate::sync::devices::Devices;
 use crate::sync::membership::{watch_live_hosts, LiveSet};
 use crate::sync::names::NameService;
@@ -43,6 +43,7 @@ impl HostParts {
             default_pool,
             default_pool_size,
             None,
+            None,
         )
     }
 
@@ -55,6 +56,7 @@ impl HostParts {
         default_pool: Ipv4Network,
         default_pool_size: u8,
         names: Option<Arc<NameService>>,
+        cluster: Option<ClusterHooks>,
     ) -> Self {
         let ipam = Arc::new(Ipam::new(
             store.clone(),
@@ -86,6 +88,9 @@ impl HostParts {
         );
         if let Some(address) = driver_dns {
             driver = driver.with_dns(address);
+        }
+        if let Some(hooks) = cluster {
+            driver = driver.with_cluster(hooks);
         }
         let driver = Arc::new(driver);
         HostParts {

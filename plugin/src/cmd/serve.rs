@@ -5,11 +5,16 @@ use super::parts::HostParts;
 use super::secs;
 use crate::api::{self, socket, AppState};
 use crate::cli::ServeArgs;
+use crate::control::cluster::Clusters;
 use crate::dataplane::{Dataplane, Netlink};
+use crate::docker::{client::Client, DockerApi};
+use crate::driver::ClusterHooks;
 use crate::state::open;
+use crate::sync::cluster::ClusterSync;
 use crate::sync::membership::Registration;
 use crate::sync::reaper::ReaperConfig;
 use crate::sync::supervisor;
+use crate::util::task::spawn_supervised;
 use anyhow::Context;
 use std::path::Path;
 use std::sync::Arc;
@@ -51,6 +56,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .context("find the underlay")?,
     );
     let names = super::dns::name_service(&args.dns, store.clone(), dataplane.clone(), &host);
+    let cluster = ClusterHooks {
+        clusters: Arc::new(Clusters::new(store.clone(), &host)),
+        changed: Arc::new(tokio::sync::Notify::new()),
+    };
     let parts = HostParts::with_names(
         store.clone(),
         dataplane.clone(),
@@ -58,6 +67,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.default_pool,
         args.default_pool_size,
         names.clone(),
+        Some(cluster.clone()),
     );
     let registration = Registration::new(
         store.clone(),
@@ -76,6 +86,21 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             registration.lease(),
         )
         .await;
+    }
+    {
+        let (overlays, store, host) = (parts.overlays.clone(), store.clone(), host.clone());
+        let docker: Arc<dyn DockerApi> = Arc::new(Client::new(&args.dns.docker_socket));
+        spawn_supervised("cluster_networks", move || {
+            ClusterSync::new(
+                docker.clone(),
+                overlays.clone(),
+                cluster.clusters.clone(),
+                store.clone(),
+                &host,
+                cluster.changed.clone(),
+            )
+            .run()
+        });
     }
     let running = supervisor::start(
         store.clone(),

@@ -3,6 +3,7 @@
 //! held (`reclaim`). No kernel and no HTTP here: every promise of this layer
 //! is kept by store transactions, so it is tested on the memory store alone.
 
+pub mod cluster;
 pub mod ipam;
 pub mod names;
 pub mod overlay;

@@ -78,11 +78,22 @@ impl Overlays {
 
     /// Join this host's Docker network to the overlay of its subnets, creating
     /// the overlay (and its VNI) if this is the first host. Idempotent.
-    #[tracing::instrument(skip(self, subnets), fields(host = %self.host))]
     pub async fn create_network(
         &self,
         network_id: &str,
         subnets: Vec<IpNetwork>,
+    ) -> Result<LocalNetwork> {
+        self.create_network_as(network_id, subnets, false).await
+    }
+
+    /// [`Overlays::create_network`], for a network defined once for every
+    /// host when `cluster` is set.
+    #[tracing::instrument(skip(self, subnets), fields(host = %self.host))]
+    pub async fn create_network_as(
+        &self,
+        network_id: &str,
+        subnets: Vec<IpNetwork>,
+        cluster: bool,
     ) -> Result<LocalNetwork> {
         let first = subnets
             .first()
@@ -176,6 +187,8 @@ impl Overlays {
                 overlay: overlay.clone(),
                 vni: rec.vni,
                 subnets: subnets.clone(),
+                cluster,
+                hidden: false,
             };
             let mut compares = vec![
                 Compare::absent(&map_key),
@@ -384,10 +397,22 @@ impl Overlays {
     /// Idempotent for the same endpoint; refuses an ID that is already used
     /// differently, and an address bound to another endpoint.
     pub async fn create_endpoint(&self, net: &LocalNetwork, ep: &EndpointRecord) -> Result<()> {
+        self.create_endpoint_fenced(net, ep, (vec![], vec![])).await
+    }
+
+    /// [`Overlays::create_endpoint`], with extra compares and writes in the
+    /// same transaction (a cluster network's removal fence).
+    pub async fn create_endpoint_fenced(
+        &self,
+        net: &LocalNetwork,
+        ep: &EndpointRecord,
+        fence: (Vec<Compare>, Vec<Op>),
+    ) -> Result<()> {
         let key = keys::endpoint(&net.overlay, &ep.endpoint_id);
         let bound = bound_keys(net, ep);
-        let mut compares = vec![Compare::absent(&key)];
-        let mut ops = vec![Op::put(&key, encode(ep))];
+        let (mut compares, mut ops) = fence;
+        compares.push(Compare::absent(&key));
+        ops.push(Op::put(&key, encode(ep)));
         let mut reads = vec![Op::get(&key)];
         for b in &bound {
             compares.push(Compare::absent(b));

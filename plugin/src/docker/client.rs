@@ -3,12 +3,15 @@
 //! The API version is negotiated down to the engine's (Docker 20.10 speaks
 //! 1.41, 26 speaks 1.45): bollard's own default is newer than either engine.
 
-use super::{dns_names, Attachment, Change, Container, DockerApi, DockerError, Network, Result};
+use super::{
+    dns_names, Attachment, Change, Container, DockerApi, DockerError, IpamPool, Network,
+    NetworkConfig, NetworkSummary, Result,
+};
 use async_trait::async_trait;
 use bollard::query_parameters::EventsOptions;
 use bollard::Docker;
 use futures::stream::{BoxStream, StreamExt};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::RwLock;
 
@@ -188,4 +191,100 @@ impl DockerApi for Client {
                 .unwrap_or_default(),
         }))
     }
+
+    async fn network_config(&self, id: &str) -> Result<Option<NetworkConfig>> {
+        let found = match self.docker()?.inspect_network(id, None).await {
+            Ok(n) => n,
+            Err(e) if not_found(&e) => return Ok(None),
+            Err(e) => return Err(api(e)),
+        };
+        let ipam = found.ipam.unwrap_or_default();
+        Ok(Some(NetworkConfig {
+            name: found.name.unwrap_or_default(),
+            driver: found.driver.unwrap_or_default(),
+            options: sorted(found.options),
+            labels: sorted(found.labels),
+            internal: found.internal.unwrap_or(false),
+            attachable: found.attachable.unwrap_or(false),
+            enable_ipv6: found.enable_ipv6.unwrap_or(false),
+            ipam_driver: ipam.driver.unwrap_or_default(),
+            ipam_options: sorted(ipam.options),
+            ipam: ipam
+                .config
+                .unwrap_or_default()
+                .into_iter()
+                .map(|c| IpamPool {
+                    subnet: c.subnet.unwrap_or_default(),
+                    ip_range: c.ip_range.filter(|s| !s.is_empty()),
+                    gateway: c.gateway.filter(|s| !s.is_empty()),
+                    aux: sorted(c.auxiliary_addresses),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn networks(&self) -> Result<Vec<NetworkSummary>> {
+        let list = self
+            .docker()?
+            .list_networks(None::<bollard::query_parameters::ListNetworksOptions>)
+            .await
+            .map_err(api)?;
+        Ok(list
+            .into_iter()
+            .filter_map(|n| {
+                Some(NetworkSummary {
+                    id: n.id?,
+                    name: n.name.unwrap_or_default(),
+                    driver: n.driver.unwrap_or_default(),
+                })
+            })
+            .collect())
+    }
+
+    async fn create_network(&self, config: &NetworkConfig) -> Result<String> {
+        use bollard::models::{Ipam, IpamConfig, NetworkCreateRequest};
+        let unsorted = |m: &BTreeMap<String, String>| -> HashMap<String, String> {
+            m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        };
+        let request = NetworkCreateRequest {
+            name: config.name.clone(),
+            driver: Some(config.driver.clone()),
+            internal: Some(config.internal),
+            attachable: Some(config.attachable),
+            enable_ipv6: Some(config.enable_ipv6),
+            options: Some(unsorted(&config.options)),
+            labels: Some(unsorted(&config.labels)),
+            ipam: Some(Ipam {
+                driver: Some(config.ipam_driver.clone()),
+                options: Some(unsorted(&config.ipam_options)),
+                config: Some(
+                    config
+                        .ipam
+                        .iter()
+                        .map(|p| IpamConfig {
+                            subnet: Some(p.subnet.clone()),
+                            ip_range: p.ip_range.clone(),
+                            gateway: p.gateway.clone(),
+                            auxiliary_addresses: Some(unsorted(&p.aux)),
+                        })
+                        .collect(),
+                ),
+            }),
+            ..Default::default()
+        };
+        let created = self.docker()?.create_network(request).await.map_err(api)?;
+        Ok(created.id)
+    }
+
+    async fn remove_network(&self, id: &str) -> Result<()> {
+        match self.docker()?.remove_network(id).await {
+            Ok(()) => Ok(()),
+            Err(e) if not_found(&e) => Ok(()),
+            Err(e) => Err(api(e)),
+        }
+    }
+}
+
+fn sorted(map: Option<HashMap<String, String>>) -> BTreeMap<String, String> {
+    map.unwrap_or_default().into_iter().collect()
 }

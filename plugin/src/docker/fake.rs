@@ -3,7 +3,9 @@
 //! containers and networks a test sets, events it sends, and a socket that
 //! can be missing.
 
-use super::{Change, Container, DockerApi, DockerError, Network, Result};
+use super::{
+    Change, Container, DockerApi, DockerError, Network, NetworkConfig, NetworkSummary, Result,
+};
 use async_trait::async_trait;
 use futures::stream::{BoxStream, StreamExt};
 use std::collections::HashMap;
@@ -15,6 +17,8 @@ struct State {
     missing: bool,
     containers: HashMap<String, Container>,
     networks: HashMap<String, Network>,
+    configs: HashMap<String, NetworkConfig>,
+    created: usize,
     subscribers: Vec<mpsc::UnboundedSender<Result<Change>>>,
     connects: usize,
 }
@@ -50,6 +54,26 @@ impl FakeDocker {
 
     pub fn set_network(&self, network: Network) {
         self.state().networks.insert(network.id.clone(), network);
+    }
+
+    /// A network with the settings it was created with.
+    pub fn set_network_config(&self, id: &str, config: NetworkConfig) {
+        let mut st = self.state();
+        st.networks.insert(
+            id.to_string(),
+            Network {
+                id: id.to_string(),
+                name: config.name.clone(),
+                driver: config.driver.clone(),
+                containers: vec![],
+            },
+        );
+        st.configs.insert(id.to_string(), config);
+    }
+
+    /// The settings of every network, by ID.
+    pub fn network_configs(&self) -> HashMap<String, NetworkConfig> {
+        self.state().configs.clone()
     }
 
     /// Send an event to every open event stream.
@@ -93,6 +117,58 @@ impl DockerApi for FakeDocker {
 
     async fn network(&self, id: &str) -> Result<Option<Network>> {
         Ok(self.state().networks.get(id).cloned())
+    }
+
+    async fn network_config(&self, id: &str) -> Result<Option<NetworkConfig>> {
+        Ok(self.state().configs.get(id).cloned())
+    }
+
+    async fn networks(&self) -> Result<Vec<NetworkSummary>> {
+        Ok(self
+            .state()
+            .networks
+            .values()
+            .map(|n| NetworkSummary {
+                id: n.id.clone(),
+                name: n.name.clone(),
+                driver: n.driver.clone(),
+            })
+            .collect())
+    }
+
+    async fn create_network(&self, config: &NetworkConfig) -> Result<String> {
+        let id = {
+            let mut st = self.state();
+            if st.networks.values().any(|n| n.name == config.name) {
+                return Err(DockerError::Api(format!(
+                    "network with name {} already exists",
+                    config.name
+                )));
+            }
+            st.created += 1;
+            format!("fake{:060}", st.created)
+        };
+        self.set_network_config(&id, config.clone());
+        self.emit(Change::Network {
+            id: id.clone(),
+            container: None,
+        });
+        Ok(id)
+    }
+
+    async fn remove_network(&self, id: &str) -> Result<()> {
+        let removed = {
+            let mut st = self.state();
+            st.configs.remove(id);
+            st.networks.remove(id).is_some()
+        };
+        if removed {
+            self.emit(Change::Network {
+                id: id.to_string(),
+                container: None,
+            });
+        }
+        Ok(())
     }
 }
 

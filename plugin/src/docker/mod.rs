@@ -14,6 +14,8 @@ pub mod fake;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 /// What went wrong talking to Docker.
@@ -58,6 +60,48 @@ pub struct Network {
     pub containers: Vec<String>,
 }
 
+/// Everything `docker network create` takes, as the engine reports it: what
+/// a cluster network's replica on another host is created from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkConfig {
+    pub name: String,
+    pub driver: String,
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub internal: bool,
+    #[serde(default)]
+    pub attachable: bool,
+    #[serde(default)]
+    pub enable_ipv6: bool,
+    pub ipam_driver: String,
+    #[serde(default)]
+    pub ipam_options: BTreeMap<String, String>,
+    #[serde(default)]
+    pub ipam: Vec<IpamPool>,
+}
+
+/// One `--subnet` of a network, with its `--ip-range`, `--gateway` and
+/// `--aux-address` settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpamPool {
+    pub subnet: String,
+    pub ip_range: Option<String>,
+    pub gateway: Option<String>,
+    #[serde(default)]
+    pub aux: BTreeMap<String, String>,
+}
+
+/// A network in the engine's list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkSummary {
+    pub id: String,
+    pub name: String,
+    pub driver: String,
+}
+
 /// Something happened that may change names: re-read that object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -83,6 +127,18 @@ pub trait DockerApi: Send + Sync + 'static {
 
     /// The network, or `None` when it no longer exists.
     async fn network(&self, id: &str) -> Result<Option<Network>>;
+
+    /// How the network was created, or `None` when it no longer exists.
+    async fn network_config(&self, id: &str) -> Result<Option<NetworkConfig>>;
+
+    /// Every network the engine shows (networks being removed are hidden).
+    async fn networks(&self) -> Result<Vec<NetworkSummary>>;
+
+    /// Create a network; its ID.
+    async fn create_network(&self, config: &NetworkConfig) -> Result<String>;
+
+    /// Remove a network. Already gone is fine.
+    async fn remove_network(&self, id: &str) -> Result<()>;
 }
 
 /// The names of a container on one network, as Docker's embedded DNS knows

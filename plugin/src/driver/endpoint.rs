@@ -70,7 +70,20 @@ impl Driver {
             ipv6: spec.ipv6,
             created_at: unix_now(),
         };
-        self.overlays.create_endpoint(&net, &record).await?;
+        if let (true, Some(cluster)) = (net.cluster, &self.cluster) {
+            let fence = cluster.clusters.endpoint_fence(&net.overlay).await?;
+            if let Err(e) = self
+                .overlays
+                .create_endpoint_fenced(&net, &record, fence)
+                .await
+            {
+                // A removal that began meanwhile explains the failure best.
+                cluster.clusters.endpoint_fence(&net.overlay).await?;
+                return Err(e);
+            }
+        } else {
+            self.overlays.create_endpoint(&net, &record).await?;
+        }
         tracing::info!(ip = ?spec.ipv4, mac = %record.mac, "endpoint created");
         Ok(spec.mac.is_none().then_some(record.mac))
     }

@@ -10,6 +10,7 @@ mod network;
 pub use endpoint::{EndpointInfo, EndpointSpec};
 pub use network::{NetworkSpec, PoolSpec};
 
+use crate::control::cluster::Clusters;
 use crate::control::ipam::Ipam;
 use crate::control::overlay::Overlays;
 use crate::error::{PluginError, Result};
@@ -33,6 +34,16 @@ pub struct Driver {
     /// Join while their namespace did not exist yet, and the endpoint that
     /// carries it.
     dns_routes: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// Networks defined once for every host, when the cluster sync runs.
+    cluster: Option<ClusterHooks>,
+}
+
+/// What the driver shares with the cluster sync (`sync::cluster`).
+#[derive(Clone)]
+pub struct ClusterHooks {
+    pub clusters: Arc<Clusters>,
+    /// Wakes the cluster sync: a copy was removed, or should be made again.
+    pub changed: Arc<tokio::sync::Notify>,
 }
 
 impl Driver {
@@ -49,7 +60,14 @@ impl Driver {
             devices,
             dns: None,
             dns_routes: Default::default(),
+            cluster: None,
         }
+    }
+
+    /// Take networks defined once (`-o cluster=true`).
+    pub fn with_cluster(mut self, hooks: ClusterHooks) -> Self {
+        self.cluster = Some(hooks);
+        self
     }
 
     /// Route the resolver's address into every joining container.

@@ -2,6 +2,7 @@
 //! leaves) the overlay of its subnets.
 
 use super::{Driver, CREATE_HINT};
+use crate::control::cluster::Removal;
 use crate::control::ipam::pool_id;
 use crate::error::{PluginError, Result};
 use crate::state::keys;
@@ -14,6 +15,8 @@ pub struct NetworkSpec {
     pub network_id: String,
     pub ipv4: Vec<PoolSpec>,
     pub ipv6: Vec<PoolSpec>,
+    /// `-o cluster=true`: defined once, created by the plugin on every host.
+    pub cluster: bool,
 }
 
 /// One of the network's pools: a subnet from rustoverlay IPAM and its aux
@@ -51,10 +54,14 @@ impl Driver {
                 )));
             }
         }
+        if spec.cluster {
+            self.check_cluster_network_can_be_created(&pools[0].subnet)
+                .await?;
+        }
         let subnets = pools.iter().map(|p| p.subnet).collect();
         let net = self
             .overlays
-            .create_network(&spec.network_id, subnets)
+            .create_network_as(&spec.network_id, subnets, spec.cluster)
             .await?;
         for p in &pools {
             if let Err(e) = self.ipam.mark_aux(&pool_id(&p.subnet), &p.aux).await {
@@ -76,11 +83,33 @@ impl Driver {
             .any(|n| n.subnets.contains(subnet)))
     }
 
+    /// A cluster network needs the cluster sync, and cannot be created
+    /// again on a subnet whose removal from every host is under way.
+    async fn check_cluster_network_can_be_created(&self, subnet: &IpNetwork) -> Result<()> {
+        let Some(cluster) = &self.cluster else {
+            return Err(PluginError::BadRequest(
+                "this plugin runs without cluster networks; leave out -o cluster=true".into(),
+            ));
+        };
+        let overlay = keys::subnet_segment(subnet);
+        match cluster.clusters.get(&overlay).await? {
+            Some((def, _)) if def.removing => Err(PluginError::Conflict(format!(
+                "network {} on subnet {subnet} is being removed from every host; create it \
+                 again once it is gone (docker network ls on each host)",
+                def.name
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     #[tracing::instrument(skip_all, fields(network = %network_id))]
     pub async fn delete_network(&self, network_id: &str) -> Result<()> {
         let Some(net) = self.overlays.delete_network(network_id).await? else {
             return Ok(());
         };
+        if net.cluster {
+            self.cluster_network_removed(&net.overlay).await;
+        }
         // Devices only exist while a local endpoint does; clear leftovers
         // unless another of this host's Docker networks uses the overlay.
         let lock = self.devices.lock(net.vni).await;
@@ -94,5 +123,33 @@ impl Driver {
             self.devices.remove(net.vni, &lock).await?;
         }
         Ok(())
+    }
+
+    /// This host's copy of a cluster network is gone (Docker gives a driver
+    /// no way to refuse a removal). Either it goes from every host, or, while
+    /// containers elsewhere use it, the cluster sync creates it here again.
+    async fn cluster_network_removed(&self, overlay: &str) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        match cluster.clusters.removal(overlay).await {
+            Ok(Removal::InUse(hosts)) => tracing::warn!(
+                %overlay,
+                hosts = %hosts.join(", "),
+                "a network defined for every host was removed here while containers on other \
+                 hosts use it: it is created here again; remove those containers first to \
+                 remove it everywhere"
+            ),
+            Ok(Removal::Everywhere) => {
+                if let Err(e) = cluster.clusters.forget_if_removed(overlay).await {
+                    tracing::warn!(%overlay, error = %e, "could not finish the cluster network's removal; the next host's removal does");
+                }
+            }
+            Ok(Removal::NotDefined) => {}
+            Err(e) => {
+                tracing::warn!(%overlay, error = %e, "could not decide the cluster network's removal; it is created here again")
+            }
+        }
+        cluster.changed.notify_one();
     }
 }

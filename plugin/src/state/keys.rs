@@ -16,6 +16,8 @@
 //! /rustoverlay/v1/hosts/<host>                    live host registration (under a lease)
 //! /rustoverlay/v1/reaper                          the host that reclaims gone hosts (under its lease)
 //! /rustoverlay/v1/names/<overlay>/<host>/<ep>     a container's names on the overlay (under the host's lease)
+//! /rustoverlay/v1/cluster/<overlay>               a network defined once for every host (`-o cluster=true`)
+//! /rustoverlay/v1/overlay/<overlay>/epgen         touched by every endpoint created on a cluster network
 //! ```
 //!
 //! `<pool>` and `<overlay>` are the subnet with `/` replaced by `_`
@@ -125,6 +127,21 @@ pub fn host_names(overlay: &str, host: &str) -> String {
 /// The names of one endpoint's container.
 pub fn endpoint_names(overlay: &str, host: &str, endpoint_id: &str) -> String {
     format!("{ROOT}names/{overlay}/{host}/{endpoint_id}")
+}
+
+/// Every network defined once for the whole cluster.
+pub fn cluster_networks() -> String {
+    format!("{ROOT}cluster/")
+}
+
+pub fn cluster_network(overlay: &str) -> String {
+    format!("{ROOT}cluster/{overlay}")
+}
+
+/// Written by each CreateEndpoint on a cluster network, so that a removal
+/// that saw no endpoint can tell that one was created since.
+pub fn overlay_epgen(overlay: &str) -> String {
+    format!("{ROOT}overlay/{overlay}/epgen")
 }
 
 #[cfg(test)]

@@ -89,6 +89,29 @@ pub struct LocalNetwork {
     pub overlay: String,
     pub vni: u32,
     pub subnets: Vec<IpNetwork>,
+    /// Created with `-o cluster=true`: defined once for every host.
+    #[serde(default)]
+    pub cluster: bool,
+    /// Docker hides a network whose DeleteNetwork we refused and removes it
+    /// at its next start; this record waits for that removal.
+    #[serde(default)]
+    pub hidden: bool,
+}
+
+/// `cluster/<overlay>`: a network defined once (`-o cluster=true`). Every
+/// host's plugin creates it through its Docker API, and removes it once it
+/// is `removing`. The definition is the engine's own description of the
+/// network (opaque here: `sync::cluster` reads and writes it).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClusterNetwork {
+    pub name: String,
+    /// The host where `docker network create` ran.
+    pub origin: String,
+    pub definition: serde_json::Value,
+    /// A removal was accepted: every host removes its copy, and the last
+    /// one deletes this record.
+    #[serde(default)]
+    pub removing: bool,
 }
 
 /// `overlay/<overlay>/ep/<ep>`: an endpoint, on whichever host it lives.

@@ -414,6 +414,8 @@ mod tests {
             overlay: "10.77.0.0_24".into(),
             vni: 256,
             subnets: vec!["10.77.0.0/24".parse().unwrap()],
+            cluster: false,
+            hidden: false,
         };
         let pool = PoolRecord {
             subnet: "10.77.0.0/24".parse().unwrap(),

@@ -7,7 +7,9 @@
 //! (`publish`: Docker's API -> store; `names`: store -> each overlay's
 //! resolver), and the supervisor that starts them and owns readiness.
 
+pub mod cluster;
 pub mod devices;
+pub mod engine;
 pub mod follow;
 pub mod leader;
 pub mod membership;

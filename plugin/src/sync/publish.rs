@@ -10,18 +10,17 @@
 //! Docker call is ever made from a plugin request: dockerd waits on those.
 //! Without a Docker socket the overlay works as before, without names.
 
+use super::engine::EngineLink;
 use crate::control::names::Names;
 use crate::control::overlay::Overlays;
 use crate::dns::NameTable;
 use crate::docker::{Change, Container, DockerApi, DockerError};
 use crate::error::PluginError;
 use crate::state::records::{LocalNetwork, NameRecord};
-use crate::util::backoff::Backoff;
 use futures::StreamExt;
 use kvstore_backends::LeaseId;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 use tokio::sync::watch;
 
 /// (overlay, endpoint ID).
@@ -75,42 +74,15 @@ impl Publisher {
     /// Publish forever: reconnect to Docker, and read everything again,
     /// whenever the engine, its event stream or the store let us down.
     pub async fn run(mut self) {
-        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
-        let mut said_missing = false;
+        let mut link = EngineLink::new(self.docker.clone(), "names across hosts");
         loop {
-            match self.docker.connect().await {
-                Ok(version) => {
-                    said_missing = false;
-                    tracing::info!(docker = %version, "publishing container names from the Docker API");
-                }
-                Err(DockerError::NoSocket(path)) => {
-                    if !said_missing {
-                        tracing::warn!(socket = %path, "no Docker socket: names across hosts are off until it appears (set --docker-socket); overlays work without them");
-                        said_missing = true;
-                    }
-                    backoff.wait().await;
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff.peek(), "cannot reach the Docker API; names are not published meanwhile");
-                    backoff.wait().await;
-                    continue;
-                }
-            }
-            let mut events = match self.docker.events().await {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot follow Docker's events");
-                    backoff.wait().await;
-                    continue;
-                }
-            };
+            let mut events = link.events().await;
             if let Err(e) = self.resync().await {
-                tracing::warn!(error = %e, retry_in = ?backoff.peek(), "could not publish names; trying again");
-                backoff.wait().await;
+                tracing::warn!(error = %e, retry_in = ?link.retry_in(), "could not publish names; trying again");
+                link.pause().await;
                 continue;
             }
-            backoff.reset();
+            link.settled();
             loop {
                 tokio::select! {
                     event = events.next() => match event {
@@ -143,7 +115,7 @@ impl Publisher {
                     }
                 }
             }
-            backoff.wait().await;
+            link.pause().await;
         }
     }
 

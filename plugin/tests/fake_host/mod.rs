@@ -14,11 +14,12 @@ use kvstore_backends::{
 };
 use rustoverlay::api::parse::pool_request;
 use rustoverlay::cmd::HostParts;
+use rustoverlay::control::cluster::Clusters;
 use rustoverlay::control::ipam::{pool_id, Ipam};
 use rustoverlay::control::overlay::Overlays;
 use rustoverlay::dataplane::fake::FakeDataplane;
 use rustoverlay::dataplane::{Dataplane, KernelPeers, PeerEntry};
-use rustoverlay::driver::{Driver, EndpointSpec, NetworkSpec, PoolSpec};
+use rustoverlay::driver::{ClusterHooks, Driver, EndpointSpec, NetworkSpec, PoolSpec};
 use rustoverlay::state::codec::encode;
 use rustoverlay::state::keys;
 use rustoverlay::state::records::{HostRecord, LocalNetwork};
@@ -59,6 +60,8 @@ pub struct Host {
     pub reconciler: Arc<Reconciler>,
     /// This host's view of the registered hosts (the one its peer sync uses).
     pub live: watch::Receiver<LiveSet>,
+    /// What its driver shares with the cluster sync.
+    pub cluster: ClusterHooks,
 }
 
 /// A kernel that holds exactly these endpoints' entries.
@@ -118,12 +121,18 @@ impl Host {
     }
 
     fn on(store: &Arc<dyn KvStore>, name: &str, fake: Arc<FakeDataplane>) -> Host {
-        let parts = HostParts::new(
+        let cluster = ClusterHooks {
+            clusters: Arc::new(Clusters::new(store.clone(), name)),
+            changed: Arc::new(tokio::sync::Notify::new()),
+        };
+        let parts = HostParts::with_names(
             store.clone(),
             fake.clone(),
             name,
             "10.200.0.0/16".parse().unwrap(),
             24,
+            None,
+            Some(cluster.clone()),
         );
         Host {
             name: name.to_string(),
@@ -135,6 +144,7 @@ impl Host {
             driver: parts.driver,
             reconciler: parts.reconciler,
             live: parts.live,
+            cluster,
         }
     }
 
@@ -182,6 +192,17 @@ impl Host {
     /// What Docker does for `docker network create`: claim the pool (one
     /// reference), its gateway, then CreateNetwork.
     pub async fn create_network(&self, network_id: &str, subnet: &str) -> LocalNetwork {
+        self.create_network_as(network_id, subnet, false).await
+    }
+
+    /// RequestPool, the gateway and CreateNetwork, with `-o cluster=true`
+    /// when `cluster` is set.
+    pub async fn create_network_as(
+        &self,
+        network_id: &str,
+        subnet: &str,
+        cluster: bool,
+    ) -> LocalNetwork {
         let rec = self
             .ipam
             .request_pool(&pool_request(subnet, "", false).unwrap())
@@ -197,6 +218,7 @@ impl Host {
                     aux: vec![],
                 }],
                 ipv6: vec![],
+                cluster,
             })
             .await
             .unwrap();
