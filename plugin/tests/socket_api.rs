@@ -19,13 +19,34 @@ async fn every_method_answers_and_repeats_are_idempotent() {
     let c = plugin.client();
 
     let act = c.call("Plugin.Activate", json!({})).await.ok();
-    assert_eq!(act, json!({"Implements": ["NetworkDriver", "IpamDriver"]}));
+    assert_eq!(
+        act,
+        json!({"Implements": ["NetworkDriver", "IpamDriver", "authz"]})
+    );
     // Docker sends no body on some calls.
     let caps = c.raw("NetworkDriver.GetCapabilities", b"").await.ok();
     assert_eq!(
         caps,
         json!({"Scope": "local", "ConnectivityScope": "global"})
     );
+    // The authorization hook allows what it has nothing against, and what
+    // it cannot read: a hook that fails would deny the engine's whole API.
+    for body in [
+        &br#"{"RequestMethod":"GET","RequestUri":"/v1.45/containers/json"}"#[..],
+        br#"{"RequestMethod":"DELETE","RequestUri":"/v1.45/networks/nosuchnet"}"#,
+        b"not json",
+        b"",
+    ] {
+        let answer = c.raw("AuthZPlugin.AuthZReq", body).await.ok();
+        assert_eq!(
+            answer,
+            json!({"Allow": true}),
+            "{:?}",
+            String::from_utf8_lossy(body)
+        );
+    }
+    let answer = c.raw("AuthZPlugin.AuthZRes", b"{}").await.ok();
+    assert_eq!(answer, json!({"Allow": true}));
     let ipam_caps = c.raw("IpamDriver.GetCapabilities", b"").await.ok();
     // No MAC from Docker: the driver derives it from the address.
     assert_eq!(ipam_caps["RequiresMACAddress"], json!(false));

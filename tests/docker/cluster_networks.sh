@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Networks defined once (issue 11): three hosts on one etcd, each dockerd
-# with "dns": ["169.254.53.53"]. A network created with -o cluster=true on
-# host 1 appears on hosts 2 and 3 within 5 s (time printed) with the same
-# subnet, range, gateway, options and labels, and carries traffic (and
-# names) between them. Removed on host 2 while host 3 has a container on
-# it, it stays on every host (Docker gives a driver no veto, so host 2's
-# plugin creates its copy again and says why); once host 3's container is
-# gone, a removal on host 2 removes it from every host and from the store.
-# A name held by another local network is logged and skipped; a network
-# without the option stays on its host; a plugin that was down when a
-# network was defined creates it when it comes back.
+# with "dns": ["169.254.53.53"], hosts 1 and 2 also with the plugin as their
+# authorization hook. A network created with -o cluster=true on host 1
+# appears on hosts 2 and 3 within 5 s (time printed) with the same subnet,
+# range, gateway, options and labels, and carries traffic (and names)
+# between them. Its removal on host 2 is refused, naming host 3, while host
+# 3 has a container on it. Without the hook (host 3), Docker removes its
+# copy anyway, and host 3's plugin creates it again and says why. Once no
+# host has a container on it, a removal on host 2 removes it from every host
+# and from the store. A name held by another local network is logged and
+# skipped; a network without the option stays on its host; a plugin that
+# was down when a network was defined creates it when it comes back.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=tests/lib/harness.sh
@@ -42,9 +43,15 @@ no_definitions() { [[ -z "$(cluster_keys)" ]]; }
 phase "boot: etcd, three hosts with dockerd --dns $DNS"
 harness_start_etcd
 for h in 1 2 3; do
-    sc_dockerd_config "$h" "\"dns\": [\"$DNS\"]"
+    members="\"dns\": [\"$DNS\"]"
+    ((h == 3)) || members+=", \"authorization-plugins\": [\"rustoverlay\"]"
+    sc_dockerd_config "$h" "$members"
     harness_start_host "$h" --store "$(harness_etcd_url)"
     harness_busybox_image "$h"
+done
+for h in 1 2; do
+    assert_contains "host $h: dockerd asks the plugin to authorize" rustoverlay \
+        "$(hdocker "$h" info -f '{{json .Plugins.Authorization}}')"
 done
 harness_stop_if_failed
 
@@ -74,19 +81,33 @@ assert_contains "host 3: c3's address is from the range" "10.86.0." "$C3_IP"
 assert_eventually "host 2: c2 pings c3 ($C3_IP)" 10 sc_ping 2 c2 "$C3_IP"
 assert_eventually "host 2: c2 pings c3 by name" 10 hdocker 2 exec c2 ping -c 1 -W 2 c3
 
-phase "removed on host 2 while host 3 has a container: it stays on every host"
+phase "its removal on host 2 is refused while host 3 has a container on it"
 assert_ok "host 2: docker rm -f c2" hdocker 2 rm -f c2
-# Docker lets a network driver report errors on removal but never honours
-# them, so this command succeeds; host 2's plugin then creates its copy again.
-hdocker 2 network rm "$NET" >/dev/null 2>&1 || true
-assert_eventually "host 2: $NET is back within 5 s" 5 has_net 2 "$NET"
-assert_ok "host 1: still has $NET" has_net 1 "$NET"
-assert_ok "host 3: still has $NET" has_net 3 "$NET"
-assert_contains "host 2's plugin says which hosts use it" "hosts=h3" \
-    "$(plugin_log_since_start 2 | grep 'created here again' || true)"
-assert_eq "the definition stays in the store" "/rustoverlay/v1/cluster/10.86.0.0_24" "$(cluster_keys)"
+if out="$(hdocker 2 network rm "$NET" 2>&1)"; then
+    harness_fail "host 2: docker network rm $NET succeeded while host 3 uses it"
+else
+    assert_contains "host 2: refused, naming host 3" "containers on host h3 use it" "$out"
+    printf '       | %s\n' "$out"
+fi
+for h in 1 2 3; do
+    assert_ok "host $h: still has $NET" has_net "$h" "$NET"
+done
 assert_ok "host 2: c2 again on $NET" sc_run 2 c2b "$NET"
 assert_eventually "host 2: c2b pings c3" 10 sc_ping 2 c2b "$C3_IP"
+
+phase "without the authorization hook (host 3), a removal while host 2 uses it: host 3's copy comes back"
+assert_ok "host 3: docker rm -f c3" hdocker 3 rm -f c3
+# Docker lets a network driver report an error on removal but never honours
+# it, so this succeeds; host 3's plugin then creates its copy again.
+assert_ok "host 3: docker network rm $NET (no hook: Docker goes ahead)" hdocker 3 network rm "$NET"
+assert_eventually "host 3: $NET is back within 5 s" 5 has_net 3 "$NET"
+assert_ok "host 1: still has $NET" has_net 1 "$NET"
+assert_contains "host 3's plugin says which hosts use it" "hosts=h2" \
+    "$(plugin_log_since_start 3 | grep 'created here again' || true)"
+assert_eq "the definition stays in the store" "/rustoverlay/v1/cluster/10.86.0.0_24" "$(cluster_keys)"
+assert_ok "host 3: c3 again on $NET" sc_run 3 c3 "$NET"
+C3_IP="$(hcontainer_ip 3 c3 "$NET")"
+assert_eventually "host 2: c2b pings the new c3" 10 sc_ping 2 c2b "$C3_IP"
 assert_ok "host 2: docker rm -f c2b" hdocker 2 rm -f c2b
 
 phase "once host 3's container is gone, removal on host 2 removes it everywhere"

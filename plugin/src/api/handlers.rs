@@ -25,7 +25,7 @@ pub(super) async fn unknown_method(uri: Uri, _body: Bytes) -> Response {
         StatusCode::NOT_FOUND,
         Json(ErrorResponse {
             err: format!(
-                "{} is not a method of rustoverlay (it implements NetworkDriver and IpamDriver)",
+                "{} is not a method of rustoverlay (it implements NetworkDriver, IpamDriver and authz)",
                 uri.path().trim_start_matches('/')
             ),
         }),
@@ -37,7 +37,7 @@ pub(super) async fn unknown_method(uri: Uri, _body: Bytes) -> Response {
 // the client is still writing would fail Docker's call with a broken pipe.
 pub(super) async fn activate(_body: Bytes) -> Json<ActivateResponse> {
     Json(ActivateResponse {
-        implements: vec![NETWORK_DRIVER, IPAM_DRIVER],
+        implements: vec![NETWORK_DRIVER, IPAM_DRIVER, AUTHZ],
     })
 }
 

@@ -5,6 +5,7 @@
 //! error -> response mapping (`response`) and the socket (`socket`). Every
 //! request has a time limit because Docker itself waits forever.
 
+mod authz;
 mod extract;
 mod handlers;
 pub mod parse;
@@ -37,6 +38,10 @@ pub struct AppState {
     /// False while this host may not act on what it holds (lease lost).
     pub ready: Readiness,
 }
+
+/// Docker hands the authorization hook request and response bodies of up
+/// to 1 MiB, base64-encoded inside JSON.
+const AUTHZ_BODY_LIMIT: usize = 4 << 20;
 
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
     Router::new()
@@ -95,6 +100,9 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
             "/IpamDriver.ReleaseAddress",
             post(handlers::release_address),
         )
+        .route("/AuthZPlugin.AuthZReq", post(authz::request))
+        .route("/AuthZPlugin.AuthZRes", post(authz::response))
+        .layer(axum::extract::DefaultBodyLimit::max(AUTHZ_BODY_LIMIT))
         .fallback(handlers::unknown_method)
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -118,7 +126,10 @@ async fn bounded(
     // A host that lost its lease serves again once re-registered and
     // reconciled, usually seconds after the store is back: wait for that
     // (up to 40% of the limit) rather than refuse a call Docker will not repeat.
+    // The authorization hook answers every API call of the engine: it must
+    // never wait (it allows whatever it cannot check).
     if !method.starts_with("Plugin.")
+        && !method.starts_with("AuthZPlugin.")
         && !method.ends_with("Capabilities")
         && !state.ready.wait(limit.mul_f64(0.4)).await
     {

@@ -14,6 +14,8 @@ pub const NETWORK_DRIVER: &str = "NetworkDriver";
 pub const LOCAL_ADDRESS_SPACE: &str = "RustOverlayLocal";
 pub const GLOBAL_ADDRESS_SPACE: &str = "RustOverlayGlobal";
 pub const IPAM_DRIVER: &str = "IpamDriver";
+/// Docker's authorization hook (`--authorization-plugin rustoverlay`).
+pub const AUTHZ: &str = "authz";
 
 /// Option key Docker uses on RequestAddress for the gateway request.
 pub const REQUEST_ADDRESS_TYPE: &str = "RequestAddressType";

@@ -12,7 +12,7 @@ use crate::state::codec::{decode, encode, take_gets};
 use crate::state::keys;
 use crate::state::records::{ClusterNetwork, EndpointRecord};
 use crate::util::backoff::Retry;
-use kvstore_backends::{Compare, KvStore, Op, Revision, Txn};
+use kvstore_backends::{Compare, KvStore, Op, RangeResponse, Revision, Txn};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
@@ -129,17 +129,9 @@ impl Clusters {
             if def.removing {
                 return Ok(Removal::Everywhere);
             }
-            let users: BTreeSet<String> = eps
-                .kvs
-                .iter()
-                .map(decode::<EndpointRecord>)
-                .collect::<Result<Vec<_>>>()?
-                .into_iter()
-                .map(|ep| ep.host)
-                .filter(|h| *h != self.host)
-                .collect();
+            let users = self.other_hosts(&eps)?;
             if !users.is_empty() {
-                return Ok(Removal::InUse(users.into_iter().collect()));
+                return Ok(Removal::InUse(users));
             }
             def.removing = true;
             let gen_compare = match &epgen {
@@ -167,6 +159,29 @@ impl Clusters {
             "could not decide the removal of the network on {overlay}: the store kept \
              changing; remove it again"
         )))
+    }
+
+    /// The hosts other than this one with containers on an overlay.
+    pub async fn users(&self, overlay: &str) -> Result<Vec<String>> {
+        let eps = self
+            .store
+            .range(&keys::overlay_endpoints(overlay))
+            .await
+            .ctx(|| format!("list the endpoints of {overlay}"))?;
+        self.other_hosts(&eps)
+    }
+
+    fn other_hosts(&self, eps: &RangeResponse) -> Result<Vec<String>> {
+        let hosts: BTreeSet<String> = eps
+            .kvs
+            .iter()
+            .map(decode::<EndpointRecord>)
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .map(|ep| ep.host)
+            .filter(|h| *h != self.host)
+            .collect();
+        Ok(hosts.into_iter().collect())
     }
 
     /// Delete a definition being removed once no host has the overlay any

@@ -152,4 +152,51 @@ impl Driver {
         }
         cluster.changed.notify_one();
     }
+
+    /// Why `docker network rm TARGET` (a name, an ID or an ID prefix) must
+    /// be turned down, if it must: TARGET is this host's copy of a network
+    /// defined once, and containers on other hosts use it. Asked by Docker's
+    /// authorization hook, before Docker starts removing anything.
+    pub async fn removal_veto(&self, target: &str) -> Result<Option<String>> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(None);
+        };
+        let locals = self.overlays.local_networks().await?;
+        let copies: Vec<_> = locals.iter().filter(|n| n.cluster).collect();
+        if copies.is_empty() {
+            return Ok(None);
+        }
+        let defs = cluster.clusters.all().await?;
+        // Docker's order: a full ID, then a name, then an ID prefix.
+        let by_id = copies.iter().find(|n| n.network_id == target);
+        let by_name = defs
+            .iter()
+            .find(|(o, d)| d.name == target && copies.iter().any(|n| &n.overlay == o))
+            .map(|(o, _)| o.clone());
+        let by_prefix = copies.iter().find(|n| n.network_id.starts_with(target));
+        let Some(overlay) = by_id
+            .map(|n| n.overlay.clone())
+            .or(by_name)
+            .or_else(|| by_prefix.map(|n| n.overlay.clone()))
+        else {
+            return Ok(None);
+        };
+        let Some((_, def)) = defs.iter().find(|(o, _)| *o == overlay) else {
+            return Ok(None);
+        };
+        if def.removing {
+            return Ok(None);
+        }
+        let users = cluster.clusters.users(&overlay).await?;
+        if users.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(format!(
+            "network {} is defined for every host and containers on host{} {} use it; remove \
+             those containers first, then remove the network on any host",
+            def.name,
+            if users.len() == 1 { "" } else { "s" },
+            users.join(", ")
+        )))
+    }
 }
