@@ -3,7 +3,10 @@
 # shared mount (as on systemd hosts), without the legacy plugin:
 # scripts/build-plugin, `docker plugin create/set/enable` on two hosts sharing
 # one etcd, networks with `-d rustoverlay:latest --ipam-driver
-# rustoverlay:latest`, containers talking across hosts. The overlay
+# rustoverlay:latest`, containers talking across hosts, finding each other
+# by name at the overlay's resolver, and a network defined once
+# (-o cluster=true) created on the other host: the plugin reaches the
+# engine's API at /host/run/docker.sock (config.json's run mount). The overlay
 # namespaces are mounted in the host's /run (config.json's rshared "run"
 # mount), so running containers stay connected through a SIGKILLed plugin
 # (dockerd restarts it), a `disable -f` / `enable`, and an upgrade without a
@@ -88,8 +91,13 @@ harness_start_etcd
 store="$(harness_etcd_url)"
 for h in "${HOSTS[@]}"; do
     harness_start_host "$h" --no-plugin
-    # As on a systemd host: the host's /run is a shared mount.
+    # As on a systemd host: the host's /run is a shared mount, and the
+    # engine's API is at /run/docker.sock (the plugin's default, through
+    # config.json's run mount; the harness's dockerd listens in the run's
+    # temp dir, so it is bound there in the host's own tmpfs /run).
     harness_share_run "$h"
+    assert_ok "host $h: the engine's socket at /run/docker.sock" \
+        hexec_mnt "$h" sh -c "touch /run/docker.sock && mount -n --bind '$(harness_host_dir "$h")/docker.sock' /run/docker.sock"
     harness_busybox_image "$h"
     # The host directories of the plugin's mounts "certs" and "state"; the
     # plugin's /etc/rustoverlay is certs.source's rustoverlay/.
@@ -163,6 +171,16 @@ assert_eventually "c1 (h1) pings c2 (h2)" 15 cping 1 c1 "${IP_OF[c2]}"
 assert_eventually "c2 (h2) pings c1 (h1)" 15 cping 2 c2 "${IP_OF[c1]}"
 assert_ok "c1 reaches the world (egress through docker_gwbridge)" \
     hdocker 1 exec c1 ping -c 1 -W 2 "$HARNESS_WORLD_IP"
+# The plugin reads the Docker API through config.json's run mount
+# (/host/run/docker.sock): host 1's container name reaches host 2's resolver.
+assert_eventually "c2 (h2) resolves c1 by name at the overlay's resolver" 10 \
+    eval "hdocker 2 exec c2 nslookup -type=a c1 169.254.53.53 | grep -c '${IP_OF[c1]}\$' >/dev/null"
+assert_ok "host 1: a network defined once (-o cluster=true)" \
+    hdocker 1 network create -d "$PLUGIN" --ipam-driver "$PLUGIN" --subnet 10.78.0.0/24 -o cluster=true cnet
+assert_eventually "host 2: the managed plugin created cnet through its Docker socket" 5 \
+    eval "hdocker 2 network inspect -f '{{.Driver}}' cnet | grep -c '^$PLUGIN\$' >/dev/null"
+assert_ok "host 1: remove cnet" hdocker 1 network rm cnet
+assert_eventually "host 2: cnet is gone too" 5 eval "! hdocker 2 network inspect cnet >/dev/null 2>&1"
 
 VNI_NS="$(ovl_namespaces 1)"
 assert_ok "host 1 has one overlay namespace file in /run/rustoverlay/netns ($VNI_NS)" \

@@ -43,6 +43,8 @@
 #                      docker26 (trixie's Docker 26.1 from the root that
 #                      tests/lib/trixie-root.sh caches); see below
 #   HARNESS_COMPOSE    docker-compose binary (default: harness_compose_bin)
+#   HARNESS_IMAGE_CACHE  a directory where the test image's tar is kept for
+#                      later runs (default: none, built in each run's temp dir)
 
 if [[ -n "${_HARNESS_SOURCED:-}" ]]; then
     return 0
@@ -349,20 +351,20 @@ _harness_teardown() {
         # shellcheck disable=SC2086 # one pid per word
         kill -9 $pids 2>/dev/null
         killed+=" $pids"
-        sleep 0.1
+        _harness_nap "$((i - 1))" 100
     done
     pids="$(_harness_run_pids "$dir")"
     [[ -z "$pids" ]] || _hlog "teardown: processes survive SIGKILL: ${pids//$'\n'/ }"
     # Wait (bounded) until the killed processes are reaped, not just zombies,
     # so that a check right after the run sees none of them.
     local p
-    for i in $(seq 1 50); do
+    for i in $(seq 1 52); do
         pids=""
         for p in $killed; do
             [[ ! -e "/proc/$p" ]] || pids+=" $p"
         done
         [[ -n "$pids" ]] || break
-        sleep 0.1
+        _harness_nap "$((i - 1))" 100
     done
     [[ -z "$pids" ]] || _hlog "teardown: killed processes not reaped yet:$pids"
 
@@ -535,14 +537,31 @@ _harness_anchor_pid() {
     printf '%s\n' "$pid"
 }
 
-# _harness_wait TIMEOUT_S CMD... - poll CMD every 0.2 s until it succeeds.
+# _harness_nap TRY MAX_MS [FIRST_MS] - the pause before try TRY+1 (TRY = 0,
+# 1, ...) of a poll: FIRST_MS (default 20) doubling at each try, at most
+# MAX_MS. What the harness waits for (a pid file, a socket, a dead process)
+# mostly takes a few tens of ms: a fixed 0.2 s pause cost most of that again
+# on every wait. Deadlines stay as they were.
+_harness_nap() {
+    local try="$1" max_ms="$2" ms="${3:-20}"
+    ((try < 8)) || try=8
+    ms=$((ms << try))
+    ((ms <= max_ms)) || ms="$max_ms"
+    printf -v ms '%d.%03d' $((ms / 1000)) $((ms % 1000))
+    sleep "$ms"
+}
+
+# _harness_wait TIMEOUT_S CMD... - poll CMD until it succeeds (every 0.2 s,
+# sooner at first: _harness_nap).
 _harness_wait() {
-    local timeout="$1" deadline
+    # (_hw_try: CMD may be an eval of the caller's words; no name of theirs)
+    local timeout="$1" deadline _hw_try=0
     shift
     deadline=$((SECONDS + timeout))
     until "$@" >/dev/null 2>&1; do
         ((SECONDS < deadline)) || return 1
-        sleep 0.2
+        _harness_nap "$_hw_try" 200
+        _hw_try=$((_hw_try + 1))
     done
 }
 
@@ -704,7 +723,7 @@ _harness_start_dockerd() {
         --shutdown-timeout 2
     dpid="$(cat "$dir/dockerd.pid")"
 
-    local deadline=$((SECONDS + HARNESS_BOOT_TIMEOUT))
+    local deadline=$((SECONDS + HARNESS_BOOT_TIMEOUT)) try=0
     until hdocker "$n" version >/dev/null 2>&1; do
         if ! _harness_pid_alive "$dpid"; then
             _harness_tail "$dir/dockerd.log" >&2
@@ -714,7 +733,9 @@ _harness_start_dockerd() {
             _harness_tail "$dir/dockerd.log" >&2
             _hdie "host $n: dockerd not answering on $dir/docker.sock after ${HARNESS_BOOT_TIMEOUT}s"
         fi
-        sleep 0.3
+        # Each try is a docker CLI run: from 50 ms, at most every 0.3 s.
+        _harness_nap "$try" 300 50
+        try=$((try + 1))
     done
 }
 
@@ -848,7 +869,7 @@ harness_restart_plugin() {
     local pid
     pid="$(cat "$dir/plugin.pid")"
 
-    local deadline=$((SECONDS + HARNESS_BOOT_TIMEOUT))
+    local deadline=$((SECONDS + HARNESS_BOOT_TIMEOUT)) try=0
     until _harness_plugin_ready "$n" "$before"; do
         if ! _harness_pid_alive "$pid"; then
             _harness_tail "$dir/plugin.log" >&2
@@ -858,7 +879,8 @@ harness_restart_plugin() {
             _harness_tail "$dir/plugin.log" >&2
             _hdie "host $n: plugin socket $HARNESS_PLUGIN_SOCKET not (re)created after ${HARNESS_BOOT_TIMEOUT}s"
         fi
-        sleep 0.2
+        _harness_nap "$try" 200
+        try=$((try + 1))
     done
 }
 
@@ -974,18 +996,18 @@ _harness_kill_host_procs() {
         # shellcheck disable=SC2086
         kill -9 $pids 2>/dev/null || true
         killed+=" $pids"
-        sleep 0.1
+        _harness_nap "$((i - 1))" 100
     done
     [[ -z "$pids" ]] || _hlog "host $n: processes survive SIGKILL: ${pids//$'\n'/ }"
     # Wait until they are reaped too: a zombie containerd still "exists" for a
     # dockerd started right after and would be taken for a running one.
-    for i in $(seq 1 50); do
+    for i in $(seq 1 52); do
         pids=""
         for p in $killed; do
             [[ ! -e "/proc/$p" ]] || pids+=" $p"
         done
         [[ -n "$pids" ]] || break
-        sleep 0.1
+        _harness_nap "$((i - 1))" 100
     done
     rm -f "$(harness_host_dir "$n")/anchor.pid"
 }
@@ -995,10 +1017,21 @@ _harness_kill_host_procs() {
 # ---------------------------------------------------------------------------
 
 # harness_busybox_image N - import rotest/busybox:latest into host N, from a
-# rootfs built of Debian's busybox-static (built once per run, cached).
+# rootfs built of Debian's busybox-static (built once per run, cached; with
+# HARNESS_IMAGE_CACHE set, once per busybox binary for every run using that
+# directory: scripts/test gives its tier-3 scripts one, which saves each
+# script building the same tar, about 1.5 s of forks).
 harness_busybox_image() {
     local n="${1:?usage: harness_busybox_image N}"
     local tarball="$HARNESS_TMP/busybox-rootfs.tar"
+    if [[ -n "${HARNESS_IMAGE_CACHE:-}" ]]; then
+        local id
+        # The binary the tar is made of, by size, mtime and inode: a new
+        # busybox-static makes a new tar.
+        id="$(stat -L -c '%s-%Y-%i' /bin/busybox 2>/dev/null)" || id=none
+        mkdir -p "$HARNESS_IMAGE_CACHE"
+        tarball="$HARNESS_IMAGE_CACHE/busybox-rootfs-$id.tar"
+    fi
     if [[ ! -s "$tarball" ]]; then
         _harness_build_busybox_tar "$tarball"
     fi
@@ -1024,8 +1057,9 @@ _harness_build_busybox_tar() {
     printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$root/etc/passwd"
     printf 'root:x:0:\nnogroup:x:65534:\n' >"$root/etc/group"
     printf 'hosts: files dns\n' >"$root/etc/nsswitch.conf"
-    tar --numeric-owner --owner=0 --group=0 -C "$root" -cf "$tarball.tmp" .
-    mv "$tarball.tmp" "$tarball"
+    # Written aside and renamed: another run may share the cache directory.
+    tar --numeric-owner --owner=0 --group=0 -C "$root" -cf "$tarball.tmp.$$" .
+    mv -f "$tarball.tmp.$$" "$tarball"
     rm -rf "$root"
 }
 
@@ -1184,7 +1218,7 @@ harness_start_etcd() {
         --logger zap --log-outputs stderr
     pid="$(cat "$dir/etcd.pid")"
 
-    local deadline=$((SECONDS + HARNESS_ETCD_TIMEOUT))
+    local deadline=$((SECONDS + HARNESS_ETCD_TIMEOUT)) try=0
     until _harness_etcd_healthy; do
         if ! _harness_pid_alive "$pid"; then
             _harness_tail "$dir/etcd.log" >&2
@@ -1194,7 +1228,8 @@ harness_start_etcd() {
             _harness_tail "$dir/etcd.log" >&2
             _hdie "etcd not healthy at $client after ${HARNESS_ETCD_TIMEOUT}s (log: $dir/etcd.log)"
         fi
-        sleep 0.2
+        _harness_nap "$try" 200 50
+        try=$((try + 1))
     done
     _hlog "etcd up: netns $ns, $client, pid $pid"
 }
@@ -1306,7 +1341,7 @@ harness_etcd_cluster_leader() {
 # harness_start_etcd_cluster - the members' namespaces and cables, then the
 # three members; waits until every member reports healthy (HARNESS_ETCD_TIMEOUT).
 harness_start_etcd_cluster() {
-    local k ns ul dir ip initial="" sep="" deadline
+    local k ns ul dir ip initial="" sep="" deadline try=0
     command -v etcd >/dev/null 2>&1 || _hdie "harness_start_etcd_cluster: 'etcd' not found (Debian package etcd-server)"
     ul="$(harness_ul_ns)"
     dir="$(_harness_etcd_cluster_dir)"
@@ -1349,7 +1384,8 @@ harness_start_etcd_cluster() {
                 _harness_tail "$dir/m$k.log" >&2
                 _hdie "etcd member m$k not healthy after ${HARNESS_ETCD_TIMEOUT}s (log: $dir/m$k.log)"
             fi
-            sleep 0.2
+            _harness_nap "$try" 200 50
+            try=$((try + 1))
         done
     done
     _hlog "etcd cluster up: $(harness_etcd_cluster_url)"
@@ -1468,11 +1504,12 @@ harness_start_consul() {
         --session-ttl-min "$(harness_consul_session_ttl_min)s" \
         --tombstone-ttl "${HARNESS_CONSUL_TOMBSTONE_TTL:-5s}"
     pid="$(cat "$dir/consul.pid")"
-    local deadline=$((SECONDS + 30))
+    local deadline=$((SECONDS + 30)) try=0
     until _harness_consul_healthy; do
         _harness_pid_alive "$pid" || { _harness_tail "$dir/consul.log" >&2; _hdie "consul-test-server exited during startup"; }
         ((SECONDS < deadline)) || _hdie "consul-test-server not listening after 30s (log: $dir/consul.log)"
-        sleep 0.2
+        _harness_nap "$try" 200
+        try=$((try + 1))
     done
     _hlog "consul-test-server up: netns $ns, $(harness_consul_url), pid $pid"
 }
@@ -1689,11 +1726,12 @@ YAML
         "${_HARNESS_PIDWRAP[@]}" "$dir/registry.pid" \
         env -i PATH="$PATH" "$bin" serve "$dir/config.yml"
     pid="$(cat "$dir/registry.pid")"
-    local deadline=$((SECONDS + 30))
+    local deadline=$((SECONDS + 30)) try=0
     until _harness_registry_healthy; do
         _harness_pid_alive "$pid" || { _harness_tail "$dir/registry.log" >&2; _hdie "registry exited during startup"; }
         ((SECONDS < deadline)) || _hdie "registry not answering on $(harness_registry_addr) after 30s (log: $dir/registry.log)"
-        sleep 0.2
+        _harness_nap "$try" 200 50
+        try=$((try + 1))
     done
     _hlog "registry up: netns $ns, http://$(harness_registry_addr), pid $pid"
 }
@@ -1815,9 +1853,10 @@ assert_fails() {
     fi
 }
 
-# assert_eventually DESC TIMEOUT_S CMD... - CMD succeeds within TIMEOUT_S.
+# assert_eventually DESC TIMEOUT_S CMD... - CMD succeeds within TIMEOUT_S
+# (tried again after 0.1, 0.2, 0.4 s, then every 0.5 s).
 assert_eventually() {
-    local desc="$1" timeout="$2" out deadline
+    local desc="$1" timeout="$2" out deadline _ae_try=0
     shift 2
     deadline=$((SECONDS + timeout))
     while true; do
@@ -1830,7 +1869,8 @@ assert_eventually() {
             printf '%s\n' "$out" | _harness_indent
             return 0
         fi
-        sleep 0.5
+        _harness_nap "$_ae_try" 500 100
+        _ae_try=$((_ae_try + 1))
     done
 }
 
