@@ -189,3 +189,52 @@ async fn a_container_whose_check_came_before_the_removal_is_refused() {
         .unwrap()
         .is_none());
 }
+
+#[tokio::test]
+async fn a_subnet_defined_once_takes_no_plain_network_and_a_replayed_create_passes() {
+    let s = store();
+    let a = Host::start(&s, "a", "192.0.2.1").await;
+    let b = Host::start(&s, "b", "192.0.2.2").await;
+    a.create_network_as("net-a", SUBNET, true).await;
+    a.cluster
+        .clusters
+        .define(OVERLAY, &definition("a"))
+        .await
+        .unwrap();
+    let spec = |id: &str, cluster: bool| rustoverlay::driver::NetworkSpec {
+        network_id: id.into(),
+        ipv4: vec![rustoverlay::driver::PoolSpec {
+            subnet: SUBNET.parse().unwrap(),
+            aux: vec![],
+        }],
+        ipv6: vec![],
+        cluster,
+    };
+    b.ipam
+        .request_pool(&rustoverlay::api::parse::pool_request(SUBNET, "", false).unwrap())
+        .await
+        .unwrap();
+    let refused = b
+        .driver
+        .create_network(spec("plain-b", false))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, PluginError::Conflict(m) if m.contains("belongs to network appnet")),
+        "{refused}"
+    );
+    // Docker replays a create that went through: still fine once the
+    // network is being removed.
+    a.cluster.clusters.removal(OVERLAY).await.unwrap();
+    assert!(stored(&s).await.unwrap().removing);
+    a.driver.create_network(spec("net-a", true)).await.unwrap();
+    let late = b
+        .driver
+        .create_network(spec("net-b", true))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&late, PluginError::Conflict(m) if m.contains("being removed")),
+        "{late}"
+    );
+}

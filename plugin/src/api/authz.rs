@@ -9,9 +9,10 @@
 //! that fails denies the whole API.
 
 use super::AppState;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::Json;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -73,8 +74,12 @@ pub(super) async fn request(State(state): State<AppState>, body: Bytes) -> Json<
     }
 }
 
-/// `AuthZPlugin.AuthZRes`: answers are never held back.
-pub(super) async fn response(_body: Bytes) -> Json<AuthZResponse> {
+/// `AuthZPlugin.AuthZRes`: answers are never held back. Docker sends the
+/// whole answer it checks (a `docker ps -a` of a busy host can be large):
+/// read and drop it as it comes, never buffered, never refused for size.
+pub(super) async fn response(body: Body) -> Json<AuthZResponse> {
+    let mut chunks = body.into_data_stream();
+    while let Some(Ok(_)) = chunks.next().await {}
     allow()
 }
 

@@ -69,7 +69,7 @@ fn cluster_option(options: Option<&Options>) -> Result<bool> {
         Some(serde_json::Value::Bool(b)) => Ok(*b),
         Some(serde_json::Value::String(s)) => match s.to_ascii_lowercase().as_str() {
             "true" | "1" | "yes" => Ok(true),
-            "false" | "0" | "no" | "" => Ok(false),
+            "false" | "0" | "no" => Ok(false),
             _ => Err(PluginError::BadRequest(format!(
                 "option cluster={s:?} is not a boolean; use -o cluster=true or leave it out"
             ))),
@@ -262,6 +262,7 @@ mod tests {
         let err = cluster_option(Some(&with("maybe".into()))).unwrap_err();
         assert!(err.to_string().contains("-o cluster=true"), "{err}");
         assert!(cluster_option(Some(&with(3.into()))).is_err());
+        assert!(cluster_option(Some(&with("".into()))).is_err());
     }
 
     #[test]

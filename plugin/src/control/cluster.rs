@@ -220,16 +220,24 @@ impl Clusters {
             .range(&keys::cluster_networks())
             .await
             .ctx(|| "list cluster networks".into())?;
-        resp.kvs
+        // One unreadable record (a newer version's) must not hide the rest.
+        Ok(resp
+            .kvs
             .iter()
-            .map(|kv| {
+            .filter_map(|kv| {
                 let overlay = kv
                     .key
                     .strip_prefix(&keys::cluster_networks())
                     .unwrap_or(&kv.key)
                     .to_string();
-                Ok((overlay, decode(kv)?))
+                match decode(kv) {
+                    Ok(def) => Some((overlay, def)),
+                    Err(e) => {
+                        tracing::warn!(key = %kv.key, error = %e, "unreadable cluster definition skipped");
+                        None
+                    }
+                }
             })
-            .collect()
+            .collect())
     }
 }

@@ -188,7 +188,6 @@ impl Overlays {
                 vni: rec.vni,
                 subnets: subnets.clone(),
                 cluster,
-                hidden: false,
             };
             let mut compares = vec![
                 Compare::absent(&map_key),

@@ -48,10 +48,27 @@ pub(super) async fn set_link(handle: &Handle, msg: LinkMessage, name: &str) -> R
 }
 
 pub(super) async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>> {
+    Ok(find_link(handle, name).await?.map(|link| link.header.index))
+}
+
+/// The link's index and hardware address.
+pub(super) async fn link_address(
+    handle: &Handle,
+    name: &str,
+) -> Result<Option<(u32, Option<Vec<u8>>)>> {
+    Ok(find_link(handle, name).await?.map(|link| {
+        let address = link.attributes.iter().find_map(|a| match a {
+            rtnetlink::packet_route::link::LinkAttribute::Address(mac) => Some(mac.clone()),
+            _ => None,
+        });
+        (link.header.index, address)
+    }))
+}
+
+async fn find_link(handle: &Handle, name: &str) -> Result<Option<LinkMessage>> {
     let mut links = handle.link().get().match_name(name.to_string()).execute();
     match links.try_next().await {
-        Ok(Some(link)) => Ok(Some(link.header.index)),
-        Ok(None) => Ok(None),
+        Ok(link) => Ok(link),
         Err(e) if is_gone(&e) => Ok(None),
         Err(e) => Err(DataplaneError::netlink(format!("look up link {name}"), e)),
     }

@@ -8,7 +8,7 @@
 
 use super::dns::{self, DnsSockets};
 use super::error::{DataplaneError, Result};
-use super::links::{add_link, delete_by_name, link_index, require_index, set_link};
+use super::links::{add_link, delete_by_name, link_address, link_index, require_index, set_link};
 use super::names::{
     bridge_name, bridge_port_name, container_link_name, netns_name, port_endpoint, vni_of_netns,
     vxlan_name,
@@ -88,16 +88,20 @@ impl Netlink {
         // for the resolver's address in their neighbour cache and lose DNS
         // until it expires (~30 s): the bridge gets a fixed MAC instead.
         let br_mac = bridge_mac(self.underlay.vtep);
-        let br_index = match link_index(&ns, &br).await? {
-            Some(i) => {
-                set_link(
-                    &ns,
-                    LinkUnspec::new_with_index(i)
-                        .address(br_mac.to_vec())
-                        .build(),
-                    &br,
-                )
-                .await?;
+        let br_index = match link_address(&ns, &br).await? {
+            // Set only when it differs (a bridge of an older version): every
+            // change of address flushes the bridge's neighbour entries.
+            Some((i, mac)) => {
+                if mac.as_deref() != Some(&br_mac[..]) {
+                    set_link(
+                        &ns,
+                        LinkUnspec::new_with_index(i)
+                            .address(br_mac.to_vec())
+                            .build(),
+                        &br,
+                    )
+                    .await?;
+                }
                 i
             }
             None => {

@@ -54,10 +54,7 @@ impl Driver {
                 )));
             }
         }
-        if spec.cluster {
-            self.check_cluster_network_can_be_created(&pools[0].subnet)
-                .await?;
-        }
+        self.check_cluster_subnet(&spec, &pools[0].subnet).await?;
         let subnets = pools.iter().map(|p| p.subnet).collect();
         let net = self
             .overlays
@@ -84,18 +81,33 @@ impl Driver {
     }
 
     /// A cluster network needs the cluster sync, and cannot be created
-    /// again on a subnet whose removal from every host is under way.
-    async fn check_cluster_network_can_be_created(&self, subnet: &IpNetwork) -> Result<()> {
+    /// again on a subnet whose removal from every host is under way; a
+    /// subnet defined once takes no plain network beside it (its removal
+    /// everywhere waits for the overlay to be gone). A replay of a create
+    /// that went through is let through.
+    async fn check_cluster_subnet(&self, spec: &NetworkSpec, subnet: &IpNetwork) -> Result<()> {
         let Some(cluster) = &self.cluster else {
-            return Err(PluginError::BadRequest(
-                "this plugin runs without cluster networks; leave out -o cluster=true".into(),
-            ));
+            if spec.cluster {
+                return Err(PluginError::BadRequest(
+                    "this plugin runs without networks defined once; leave out -o cluster=true"
+                        .into(),
+                ));
+            }
+            return Ok(());
         };
+        if self.overlays.lookup(&spec.network_id).await.is_ok() {
+            return Ok(());
+        }
         let overlay = keys::subnet_segment(subnet);
         match cluster.clusters.get(&overlay).await? {
             Some((def, _)) if def.removing => Err(PluginError::Conflict(format!(
                 "network {} on subnet {subnet} is being removed from every host; create it \
                  again once it is gone (docker network ls on each host)",
+                def.name
+            ))),
+            Some((def, _)) if !spec.cluster => Err(PluginError::Conflict(format!(
+                "subnet {subnet} belongs to network {}, defined for every host (-o cluster=true): \
+                 the plugin creates it on this host by itself; use another subnet for this one",
                 def.name
             ))),
             _ => Ok(()),
@@ -173,7 +185,11 @@ impl Driver {
             .iter()
             .find(|(o, d)| d.name == target && copies.iter().any(|n| &n.overlay == o))
             .map(|(o, _)| o.clone());
-        let by_prefix = copies.iter().find(|n| n.network_id.starts_with(target));
+        // A short target is a name (of another network, maybe) far more
+        // often than an ID prefix: a wrong refusal is worse than none.
+        let by_prefix = copies
+            .iter()
+            .find(|n| target.len() >= 12 && n.network_id.starts_with(target));
         let Some(overlay) = by_id
             .map(|n| n.overlay.clone())
             .or(by_name)

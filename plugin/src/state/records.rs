@@ -92,10 +92,6 @@ pub struct LocalNetwork {
     /// Created with `-o cluster=true`: defined once for every host.
     #[serde(default)]
     pub cluster: bool,
-    /// Docker hides a network whose DeleteNetwork we refused and removes it
-    /// at its next start; this record waits for that removal.
-    #[serde(default)]
-    pub hidden: bool,
 }
 
 /// `cluster/<overlay>`: a network defined once (`-o cluster=true`). Every

@@ -42,8 +42,10 @@ enum Failed {
     Docker(#[from] DockerError),
     #[error(transparent)]
     Store(#[from] PluginError),
-    #[error("a stored cluster definition is unreadable: {0}")]
+    #[error("a definition could not be stored: {0}")]
     Definition(#[from] serde_json::Error),
+    #[error("{0}")]
+    Incomplete(String),
 }
 
 impl ClusterSync {
@@ -117,7 +119,7 @@ impl ClusterSync {
             .local_networks()
             .await?
             .into_iter()
-            .filter(|n| n.cluster && !n.hidden)
+            .filter(|n| n.cluster)
             .collect();
         let mut defs: HashMap<String, ClusterNetwork> =
             self.clusters.all().await?.into_iter().collect();
@@ -144,6 +146,8 @@ impl ClusterSync {
                 .insert(n.network_id.as_str());
             m
         });
+        // What failed is tried again (with back-off): no event may come.
+        let mut failed = vec![];
         for (overlay, def) in &defs {
             let copies = mine.get(overlay.as_str());
             if def.removing {
@@ -153,9 +157,15 @@ impl ClusterSync {
                             tracing::info!(network = %def.name, "removed this host's copy of a network removed everywhere")
                         }
                         Err(e) => {
-                            tracing::warn!(network = %def.name, error = %e, "could not remove this host's copy of a network removed everywhere; trying again on the next change")
+                            tracing::warn!(network = %def.name, error = %e, "could not remove this host's copy of a network removed everywhere; trying again");
+                            failed.push(def.name.clone());
                         }
                     }
+                }
+                if copies.is_none() {
+                    // The last host's removal forgets the definition; this
+                    // also does when that host was reclaimed or failed to.
+                    self.clusters.forget_if_removed(overlay).await?;
                 }
                 continue;
             }
@@ -174,15 +184,30 @@ impl ClusterSync {
                 }
                 continue;
             }
-            let config: NetworkConfig = serde_json::from_value(def.definition.clone())?;
+            let config: NetworkConfig = match serde_json::from_value(def.definition.clone()) {
+                Ok(c) => c,
+                Err(e) => {
+                    if self.clashes.insert(overlay.clone()) {
+                        tracing::warn!(network = %def.name, error = %e, "the stored definition of a network defined for every host is unreadable (written by a newer version?); not created here");
+                    }
+                    continue;
+                }
+            };
             match self.docker.create_network(&config).await {
                 Ok(id) => {
                     tracing::info!(network = %def.name, %id, origin = %def.origin, "created this host's copy of a network defined for every host")
                 }
                 Err(e) => {
-                    tracing::warn!(network = %def.name, error = %e, "could not create this host's copy of a network defined for every host; trying again on the next change")
+                    tracing::warn!(network = %def.name, error = %e, "could not create this host's copy of a network defined for every host; trying again");
+                    failed.push(def.name.clone());
                 }
             }
+        }
+        if !failed.is_empty() {
+            return Err(Failed::Incomplete(format!(
+                "not yet in step: {}",
+                failed.join(", ")
+            )));
         }
         Ok(())
     }

@@ -415,7 +415,6 @@ mod tests {
             vni: 256,
             subnets: vec!["10.77.0.0/24".parse().unwrap()],
             cluster: false,
-            hidden: false,
         };
         let pool = PoolRecord {
             subnet: "10.77.0.0/24".parse().unwrap(),
