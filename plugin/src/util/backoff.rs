@@ -38,6 +38,8 @@ pub const RETRY_BUDGET: Duration = Duration::from_secs(20);
 pub struct Retry {
     attempt: usize,
     deadline: Instant,
+    /// The next try goes without a pause.
+    at_once: bool,
 }
 
 impl Retry {
@@ -51,7 +53,16 @@ impl Retry {
         Retry {
             attempt: 0,
             deadline,
+            at_once: false,
         }
+    }
+
+    /// The next try goes at once: the caller lost a race but already holds
+    /// the winner's state (a failed transaction's reads), so waiting only
+    /// lets the next winner change it again. Pausing there starved hosts
+    /// whose state was always one change old (a release storm on Consul).
+    pub fn at_once(&mut self) {
+        self.at_once = true;
     }
 
     /// Wait before the next try; false when the budget is spent.
@@ -60,9 +71,11 @@ impl Retry {
             if Instant::now() >= self.deadline {
                 return false;
             }
-            let ceiling = (1u64 << (self.attempt - 1).min(10)).min(MAX_PAUSE_MS);
-            let micros = rand::random_range(0..ceiling * 1000);
-            tokio::time::sleep(Duration::from_micros(micros)).await;
+            if !std::mem::take(&mut self.at_once) {
+                let ceiling = (1u64 << (self.attempt - 1).min(10)).min(MAX_PAUSE_MS);
+                let micros = rand::random_range(0..ceiling * 1000);
+                tokio::time::sleep(Duration::from_micros(micros)).await;
+            }
         }
         self.attempt += 1;
         true

@@ -373,6 +373,7 @@ impl Ipam {
             let mut results = resp.results.into_iter();
             *guard = match results.next() {
                 Some(OpResult::Get(Some(alloc))) if alloc.create_revision == cur.created => {
+                    retry.at_once();
                     Some(Cursor {
                         state: decode(&alloc)?,
                         revision: alloc.mod_revision,
