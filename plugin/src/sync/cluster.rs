@@ -130,6 +130,14 @@ impl ClusterSync {
             let Some(config) = self.docker.network_config(&net.network_id).await? else {
                 continue;
             };
+            // A name means one network on every host: a second subnet under
+            // the same name would give each host a different network.
+            if let Some((other, _)) = defs.iter().find(|(_, d)| d.name == config.name) {
+                if self.clashes.insert(net.overlay.clone()) {
+                    tracing::warn!(network = %config.name, subnet = %net.overlay, defined_on = %other, "not defined for every host: another subnet is defined under this name; remove this network and pick another name");
+                }
+                continue;
+            }
             let def = ClusterNetwork {
                 name: config.name.clone(),
                 origin: self.host.clone(),
@@ -169,8 +177,14 @@ impl ClusterSync {
                 }
                 continue;
             }
-            if copies.is_some() {
-                self.clashes.remove(overlay);
+            if let Some(ids) = copies {
+                // One name per subnet: a second network created here on it
+                // is not the one the other hosts have.
+                for n in engine.iter().filter(|n| ids.contains(n.id.as_str())) {
+                    if n.name != def.name && self.clashes.insert(n.id.clone()) {
+                        tracing::warn!(network = %n.name, defined = %def.name, "this network uses the subnet of another network defined for every host; only that one is defined everywhere, and removing either removes both");
+                    }
+                }
                 continue;
             }
             if let Some(other) = engine.iter().find(|n| n.name == def.name) {
