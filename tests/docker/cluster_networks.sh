@@ -10,7 +10,8 @@
 # host has a container on it, a removal on host 2 removes it from every host
 # and from the store. A name held by another local network is logged and
 # skipped; a network without the option stays on its host; a plugin that
-# was down when a network was defined creates it when it comes back.
+# was down when a network was defined creates it when it comes back; after
+# a store outage, definitions are followed again.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=tests/lib/harness.sh
@@ -146,6 +147,20 @@ assert_eventually "host 3: has late within 5 s of its plugin's return" 5 has_net
 assert_ok "host 2: remove late" hdocker 2 network rm late
 for h in 1 2 3; do
     assert_eventually "host $h: late is gone" 5 lacks_net "$h" late
+done
+
+phase "after a store outage the definitions are followed again"
+assert_ok "the store's link goes down for 6 s" harness_etcd_link down
+sleep 6
+assert_ok "the store's link comes back" harness_etcd_link up
+assert_eventually "host 1: create after -o cluster=true once the store answers" 20 \
+    sc_net_create 1 after --subnet 10.90.0.0/24 -o cluster=true
+for h in 2 3; do
+    assert_eventually "host $h: has after" 10 has_net "$h" after
+done
+assert_ok "host 1: remove after" hdocker 1 network rm after
+for h in 1 2 3; do
+    assert_eventually "host $h: after is gone" 10 lacks_net "$h" after
 done
 
 phase "nothing left behind"
