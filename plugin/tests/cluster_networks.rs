@@ -29,6 +29,21 @@ async fn stored(s: &Arc<dyn KvStore>) -> Option<ClusterNetwork> {
     Some(serde_json::from_slice(&kv.value).unwrap())
 }
 
+/// Hosts a (on store `sa`) and b (on `sb`, the same store or a view of it),
+/// each with its copy of appnet (`net-a`, `net-b`), which a defined.
+async fn appnet_on_two_hosts(sa: &Arc<dyn KvStore>, sb: &Arc<dyn KvStore>) -> (Host, Host) {
+    let a = Host::start(sa, "a", "192.0.2.1").await;
+    let b = Host::start(sb, "b", "192.0.2.2").await;
+    a.create_network_as("net-a", SUBNET, true).await;
+    b.create_network_as("net-b", SUBNET, true).await;
+    a.cluster
+        .clusters
+        .define(OVERLAY, &definition("a"))
+        .await
+        .unwrap();
+    (a, b)
+}
+
 /// The driver woke the cluster sync (which makes the copy again, or
 /// removes the others).
 async fn woke(h: &Host) -> bool {
@@ -64,15 +79,7 @@ async fn the_first_definition_stays() {
 #[tokio::test]
 async fn a_removal_goes_everywhere_only_once_no_other_host_has_containers() {
     let s = store();
-    let a = Host::start(&s, "a", "192.0.2.1").await;
-    let b = Host::start(&s, "b", "192.0.2.2").await;
-    a.create_network_as("net-a", SUBNET, true).await;
-    b.create_network_as("net-b", SUBNET, true).await;
-    a.cluster
-        .clusters
-        .define(OVERLAY, &definition("a"))
-        .await
-        .unwrap();
+    let (a, b) = appnet_on_two_hosts(&s, &s).await;
     let web = b.run("net-b", "ebbbbbbbbbbbbbbb").await;
 
     // Removed on a while b has a container: a's copy goes (Docker gives a
@@ -124,15 +131,8 @@ async fn a_container_created_while_the_removal_is_decided_stops_it() {
     let inner = store();
     let hooked = HookStore::new(inner.clone());
     let s: Arc<dyn KvStore> = hooked.clone();
-    let a = Host::start(&s, "a", "192.0.2.1").await;
-    let b = Arc::new(Host::start(&inner, "b", "192.0.2.2").await);
-    a.create_network_as("net-a", SUBNET, true).await;
-    b.create_network_as("net-b", SUBNET, true).await;
-    a.cluster
-        .clusters
-        .define(OVERLAY, &definition("a"))
-        .await
-        .unwrap();
+    let (a, b) = appnet_on_two_hosts(&s, &inner).await;
+    let b = Arc::new(b);
     let b2 = b.clone();
     hooked.after_get(
         &keys::cluster_network(OVERLAY),
@@ -153,15 +153,8 @@ async fn a_container_whose_check_came_before_the_removal_is_refused() {
     // b checked the definition (not being removed), then a's removal was
     // decided, then b's endpoint is written: the write must fail.
     let s = store();
-    let a = Host::start(&s, "a", "192.0.2.1").await;
-    let b = Host::start(&s, "b", "192.0.2.2").await;
-    a.create_network_as("net-a", SUBNET, true).await;
-    let net = b.create_network_as("net-b", SUBNET, true).await;
-    a.cluster
-        .clusters
-        .define(OVERLAY, &definition("a"))
-        .await
-        .unwrap();
+    let (a, b) = appnet_on_two_hosts(&s, &s).await;
+    let net = b.overlays.lookup("net-b").await.unwrap();
     let fence = b.cluster.clusters.endpoint_fence(OVERLAY).await.unwrap();
     assert_eq!(
         a.cluster.clusters.removal(OVERLAY).await.unwrap(),
@@ -193,14 +186,7 @@ async fn a_container_whose_check_came_before_the_removal_is_refused() {
 #[tokio::test]
 async fn a_subnet_defined_once_takes_no_plain_network_and_a_replayed_create_passes() {
     let s = store();
-    let a = Host::start(&s, "a", "192.0.2.1").await;
-    let b = Host::start(&s, "b", "192.0.2.2").await;
-    a.create_network_as("net-a", SUBNET, true).await;
-    a.cluster
-        .clusters
-        .define(OVERLAY, &definition("a"))
-        .await
-        .unwrap();
+    let (a, b) = appnet_on_two_hosts(&s, &s).await;
     let spec = |id: &str, cluster: bool| rustoverlay::driver::NetworkSpec {
         network_id: id.into(),
         ipv4: vec![rustoverlay::driver::PoolSpec {
@@ -230,7 +216,7 @@ async fn a_subnet_defined_once_takes_no_plain_network_and_a_replayed_create_pass
     a.driver.create_network(spec("net-a", true)).await.unwrap();
     let late = b
         .driver
-        .create_network(spec("net-b", true))
+        .create_network(spec("net-b2", true))
         .await
         .unwrap_err();
     assert!(
