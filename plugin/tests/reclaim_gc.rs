@@ -846,8 +846,10 @@ async fn the_orphan_sweep_reads_the_store_again_only_after_a_change() {
         calls += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // At least a few sweeps ran meanwhile (how many depends on the
+    // machine's load: each waits 100 ms, the endpoint comes of age in 2 s).
     assert!(
-        reads() - before <= 2 && calls > 10,
+        reads() - before <= 2 && calls >= 5,
         "{} reads in {calls} sweeps: read again only when an endpoint came of age",
         reads() - before
     );
