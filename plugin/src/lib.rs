@@ -19,4 +19,5 @@ pub mod driver;
 pub mod error;
 pub mod state;
 pub mod sync;
+pub mod telemetry;
 pub mod util;

@@ -17,13 +17,14 @@ const MAX_LINES: usize = 600;
 /// Which top-level modules each top-level module of the plugin may use.
 const PLUGIN_LAYERS: &[(&str, &[&str])] = &[
     ("util", &[]),
+    ("telemetry", &[]),
     ("cli", &[]),
     ("dataplane", &["util"]),
-    ("dns", &[]),
+    ("dns", &["telemetry"]),
     ("docker", &[]),
     ("error", &["dataplane"]),
-    ("state", &["util", "error", "cli"]),
-    ("control", &["state", "util", "error"]),
+    ("state", &["util", "error", "cli", "telemetry"]),
+    ("control", &["state", "util", "error", "telemetry"]),
     (
         "sync",
         &[
@@ -34,6 +35,7 @@ const PLUGIN_LAYERS: &[(&str, &[&str])] = &[
             "state",
             "util",
             "error",
+            "telemetry",
         ],
     ),
     (
@@ -42,7 +44,15 @@ const PLUGIN_LAYERS: &[(&str, &[&str])] = &[
     ),
     (
         "api",
-        &["driver", "sync", "control", "state", "util", "error"],
+        &[
+            "driver",
+            "sync",
+            "control",
+            "state",
+            "util",
+            "error",
+            "telemetry",
+        ],
     ),
     (
         "cmd",
@@ -58,6 +68,7 @@ const PLUGIN_LAYERS: &[(&str, &[&str])] = &[
             "util",
             "error",
             "cli",
+            "telemetry",
         ],
     ),
 ];

@@ -1825,6 +1825,26 @@ harness_pass() {
 harness_fail() {
     HARNESS_FAILED=$((HARNESS_FAILED + 1))
     printf 'FAIL - %s\n' "$*"
+    # Right under the first failure, where a short CI excerpt still shows
+    # it: what the plugins and engines complained of last.
+    [[ "$HARNESS_FAILED" -ne 1 ]] || _harness_failure_context
+}
+
+_harness_failure_context() {
+    [[ -n "$HARNESS_TMP" && -f "$HARNESS_TMP/.hosts" ]] || return 0
+    local n dir
+    while read -r n; do
+        dir="$(harness_host_dir "$n")"
+        if [[ -f "$dir/plugin.log" ]]; then
+            grep -E ' (WARN|ERROR) ' "$dir/plugin.log" | tail -n 6 | cut -c1-400 |
+                sed -e "s/^/       | h$n plugin: /" || true
+        fi
+        if [[ -f "$dir/dockerd.log" ]]; then
+            grep -E 'level=error|Failed deleting endpoint' "$dir/dockerd.log" | tail -n 3 | cut -c1-400 |
+                sed -e "s/^/       | h$n dockerd: /" || true
+        fi
+    done < <(sort -un "$HARNESS_TMP/.hosts")
+    return 0
 }
 
 _harness_indent() { sed -e 's/^/       | /' | tail -n 30; }

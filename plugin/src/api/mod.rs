@@ -19,8 +19,10 @@ use crate::control::ipam::Ipam;
 use crate::driver::Driver;
 use crate::error::PluginError;
 use crate::sync::readiness::Readiness;
+use crate::telemetry::{self, Source};
 use crate::util::backoff::with_request_deadline;
 use axum::extract::{Request, State};
+use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -111,6 +113,21 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .with_state(state)
 }
 
+/// Calls that only remove this host's own objects go ahead while the host
+/// re-registers. Each removal compares what it removes (the holder, the
+/// revision, the gone-host fence), so a host whose holdings were reclaimed
+/// meanwhile frees nothing of another's. Refusing them would be worse than
+/// useless: Docker keeps an endpoint whose DeleteEndpoint failed until
+/// dockerd restarts, and `docker network rm` fails with "active endpoints"
+/// until then.
+const CLEAN_UP: &[&str] = &[
+    "NetworkDriver.Leave",
+    "NetworkDriver.DeleteEndpoint",
+    "NetworkDriver.DeleteNetwork",
+    "IpamDriver.ReleaseAddress",
+    "IpamDriver.ReleasePool",
+];
+
 /// A span per request, and a time limit: a request that cannot finish (a
 /// store that hangs past its own timeouts, a stuck kernel call) answers with
 /// an error instead of hanging `docker run`.
@@ -131,11 +148,13 @@ async fn bounded(
     if !method.starts_with("Plugin.")
         && !method.starts_with("AuthZPlugin.")
         && !method.ends_with("Capabilities")
+        && !CLEAN_UP.contains(&method.as_str())
         && !state.ready.wait(limit.mul_f64(0.4)).await
     {
         // Read the body before answering: see the note on the handlers.
         let _ = axum::body::to_bytes(req.into_body(), 1 << 20).await;
         let _enter = span.enter();
+        telemetry::docker_request(&method, false, started.elapsed(), 0);
         return ApiError(PluginError::Store {
             context: "this host lost its store registration".into(),
             source: kvstore_backends::StoreError::Unavailable(format!(
@@ -150,7 +169,9 @@ async fn bounded(
         // (each bounded by --store-timeout) then still fit before it.
         let retry_deadline = started + limit.mul_f64(0.6);
         let run = with_request_deadline(retry_deadline, next.run(req));
-        let resp = match tokio::time::timeout_at(started + limit, run).await {
+        let run = telemetry::scoped(Source::Docker, tokio::time::timeout_at(started + limit, run));
+        let (resp, store_calls) = run.await;
+        let resp = match resp {
             Ok(resp) => resp,
             Err(_) => ApiError(PluginError::Internal(format!(
                 "{method} did not finish within {limit:?}; the store or the kernel is not answering, \
@@ -158,7 +179,11 @@ async fn bounded(
             )))
             .into_response(),
         };
-        tracing::debug!(status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "done");
+        let status = resp.status();
+        // The fallback's 404 is the only one: an unknown path is not a label.
+        let label = if status == StatusCode::NOT_FOUND { "unknown" } else { method.as_str() };
+        telemetry::docker_request(label, status.is_success(), started.elapsed(), store_calls);
+        tracing::debug!(status = status.as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, store_calls, "done");
         resp
     }
     .instrument(span)
@@ -234,5 +259,25 @@ mod tests {
         // Handshakes are never held back: Docker needs them to activate us.
         let (status, _) = call(app, "NetworkDriver.GetCapabilities").await;
         assert_eq!(status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn clean_up_calls_are_served_during_re_registration_without_waiting() {
+        let ready = Readiness::new(false);
+        let app = app(&ready, Duration::from_secs(10));
+        for method in CLEAN_UP {
+            let t0 = std::time::Instant::now();
+            let (status, body) = call(app.clone(), method).await;
+            assert!(
+                t0.elapsed() < Duration::from_secs(2),
+                "{method} waited for readiness"
+            );
+            // Served: refused for its empty body, not for the registration.
+            assert!(
+                !body.contains("lost its store registration"),
+                "{method}: {body}"
+            );
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{method}: {body}");
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Opening the store named by `--store`, bounded by `--store-timeout`.
 
 use crate::cli::StoreArgs;
+use crate::telemetry::MeteredStore;
 use kvstore_backends::{
     ConsulConfig, ConsulStore, EtcdConfig, EtcdStore, KvStore, MemoryStore, RedbStore,
     TimeoutStore, TlsFiles,
@@ -121,7 +122,9 @@ pub fn open(args: &StoreArgs, timeout: Duration) -> Result<Arc<dyn KvStore>, Ope
         }
         _ => return Err(OpenError::Malformed(url.to_string())),
     };
-    Ok(Arc::new(TimeoutStore::new(inner, timeout)))
+    Ok(Arc::new(MeteredStore::new(TimeoutStore::new(
+        inner, timeout,
+    ))))
 }
 
 fn tls(args: &StoreArgs) -> Result<Option<TlsFiles>, OpenError> {
