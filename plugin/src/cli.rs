@@ -154,6 +154,11 @@ pub struct ServeArgs {
         default_value = "/run/rustoverlay"
     )]
     pub state_dir: PathBuf,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9653
+    /// (off when not given). The managed plugin runs in the host's network:
+    /// the address is the host's.
+    #[arg(long, env = "RUSTOVERLAY_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     /// Time limit of one Docker request, in seconds.
     #[arg(long, env = "RUSTOVERLAY_REQUEST_TIMEOUT", default_value_t = 25.0)]
     pub request_timeout: f64,

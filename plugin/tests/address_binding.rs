@@ -62,6 +62,7 @@ async fn a_second_record_for_a_bound_address_is_refused() {
         ipv4: Some(first.addr),
         ipv6: None,
         created_at: unix_now(),
+        created_ms: 0,
     };
     let err = a.overlays.create_endpoint(&net, &second).await.unwrap_err();
     assert!(

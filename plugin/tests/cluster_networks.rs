@@ -169,6 +169,7 @@ async fn a_container_whose_check_came_before_the_removal_is_refused() {
         ipv4: Some("10.77.0.9/24".parse().unwrap()),
         ipv6: None,
         created_at: 0,
+        created_ms: 0,
     };
     assert!(b
         .overlays

@@ -223,6 +223,7 @@ async fn removing_a_stale_record_keeps_the_entries_of_the_address_s_new_owner() 
         ipv4: Some(owner.addr),
         ipv6: None,
         created_at: rustoverlay::util::clock::unix_now(),
+        created_ms: 0,
     };
     s.put(
         &keys::endpoint(&net_a.overlay, &owner.endpoint_id),

@@ -33,6 +33,7 @@ async fn old_endpoint(h: &Host, net: &LocalNetwork, id: &str, age_secs: u64) -> 
         ipv4: Some(addr),
         ipv6: None,
         created_at: unix_now() - age_secs,
+        created_ms: 0,
     };
     h.store
         .put(&keys::endpoint(&net.overlay, id), encode(&rec))

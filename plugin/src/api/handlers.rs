@@ -7,6 +7,7 @@ use super::wire::*;
 use super::{AppState, DockerJson};
 use crate::control::ipam::{parse_pool_id, pool_id};
 use crate::error::PluginError;
+use crate::telemetry;
 use crate::util::backoff::until_done;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -198,13 +199,18 @@ pub(super) async fn request_address(
                 .has_network_on(&parse_pool_id(&req.pool_id)?)
                 .await? =>
         {
-            s.ipam.reserve_aux(&req.pool_id, ip).await?
+            let addr = s.ipam.reserve_aux(&req.pool_id, ip).await?;
+            telemetry::allocation(&req.pool_id, "aux");
+            addr
         }
         (purpose, wanted) => {
             let gateway = purpose == AddressPurpose::Gateway;
-            s.ipam
+            let addr = s
+                .ipam
                 .request_address(&req.pool_id, wanted, gateway)
-                .await?
+                .await?;
+            telemetry::allocation(&req.pool_id, if gateway { "gateway" } else { "container" });
+            addr
         }
     };
     Ok(Json(RequestAddressResponse {
@@ -222,6 +228,7 @@ pub(super) async fn release_address(
         PluginError::BadRequest("ReleaseAddress: Address is missing or empty".into())
     })?;
     persist(|| s.ipam.release_address(&req.pool_id, ip)).await?;
+    telemetry::release(&req.pool_id);
     Ok(Json(Empty {}))
 }
 

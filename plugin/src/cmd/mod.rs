@@ -1,9 +1,11 @@
 //! The subcommands: `serve` wires the layers together (`parts`) and serves
-//! Docker; `gc` and `dump` read (and with `gc --apply` clean) the store.
+//! Docker (and `metrics`, Prometheus, with --metrics-addr); `gc` and `dump`
+//! read (and with `gc --apply` clean) the store.
 
 mod dns;
 mod inspect;
 pub mod logging;
+mod metrics;
 pub mod parts;
 mod serve;
 

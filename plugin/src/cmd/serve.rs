@@ -44,6 +44,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.host_ttl == 0 {
         anyhow::bail!("--host-ttl must be at least 1 second");
     }
+    // Before the store opens, so that its first calls are counted.
+    let metrics = match args.metrics_addr {
+        Some(addr) => Some(super::metrics::bind(addr).await?),
+        None => None,
+    };
     create_linked_store_dir(&args.store.store)?;
     let store = open::open(
         &args.store,
@@ -114,6 +119,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         parts.live.clone(),
     );
+    if let Some(metrics) = metrics {
+        super::metrics::serve(metrics, parts.overlays.clone(), parts.ipam.clone());
+    }
     let listener = socket::bind(&args.socket).await?;
     let app = api::router(
         AppState {

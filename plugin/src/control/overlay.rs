@@ -448,6 +448,7 @@ impl Overlays {
             // A replay: the same endpoint, only created at another time.
             let replay = EndpointRecord {
                 created_at: current.created_at,
+                created_ms: current.created_ms,
                 ..ep.clone()
             };
             return if current == replay {

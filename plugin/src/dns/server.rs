@@ -14,6 +14,7 @@
 use super::forward::{self, Forwarder, NoAnswer};
 use super::message::{self, Unusable};
 use super::table::NameTable;
+use crate::telemetry;
 use hickory_proto::op::ResponseCode;
 use std::io::IoSliceMut;
 use std::net::{IpAddr, SocketAddr};
@@ -70,8 +71,14 @@ impl Resolver {
     ) -> Option<Vec<u8>> {
         let query = match message::parse(packet) {
             Ok(q) => q,
-            Err(Unusable::Garbage) => return None,
-            Err(Unusable::Refuse(id, code)) => return Some(message::refusal(id, code)),
+            Err(Unusable::Garbage) => {
+                telemetry::dns_query("refused");
+                return None;
+            }
+            Err(Unusable::Refuse(id, code)) => {
+                telemetry::dns_query("refused");
+                return Some(message::refusal(id, code));
+            }
         };
         if let Scope::Overlay(overlay) = scope {
             let found = self.table.read().unwrap_or_else(|p| p.into_inner()).lookup(
@@ -81,6 +88,7 @@ impl Resolver {
             );
             if let Some(addrs) = found {
                 tracing::trace!(name = %query.name, ?addrs, %source, "answered");
+                telemetry::dns_query("answered");
                 let limit = match transport {
                     Transport::Udp => query.udp_limit(),
                     Transport::Tcp => u16::MAX as usize,
@@ -93,10 +101,20 @@ impl Resolver {
             Transport::Tcp => self.forwarder.tcp(packet).await,
         };
         tracing::trace!(name = %query.name, %source, ?scope, ok = relayed.is_ok(), "forwarded");
+        telemetry::dns_query("forwarded");
         Some(match relayed {
-            Ok(bytes) => bytes,
-            Err(NoAnswer::Busy) => query.failure(ResponseCode::Refused),
-            Err(NoAnswer::Failed) => query.failure(ResponseCode::ServFail),
+            Ok(bytes) => {
+                telemetry::dns_forward("ok");
+                bytes
+            }
+            Err(NoAnswer::Busy) => {
+                telemetry::dns_forward("busy");
+                query.failure(ResponseCode::Refused)
+            }
+            Err(NoAnswer::Failed) => {
+                telemetry::dns_forward("failed");
+                query.failure(ResponseCode::ServFail)
+            }
         })
     }
 }

@@ -5,7 +5,7 @@
 use super::Driver;
 use crate::error::{PluginError, Result};
 use crate::state::records::{EndpointRecord, LocalNetwork};
-use crate::util::clock::unix_now;
+use crate::util::clock::{unix_now, unix_now_ms};
 use crate::util::mac::{format_mac, mac_for, parse_mac};
 use ipnetwork::IpNetwork;
 use std::net::{IpAddr, Ipv4Addr};
@@ -69,6 +69,7 @@ impl Driver {
             ipv4: spec.ipv4,
             ipv6: spec.ipv6,
             created_at: unix_now(),
+            created_ms: unix_now_ms(),
         };
         if let (true, Some(cluster)) = (net.cluster, &self.cluster) {
             let fence = cluster.clusters.endpoint_fence(&net.overlay).await?;

@@ -125,6 +125,14 @@ pub struct EndpointRecord {
     /// an endpoint without a bridge port long after this is an orphan.
     #[serde(default)]
     pub created_at: u64,
+    /// The same moment in Unix milliseconds (0 in older records): peers
+    /// measure how long the record took to reach their kernels.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub created_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// `names/<overlay>/<host>/<ep>`: the names Docker gives the endpoint's

@@ -6,6 +6,7 @@
 //! a change it failed to apply) it is given a fresh full read instead of
 //! being trusted to have missed nothing.
 
+use crate::telemetry;
 use crate::util::backoff::Backoff;
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -49,7 +50,11 @@ enum Next {
 /// store: a store that is down is retried with back-off.
 pub async fn follow<F: Follower>(store: &dyn KvStore, prefix: &str, follower: &mut F) {
     let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
+    let mut first = true;
     loop {
+        if !std::mem::take(&mut first) {
+            telemetry::watch_resync(prefix);
+        }
         let snapshot = match store.range(prefix).await {
             Ok(s) => s,
             Err(e) => {

@@ -399,6 +399,7 @@ mod tests {
             ipv4: Some(format!("{ip}/24").parse().unwrap()),
             ipv6: None,
             created_at: 1,
+            created_ms: 0,
         };
         let address = AddressRecord {
             host: host.into(),

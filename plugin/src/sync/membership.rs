@@ -6,6 +6,7 @@ use super::follow::{follow, Follower};
 use crate::state::codec::{encode, take_gets};
 use crate::state::keys;
 use crate::state::records::HostRecord;
+use crate::telemetry;
 use crate::util::backoff::Retry;
 use crate::util::task::spawn_supervised;
 use async_trait::async_trait;
@@ -177,8 +178,9 @@ impl Registration {
                     Err(e) => tracing::warn!(error = %e, "host registration failed; retrying"),
                 },
                 Some(l) => match self.store.keep_alive(l.clone()).await {
-                    Ok(()) => {}
+                    Ok(()) => telemetry::lease_renewal("ok"),
                     Err(StoreError::LeaseNotFound(_)) => {
+                        telemetry::lease_renewal("expired");
                         tracing::warn!("host lease expired; refusing Docker until re-registered and reconciled");
                         if events.send(LeaseEvent::Lost).await.is_err() {
                             return;
@@ -188,7 +190,10 @@ impl Registration {
                         self.current.send_replace(None);
                         continue;
                     }
-                    Err(e) => tracing::warn!(error = %e, "host lease renewal failed; retrying"),
+                    Err(e) => {
+                        telemetry::lease_renewal("failed");
+                        tracing::warn!(error = %e, "host lease renewal failed; retrying");
+                    }
                 },
             }
             tokio::time::sleep(tick).await;
@@ -241,6 +246,7 @@ impl Follower for LiveHosts {
             .iter()
             .map(|kv| self.host_of(&kv.key).to_string())
             .collect();
+        telemetry::hosts_alive(self.live.len());
         self.tx.send_replace(Some(Arc::new(self.live.clone())));
         Ok(())
     }
@@ -254,6 +260,7 @@ impl Follower for LiveHosts {
             self.live.remove(&host)
         };
         if changed {
+            telemetry::hosts_alive(self.live.len());
             tracing::info!(host = %host, alive, "host liveness changed");
             self.tx.send_replace(Some(Arc::new(self.live.clone())));
         }

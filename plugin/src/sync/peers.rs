@@ -13,6 +13,8 @@ use super::membership::LiveSet;
 use crate::dataplane::{Dataplane, PeerEntry};
 use crate::state::keys;
 use crate::state::records::EndpointRecord;
+use crate::telemetry;
+use crate::util::clock::unix_now_ms;
 use crate::util::mac::parse_mac;
 use crate::util::task::spawn_supervised;
 use async_trait::async_trait;
@@ -20,6 +22,7 @@ use kvstore_backends::{EventKind, KvStore, RangeResponse, WatchEvent};
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -186,7 +189,16 @@ impl Follower for Worker {
         // The entries of every MAC and IP the change touches are derived
         // again from all records: another record may share them.
         let touched: Vec<PeerEntry> = old.iter().chain(new.iter()).flat_map(entries).collect();
-        self.settle(&touched).await
+        self.settle(&touched).await?;
+        // A remote endpoint seen for the first time, now in the kernel: how
+        // long since its host committed it (clock skew included).
+        if let (None, Some(ep)) = (&old, &new) {
+            if ep.created_ms > 0 && self.is_remote(ep) {
+                let lag = unix_now_ms().saturating_sub(ep.created_ms);
+                telemetry::peer_sync_lag(Duration::from_millis(lag));
+            }
+        }
+        Ok(())
     }
 
     /// A host came or went: the wanted entries changed.
@@ -361,6 +373,7 @@ mod tests {
             ipv4: Some("10.77.0.9/24".parse().unwrap()),
             ipv6: None,
             created_at,
+            created_ms: 0,
         }
     }
 

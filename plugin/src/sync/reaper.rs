@@ -25,6 +25,7 @@ use super::reconcile::Reconciler;
 use crate::control::ipam::Ipam;
 use crate::control::reclaim::{reclaim_host, Census, Holdings, UnboundAddress};
 use crate::dataplane::{Dataplane, Probe};
+use crate::telemetry;
 use kvstore_backends::{KvStore, LeaseId, Revision};
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -306,6 +307,7 @@ async fn reap(ctx: &ReapContext<'_>, census: &Census, gone: &mut GoneSince, unbo
         // registers again right now.
         match reclaim_host(store.clone(), host, held).await {
             Ok(()) => {
+                telemetry::reclaim();
                 gone.hosts.remove(host);
             }
             Err(e) => {

@@ -15,6 +15,7 @@ use crate::dataplane::Dataplane;
 use crate::error::{PluginError, Result, StoreContext};
 use crate::state::keys;
 use crate::state::records::EndpointRecord;
+use crate::telemetry;
 use crate::util::backoff::Backoff;
 use crate::util::clock::unix_now;
 use kvstore_backends::{KvStore, Revision, WatchFidelity};
@@ -223,6 +224,7 @@ impl Reconciler {
     /// The sweep: how many endpoints it removed, and when the youngest
     /// endpoint of this host it left alone comes of age.
     async fn sweep(&self, min_age: Duration) -> Result<(usize, Option<u64>)> {
+        telemetry::orphan_sweep();
         let now = unix_now();
         let mut removed = 0;
         let mut next_due: Option<u64> = None;

@@ -118,10 +118,10 @@ fn describe() {
         ORPHAN_SWEEPS,
         "Orphan sweeps run (endpoints without a port, addresses bound to nothing)."
     );
-    describe_counter!(DNS_QUERIES, "DNS queries answered by the plugin's resolver, by outcome (answered, nxdomain, forwarded, refused).");
+    describe_counter!(DNS_QUERIES, "DNS queries the plugin's resolver got, by outcome (answered from the names table, forwarded, refused as malformed).");
     describe_counter!(
         DNS_FORWARDS,
-        "Queries forwarded to the host's resolvers, by outcome (ok, failed)."
+        "Queries forwarded to the host's resolvers, by outcome (ok, failed, busy: too many in flight)."
     );
     describe_gauge!(BUILD_INFO, "Always 1; the labels say which build runs.");
 }
@@ -193,15 +193,16 @@ fn store_call(op: &'static str, outcome: &'static str, elapsed: Duration) {
     histogram!(STORE_CALL_SECONDS, "op" => op).record(elapsed.as_secs_f64());
 }
 
-pub fn allocation(pool: &str) {
-    counter!(ALLOCATIONS, "pool" => pool.to_string()).increment(1);
+/// `kind`: `container`, `gateway` or `aux`.
+pub fn allocation(pool: &str, kind: &'static str) {
+    counter!(ALLOCATIONS, "pool" => pool.to_string(), "kind" => kind).increment(1);
 }
 
 pub fn release(pool: &str) {
     counter!(RELEASES, "pool" => pool.to_string()).increment(1);
 }
 
-pub fn pool_usage(pool: &str, used: u64, size: u64) {
+pub fn pool_usage(pool: &str, used: u64, size: u128) {
     gauge!(POOL_USED, "pool" => pool.to_string()).set(used as f64);
     gauge!(POOL_SIZE, "pool" => pool.to_string()).set(size as f64);
 }
@@ -237,12 +238,12 @@ pub fn orphan_sweep() {
     counter!(ORPHAN_SWEEPS).increment(1);
 }
 
-/// `answered`, `nxdomain`, `forwarded` or `refused`.
+/// `answered`, `forwarded` or `refused`.
 pub fn dns_query(outcome: &'static str) {
     counter!(DNS_QUERIES, "outcome" => outcome).increment(1);
 }
 
-/// `ok` or `failed`.
+/// `ok`, `failed` or `busy`.
 pub fn dns_forward(outcome: &'static str) {
     counter!(DNS_FORWARDS, "outcome" => outcome).increment(1);
 }

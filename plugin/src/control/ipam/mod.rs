@@ -48,6 +48,20 @@ pub struct Ipam {
     fence: Option<GoneHostFence>,
 }
 
+/// How full a pool is (see [`Ipam::usage`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PoolUsage {
+    pub pool: String,
+    pub used: u64,
+    pub size: u128,
+}
+
+impl PoolUsage {
+    pub fn free(&self) -> u128 {
+        self.size.saturating_sub(u128::from(self.used))
+    }
+}
+
 /// The canonical pool ID of a subnet: its CIDR with host bits cleared.
 pub fn pool_id(subnet: &IpNetwork) -> String {
     format!("{}/{}", subnet.network(), subnet.prefix())
@@ -124,6 +138,35 @@ impl Ipam {
             .ctx(|| format!("read pool {seg}"))?;
         kv.map(|kv| Ok((decode::<PoolRecord>(&kv)?, kv.mod_revision)))
             .transpose()
+    }
+
+    /// How full a pool is: its dynamic addresses (the `--ip-range`, or the
+    /// subnet without network and broadcast) and how many of them are taken
+    /// cluster-wide (by containers, the gateway or an aux address). Two
+    /// reads. `None` when the pool is not claimed.
+    pub async fn usage(&self, subnet: &IpNetwork) -> Result<Option<PoolUsage>> {
+        let seg = keys::subnet_segment(subnet);
+        let Some((rec, _)) = self.read_pool(&seg).await? else {
+            return Ok(None);
+        };
+        let span = math::Span::of(&rec);
+        let taken = self
+            .store
+            .range(&keys::pool_addr_prefix(&seg))
+            .await
+            .ctx(|| format!("list the addresses of pool {seg}"))?;
+        let prefix = keys::pool_addr_prefix(&seg);
+        let used = taken
+            .kvs
+            .iter()
+            .filter_map(|kv| kv.key.strip_prefix(prefix.as_str())?.parse().ok())
+            .filter(|ip| span.offset(*ip).is_some())
+            .count() as u64;
+        Ok(Some(PoolUsage {
+            pool: pool_id(subnet),
+            used,
+            size: span.len,
+        }))
     }
 
     async fn read_known_pool(
