@@ -32,6 +32,39 @@ pub enum Command {
     /// --gone-hosts: nothing of a host is reclaimed, and young addresses are
     /// left alone.
     Gc(GcArgs),
+    /// Show the cluster as the store sees it: hosts (alive or gone),
+    /// overlays with their networks, endpoints per host and pool usage, and
+    /// whether this host's kernel is in step with the store.
+    ///
+    /// Examples:
+    ///   rustoverlay status                      # through this host's plugin
+    ///   rustoverlay status --json | jq .cluster.hosts
+    ///   rustoverlay status --from-store --store etcd://10.0.0.5:2379
+    #[command(verbatim_doc_comment)]
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The running plugin's socket. The plugin reads its store (the only
+    /// way to read the embedded store, which it locks) and checks this
+    /// host's kernel against it.
+    #[arg(
+        long,
+        env = "RUSTOVERLAY_SOCKET",
+        default_value = "/run/docker/plugins/rustoverlay.sock"
+    )]
+    pub socket: PathBuf,
+    /// Read the store given by --store directly, without the plugin (from a
+    /// machine that runs none, or while it is down): no kernel check. Also
+    /// used when the plugin does not answer and the store is etcd or Consul.
+    #[arg(long)]
+    pub from_store: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Print the report as JSON (stable: fields are only ever added).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

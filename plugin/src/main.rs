@@ -18,7 +18,7 @@ async fn main() -> std::process::ExitCode {
             target: a.log_target,
         },
         // `dump` prints the store on stdout: its log stays on stderr.
-        Command::Dump(_) | Command::Gc(_) => Log {
+        Command::Dump(_) | Command::Gc(_) | Command::Status(_) => Log {
             format: LogFormat::Text,
             target: LogTarget::Stderr,
         },
@@ -28,6 +28,7 @@ async fn main() -> std::process::ExitCode {
         Command::Serve(args) => rustoverlay::cmd::serve(args).await,
         Command::Dump(args) => rustoverlay::cmd::dump(args).await,
         Command::Gc(args) => rustoverlay::cmd::gc(args).await,
+        Command::Status(args) => rustoverlay::cmd::status(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -8,6 +8,7 @@
 mod authz;
 mod extract;
 mod handlers;
+pub mod operator;
 pub mod parse;
 pub mod response;
 pub mod socket;

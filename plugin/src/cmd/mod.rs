@@ -1,6 +1,6 @@
 //! The subcommands: `serve` wires the layers together (`parts`) and serves
 //! Docker (and `metrics`, Prometheus, with --metrics-addr); `gc` and `dump`
-//! read (and with `gc --apply` clean) the store.
+//! read (and with `gc --apply` clean) the store; `status` shows the cluster.
 
 mod dns;
 mod inspect;
@@ -8,10 +8,12 @@ pub mod logging;
 mod metrics;
 pub mod parts;
 mod serve;
+mod status;
 
 pub use inspect::{dump, gc};
 pub use parts::HostParts;
 pub use serve::serve;
+pub use status::status;
 
 use std::time::Duration;
 

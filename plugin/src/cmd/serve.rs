@@ -3,6 +3,7 @@
 
 use super::parts::HostParts;
 use super::secs;
+use crate::api::operator::Operator;
 use crate::api::{self, socket, AppState};
 use crate::cli::ServeArgs;
 use crate::control::cluster::Clusters;
@@ -11,7 +12,7 @@ use crate::docker::{client::Client, DockerApi};
 use crate::driver::ClusterHooks;
 use crate::state::open;
 use crate::sync::cluster::ClusterSync;
-use crate::sync::membership::Registration;
+use crate::sync::membership::{GoneClock, Registration};
 use crate::sync::reaper::ReaperConfig;
 use crate::sync::supervisor;
 use crate::util::task::spawn_supervised;
@@ -122,6 +123,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(metrics) = metrics {
         super::metrics::serve(metrics, parts.overlays.clone(), parts.ipam.clone());
     }
+    let operator = Operator {
+        store: store.clone(),
+        host: host.clone(),
+        overlays: parts.overlays.clone(),
+        devices: parts.devices.clone(),
+        live: parts.live.clone(),
+        gone: GoneClock::follow(parts.live.clone()),
+    };
     let listener = socket::bind(&args.socket).await?;
     let app = api::router(
         AppState {
@@ -130,7 +139,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ready: running.ready,
         },
         secs(args.request_timeout, "--request-timeout")?,
-    );
+    )
+    .merge(api::operator::router(operator));
     tracing::info!(
         socket = %args.socket.display(),
         host = %host,

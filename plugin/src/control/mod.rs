@@ -8,3 +8,4 @@ pub mod ipam;
 pub mod names;
 pub mod overlay;
 pub mod reclaim;
+pub mod status;

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use kvstore_backends::{
     Compare, EventKind, KvStore, LeaseId, Op, RangeResponse, StoreError, Txn, WatchEvent,
 };
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -265,5 +265,41 @@ impl Follower for LiveHosts {
             self.tx.send_replace(Some(Arc::new(self.live.clone())));
         }
         Ok(())
+    }
+}
+
+/// When each host was seen to leave the live set (Unix seconds), for
+/// `status`. Only hosts that left while this plugin watched have a time.
+#[derive(Clone, Default)]
+pub struct GoneClock(Arc<std::sync::Mutex<HashMap<String, u64>>>);
+
+impl GoneClock {
+    /// Follow the live set for as long as the process runs.
+    pub fn follow(mut live: watch::Receiver<LiveSet>) -> GoneClock {
+        let clock = GoneClock::default();
+        let board = clock.0.clone();
+        tokio::spawn(async move {
+            let mut before: LiveSet = live.borrow_and_update().clone();
+            while live.changed().await.is_ok() {
+                let now: LiveSet = live.borrow_and_update().clone();
+                if let (Some(was), Some(is)) = (&before, &now) {
+                    let mut board = board.lock().unwrap_or_else(|p| p.into_inner());
+                    for host in was.iter().filter(|h| !is.contains(*h)) {
+                        board.insert(host.clone(), crate::util::clock::unix_now());
+                    }
+                    board.retain(|h, _| !is.contains(h));
+                }
+                before = now;
+            }
+        });
+        clock
+    }
+
+    pub fn since(&self, host: &str) -> Option<u64> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(host)
+            .copied()
     }
 }

@@ -9,11 +9,13 @@
 
 pub mod cluster;
 pub mod devices;
+pub mod drift;
 pub mod engine;
 pub mod follow;
 pub mod leader;
 pub mod membership;
 pub mod names;
+pub mod peer_entries;
 pub mod peers;
 pub mod publish;
 pub mod readiness;

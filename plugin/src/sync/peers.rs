@@ -10,17 +10,16 @@
 
 use super::follow::{follow, Follower, Stale};
 use super::membership::LiveSet;
+use super::peer_entries::{desired_of, diff, entries, Desired};
 use crate::dataplane::{Dataplane, PeerEntry};
 use crate::state::keys;
 use crate::state::records::EndpointRecord;
 use crate::telemetry;
 use crate::util::clock::unix_now_ms;
-use crate::util::mac::parse_mac;
 use crate::util::task::spawn_supervised;
 use async_trait::async_trait;
 use kvstore_backends::{EventKind, KvStore, RangeResponse, WatchEvent};
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -78,6 +77,7 @@ impl PeerSync {
                 prefix: prefix.clone(),
                 vni,
                 known: HashMap::new(),
+                repair: repair_interval(),
             };
             let store = store.clone();
             async move {
@@ -124,6 +124,19 @@ struct Worker {
     vni: u32,
     /// The overlay's endpoints as last read, by endpoint ID.
     known: HashMap<String, EndpointRecord>,
+    /// When to compare the kernel with `known` again.
+    repair: tokio::time::Interval,
+}
+
+/// How often a worker checks the kernel's entries against what it read.
+/// A netlink dump of one overlay's entries; no store call.
+pub const REPAIR_PERIOD: Duration = Duration::from_secs(5);
+
+fn repair_interval() -> tokio::time::Interval {
+    let mut tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + REPAIR_PERIOD, REPAIR_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
 }
 
 #[async_trait]
@@ -143,27 +156,7 @@ impl Follower for Worker {
             }
         }
         self.known = known;
-        let want = self.desired();
-        let have = self.dataplane.peers(self.vni).await?;
-        let (mut added, mut removed) = (0, 0);
-        for mac in have.fdb.keys().filter(|m| !want.fdb.contains_key(*m)) {
-            self.dataplane.remove_peer(self.vni, *mac, None).await?;
-            removed += 1;
-        }
-        for ip in have.neigh.keys().filter(|ip| !want.neigh.contains_key(*ip)) {
-            self.dataplane.remove_neighbour(self.vni, *ip).await?;
-            removed += 1;
-        }
-        for entry in want.entries() {
-            let fdb_ok = have.fdb.get(&entry.mac) == Some(&entry.vtep);
-            let neigh_ok = entry
-                .ip
-                .is_none_or(|ip| have.neigh.get(&ip) == Some(&entry.mac));
-            if !(fdb_ok && neigh_ok) {
-                self.dataplane.add_peer(self.vni, &entry).await?;
-                added += 1;
-            }
-        }
+        let (added, removed) = self.converge().await?;
         tracing::info!(
             endpoints = self.known.len(),
             added,
@@ -201,11 +194,30 @@ impl Follower for Worker {
         Ok(())
     }
 
-    /// A host came or went: the wanted entries changed.
+    /// A host came or went: the wanted entries changed. Meanwhile, every
+    /// [`REPAIR_PERIOD`], entries changed behind our back (by hand, by
+    /// another program) are put back from what was read, without a store
+    /// call.
     async fn stale(&mut self) -> Stale {
-        match self.live.changed().await {
-            Ok(()) => Stale::Resync,
-            Err(_) => Stale::Stop,
+        loop {
+            tokio::select! {
+                changed = self.live.changed() => {
+                    return match changed {
+                        Ok(()) => Stale::Resync,
+                        Err(_) => Stale::Stop,
+                    }
+                }
+                _ = self.repair.tick() => match self.converge().await {
+                    Ok((0, 0)) => {}
+                    Ok((added, removed)) => {
+                        tracing::warn!(added, removed, "kernel entries had drifted from the store; repaired");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not repair the kernel's entries; resyncing");
+                        return Stale::Resync;
+                    }
+                },
+            }
         }
     }
 }
@@ -233,22 +245,27 @@ impl Worker {
     /// one); deriving entries from all records means removing one record
     /// never removes the other's entries.
     fn desired(&self) -> Desired {
-        let mut remote: Vec<&EndpointRecord> = self
-            .known
-            .values()
-            .filter(|ep| self.is_remote(ep))
-            .collect();
-        remote.sort_by(|a, b| (a.created_at, &a.endpoint_id).cmp(&(b.created_at, &b.endpoint_id)));
-        let mut want = Desired::default();
-        for ep in remote {
-            for entry in entries(ep) {
-                want.fdb.insert(entry.mac, entry.vtep);
-                if let Some(ip) = entry.ip {
-                    want.neigh.insert(ip, entry.mac);
-                }
-            }
+        desired_of(self.known.values().filter(|ep| self.is_remote(ep)))
+    }
+
+    /// Make the kernel hold exactly the desired entries; (added, removed).
+    async fn converge(&self) -> anyhow::Result<(usize, usize)> {
+        let want = self.desired();
+        let have = self.dataplane.peers(self.vni).await?;
+        let diff = diff(&want, &have);
+        for mac in &diff.stale_fdb {
+            self.dataplane.remove_peer(self.vni, *mac, None).await?;
         }
-        want
+        for ip in &diff.stale_neigh {
+            self.dataplane.remove_neighbour(self.vni, *ip).await?;
+        }
+        for entry in &diff.missing {
+            self.dataplane.add_peer(self.vni, entry).await?;
+        }
+        Ok((
+            diff.missing.len(),
+            diff.stale_fdb.len() + diff.stale_neigh.len(),
+        ))
     }
 
     /// Make the kernel's entries for these MACs and IPs what the records
@@ -298,67 +315,13 @@ impl Worker {
     }
 }
 
-/// The entries the kernel should hold for an overlay.
-#[derive(Debug, Default)]
-struct Desired {
-    fdb: HashMap<[u8; 6], IpAddr>,
-    neigh: HashMap<IpAddr, [u8; 6]>,
-}
-
-impl Desired {
-    /// As add operations: each IP with its MAC, then MACs without an IP.
-    fn entries(&self) -> Vec<PeerEntry> {
-        // Every neighbour's MAC has an FDB entry (both come from one record).
-        let mut out: Vec<PeerEntry> = self
-            .neigh
-            .iter()
-            .filter_map(|(ip, mac)| {
-                Some(PeerEntry {
-                    mac: *mac,
-                    ip: Some(*ip),
-                    vtep: *self.fdb.get(mac)?,
-                })
-            })
-            .collect();
-        let with_ip: HashSet<[u8; 6]> = out.iter().map(|e| e.mac).collect();
-        out.extend(
-            self.fdb
-                .iter()
-                .filter(|(mac, _)| !with_ip.contains(*mac))
-                .map(|(mac, vtep)| PeerEntry {
-                    mac: *mac,
-                    ip: None,
-                    vtep: *vtep,
-                }),
-        );
-        out
-    }
-}
-
-/// The kernel entries of one endpoint (IPv4 and IPv6 share the MAC).
-fn entries(ep: &EndpointRecord) -> Vec<PeerEntry> {
-    let Some(mac) = parse_mac(&ep.mac) else {
-        tracing::warn!(endpoint = %ep.endpoint_id, mac = %ep.mac, "endpoint with an invalid MAC");
-        return vec![];
-    };
-    let ips: Vec<Option<IpAddr>> = match (ep.ipv4, ep.ipv6) {
-        (None, None) => vec![None],
-        (a, b) => [a, b].into_iter().flatten().map(|n| Some(n.ip())).collect(),
-    };
-    ips.into_iter()
-        .map(|ip| PeerEntry {
-            mac,
-            ip,
-            vtep: ep.vtep,
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::dataplane::fake::FakeDataplane;
+    use crate::util::mac::parse_mac;
     use kvstore_backends::KeyValue;
+    use std::net::IpAddr;
 
     const VNI: u32 = 300;
     const PREFIX: &str = "/rustoverlay/v1/overlay/o/ep/";
@@ -394,23 +357,31 @@ mod tests {
         }
     }
 
-    /// Consul's watch finds deletes by comparing two reads, and dates them
-    /// at the second read's index: a re-created endpoint with the same
-    /// address (and so the same MAC) can arrive before the delete of the old
-    /// one. The delete must not take the new endpoint's entries with it.
-    #[tokio::test]
-    async fn a_late_delete_of_an_old_record_keeps_the_entries_of_a_new_one_with_its_address() {
+    /// Host `a`'s worker for the overlay, on a fake kernel that has its
+    /// devices; the sender moves the live set.
+    async fn worker_on_a() -> (Arc<FakeDataplane>, Worker, watch::Sender<LiveSet>) {
         let fake = FakeDataplane::new("192.0.2.1".parse().unwrap());
         fake.ensure_network(VNI).await.unwrap();
-        let (_live_tx, live) = watch::channel(None);
-        let mut worker = Worker {
+        let (live_tx, live) = watch::channel(None);
+        let worker = Worker {
             dataplane: fake.clone(),
             host: "a".into(),
             live,
             prefix: PREFIX.into(),
             vni: VNI,
             known: HashMap::new(),
+            repair: repair_interval(),
         };
+        (fake, worker, live_tx)
+    }
+
+    /// Consul's watch finds deletes by comparing two reads, and dates them
+    /// at the second read's index: a re-created endpoint with the same
+    /// address (and so the same MAC) can arrive before the delete of the old
+    /// one. The delete must not take the new endpoint's entries with it.
+    #[tokio::test]
+    async fn a_late_delete_of_an_old_record_keeps_the_entries_of_a_new_one_with_its_address() {
+        let (fake, mut worker, _live_tx) = worker_on_a().await;
         let old = record("old", "b", "192.0.2.2", 100);
         let new = record("new", "c", "192.0.2.3", 200);
         worker.apply(event(EventKind::Put, &old, 10)).await.unwrap();
@@ -428,5 +399,31 @@ mod tests {
             Some(&new.vtep),
             "the new endpoint's host"
         );
+    }
+
+    /// An entry deleted by hand comes back at the next repair tick, without
+    /// a store read: the worker converges on what it last read.
+    #[tokio::test(start_paused = true)]
+    async fn an_entry_deleted_by_hand_is_put_back_by_the_repair_tick() {
+        let (fake, mut worker, live_tx) = worker_on_a().await;
+        let ep = record("ep1", "b", "192.0.2.2", 100);
+        worker.apply(event(EventKind::Put, &ep, 10)).await.unwrap();
+        let mac = parse_mac(&ep.mac).unwrap();
+        fake.remove_peer(VNI, mac, None).await.unwrap();
+        assert!(!fake.peers(VNI).await.unwrap().fdb.contains_key(&mac));
+        // The repair runs inside stale(); a liveness change ends it.
+        let waiting = tokio::spawn(async move {
+            let outcome = worker.stale().await;
+            (worker, outcome)
+        });
+        tokio::time::sleep(REPAIR_PERIOD + Duration::from_millis(100)).await;
+        assert_eq!(
+            fake.peers(VNI).await.unwrap().fdb.get(&mac),
+            Some(&"192.0.2.2".parse().unwrap()),
+            "the FDB entry is back"
+        );
+        live_tx.send_replace(None);
+        let (_, outcome) = waiting.await.unwrap();
+        assert!(matches!(outcome, Stale::Resync));
     }
 }

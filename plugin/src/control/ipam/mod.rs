@@ -30,7 +30,7 @@ use alloc::CursorCell;
 use ipnetwork::{IpNetwork, Ipv4Network};
 use kvstore_backends::{KvStore, Revision};
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex};
 
 pub struct Ipam {
@@ -49,7 +49,7 @@ pub struct Ipam {
 }
 
 /// How full a pool is (see [`Ipam::usage`]).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PoolUsage {
     pub pool: String,
     pub used: u64,
@@ -59,6 +59,19 @@ pub struct PoolUsage {
 impl PoolUsage {
     pub fn free(&self) -> u128 {
         self.size.saturating_sub(u128::from(self.used))
+    }
+}
+
+/// How full a pool is: its dynamic addresses (the `--ip-range`, or the
+/// subnet without network and broadcast: what `docker run` without `--ip`
+/// can get) and how many of them are taken cluster-wide, by containers, the
+/// gateway or aux addresses (`taken`: the pool's `addr/` keys).
+pub fn usage_of(rec: &PoolRecord, taken: impl Iterator<Item = IpAddr>) -> PoolUsage {
+    let span = math::Span::of(rec);
+    PoolUsage {
+        pool: pool_id(&rec.subnet),
+        used: taken.filter(|ip| span.offset(*ip).is_some()).count() as u64,
+        size: span.len,
     }
 }
 
@@ -140,33 +153,24 @@ impl Ipam {
             .transpose()
     }
 
-    /// How full a pool is: its dynamic addresses (the `--ip-range`, or the
-    /// subnet without network and broadcast) and how many of them are taken
-    /// cluster-wide (by containers, the gateway or an aux address). Two
-    /// reads. `None` when the pool is not claimed.
+    /// How full a pool is (see [`usage_of`]). Two reads. `None` when the
+    /// pool is not claimed.
     pub async fn usage(&self, subnet: &IpNetwork) -> Result<Option<PoolUsage>> {
         let seg = keys::subnet_segment(subnet);
         let Some((rec, _)) = self.read_pool(&seg).await? else {
             return Ok(None);
         };
-        let span = math::Span::of(&rec);
+        let prefix = keys::pool_addr_prefix(&seg);
         let taken = self
             .store
-            .range(&keys::pool_addr_prefix(&seg))
+            .range(&prefix)
             .await
             .ctx(|| format!("list the addresses of pool {seg}"))?;
-        let prefix = keys::pool_addr_prefix(&seg);
-        let used = taken
+        let ips = taken
             .kvs
             .iter()
-            .filter_map(|kv| kv.key.strip_prefix(prefix.as_str())?.parse().ok())
-            .filter(|ip| span.offset(*ip).is_some())
-            .count() as u64;
-        Ok(Some(PoolUsage {
-            pool: pool_id(subnet),
-            used,
-            size: span.len,
-        }))
+            .filter_map(|kv| kv.key.strip_prefix(prefix.as_str())?.parse().ok());
+        Ok(Some(usage_of(&rec, ips)))
     }
 
     async fn read_known_pool(
