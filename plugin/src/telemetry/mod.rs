@@ -36,6 +36,29 @@ pub const DNS_QUERIES: &str = "rustoverlay_dns_queries_total";
 pub const DNS_FORWARDS: &str = "rustoverlay_dns_forwards_total";
 pub const BUILD_INFO: &str = "rustoverlay_build_info";
 
+/// Every metric, for checks that a dashboard or a document names only these.
+pub const ALL: &[&str] = &[
+    DOCKER_REQUESTS,
+    DOCKER_REQUEST_SECONDS,
+    DOCKER_REQUEST_STORE_CALLS,
+    STORE_CALLS,
+    STORE_CALL_SECONDS,
+    ALLOCATIONS,
+    RELEASES,
+    POOL_USED,
+    POOL_SIZE,
+    ENDPOINTS,
+    PEER_SYNC_LAG,
+    WATCH_RESYNCS,
+    LEASE_RENEWALS,
+    HOSTS_ALIVE,
+    RECLAIMS,
+    ORPHAN_SWEEPS,
+    DNS_QUERIES,
+    DNS_FORWARDS,
+    BUILD_INFO,
+];
+
 /// Buckets for latencies: a store round trip on loopback is ~0.2 ms, a
 /// `docker run`'s CreateEndpoint a few ms, a timeout 5 s.
 const SECONDS_BUCKETS: &[f64] = &[
