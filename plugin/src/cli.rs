@@ -42,6 +42,54 @@ pub enum Command {
     ///   rustoverlay status --from-store --store etcd://10.0.0.5:2379
     #[command(verbatim_doc_comment)]
     Status(StatusArgs),
+    /// Check this host: privileges, kernel, underlay and MTU, the store, the
+    /// registration, the VXLAN path (UDP 4789) to every live host, firewall
+    /// rules, clocks, Docker. Each check prints ok, warn or FAIL with a fix.
+    /// Exit status 0: all ok; 1: warnings; 2: a failure.
+    ///
+    /// Examples:
+    ///   rustoverlay doctor
+    ///   rustoverlay doctor --store etcd://10.0.0.5:2379 --docker-config /etc/docker/daemon.json
+    #[command(verbatim_doc_comment)]
+    Doctor(DoctorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// The running plugin's socket (a managed plugin's is found under
+    /// /run/docker/plugins/<id>/ when this one is missing).
+    #[arg(
+        long,
+        env = "RUSTOVERLAY_SOCKET",
+        default_value = "/run/docker/plugins/rustoverlay.sock"
+    )]
+    pub socket: PathBuf,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// This host's ID (default: the running plugin's, else the hostname).
+    #[arg(long, env = "RUSTOVERLAY_HOST_ID")]
+    pub host_id: Option<String>,
+    /// This host's VTEP (default: the running plugin's, else the address
+    /// of the default route's interface).
+    #[arg(long, env = "RUSTOVERLAY_VTEP_IP")]
+    pub vtep_ip: Option<Ipv4Addr>,
+    /// The local Docker API.
+    #[arg(
+        long,
+        env = "RUSTOVERLAY_DOCKER_SOCKET",
+        default_value = "unix:///var/run/docker.sock"
+    )]
+    pub docker_socket: String,
+    /// dockerd's configuration file, where names across hosts need the
+    /// resolver as `dns`.
+    #[arg(long, default_value = "/etc/docker/daemon.json")]
+    pub docker_config: PathBuf,
+    /// The plugin's resolver address (its --dns-address).
+    #[arg(long, env = "RUSTOVERLAY_DNS_ADDRESS", default_value = "169.254.53.53")]
+    pub dns_address: Ipv4Addr,
+    /// How long to wait for each peer's answer over VXLAN, in seconds.
+    #[arg(long, default_value_t = 2.0)]
+    pub probe_window: f64,
 }
 
 #[derive(Debug, Args)]

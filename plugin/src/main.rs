@@ -18,7 +18,7 @@ async fn main() -> std::process::ExitCode {
             target: a.log_target,
         },
         // `dump` prints the store on stdout: its log stays on stderr.
-        Command::Dump(_) | Command::Gc(_) | Command::Status(_) => Log {
+        Command::Dump(_) | Command::Gc(_) | Command::Status(_) | Command::Doctor(_) => Log {
             format: LogFormat::Text,
             target: LogTarget::Stderr,
         },
@@ -29,6 +29,11 @@ async fn main() -> std::process::ExitCode {
         Command::Dump(args) => rustoverlay::cmd::dump(args).await,
         Command::Gc(args) => rustoverlay::cmd::gc(args).await,
         Command::Status(args) => rustoverlay::cmd::status(args).await,
+        // 0, 1 or 2: all ok, warnings, failures.
+        Command::Doctor(args) => match rustoverlay::cmd::doctor(args).await {
+            Ok(code) => return std::process::ExitCode::from(code),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

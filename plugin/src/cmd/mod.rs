@@ -1,8 +1,10 @@
 //! The subcommands: `serve` wires the layers together (`parts`) and serves
 //! Docker (and `metrics`, Prometheus, with --metrics-addr); `gc` and `dump`
-//! read (and with `gc --apply` clean) the store; `status` shows the cluster.
+//! read (and with `gc --apply` clean) the store; `status` shows the cluster;
+//! `doctor` checks this host.
 
 mod dns;
+mod doctor;
 mod inspect;
 pub mod logging;
 mod metrics;
@@ -10,6 +12,7 @@ pub mod parts;
 mod serve;
 mod status;
 
+pub use doctor::doctor;
 pub use inspect::{dump, gc};
 pub use parts::HostParts;
 pub use serve::serve;

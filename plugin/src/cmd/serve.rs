@@ -120,6 +120,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         parts.live.clone(),
     );
+    crate::sync::path_probe::start(dataplane.clone(), store.clone(), host.clone());
     if let Some(metrics) = metrics {
         super::metrics::serve(metrics, parts.overlays.clone(), parts.ipam.clone());
     }
@@ -160,6 +161,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .context("serve the plugin socket");
     let _ = std::fs::remove_file(&args.socket);
+    if let Err(e) = dataplane.remove_path_probe().await {
+        tracing::warn!(error = %e, "could not remove the VXLAN path probe's device");
+    }
     tracing::info!("stopped");
     if let Some(why) = fatal.borrow_and_update().clone() {
         anyhow::bail!(why);

@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// How long the plugin may take to answer (it bounds itself at 10 s).
@@ -65,8 +65,32 @@ async fn from_store(args: &StatusArgs) -> anyhow::Result<StatusReport> {
     })
 }
 
+/// The plugin's socket: `given` if it exists, else a managed plugin's
+/// (`/run/docker/plugins/<id>/rustoverlay.sock`); true for a managed one.
+pub(super) fn plugin_socket(given: &Path) -> (PathBuf, bool) {
+    if given.exists() {
+        return (given.to_path_buf(), false);
+    }
+    let name = given.file_name().unwrap_or_default();
+    let managed = given
+        .parent()
+        .and_then(|dir| std::fs::read_dir(dir).ok())
+        .and_then(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path().join(name))
+                .find(|p| p.exists())
+        });
+    match managed {
+        Some(p) => (p, true),
+        None => (given.to_path_buf(), false),
+    }
+}
+
 /// `GET /rustoverlay/status` on the plugin's unix socket.
-async fn from_plugin(socket: &Path) -> anyhow::Result<StatusReport> {
+pub(super) async fn from_plugin(socket: &Path) -> anyhow::Result<StatusReport> {
+    let (socket, _) = plugin_socket(socket);
+    let socket = socket.as_path();
     let ask = async {
         let stream = tokio::net::UnixStream::connect(socket)
             .await

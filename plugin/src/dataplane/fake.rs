@@ -273,6 +273,20 @@ impl Dataplane for FakeDataplane {
     async fn sandbox_has_route(&self, sandbox: &Path, _dst: Ipv4Addr) -> Result<bool> {
         Ok(self.state().routed_sandboxes.contains(sandbox))
     }
+
+    /// A socket on loopback: the requests of a test arrive there directly.
+    async fn path_probe_listener(&self) -> Result<std::net::UdpSocket> {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0")
+            .map_err(|e| DataplaneError::io("bind a probe socket on loopback", e))?;
+        socket
+            .set_nonblocking(true)
+            .map_err(|e| DataplaneError::io("make the probe socket non-blocking", e))?;
+        Ok(socket)
+    }
+
+    async fn remove_path_probe(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 fn loopback_sockets() -> Result<DnsSockets> {

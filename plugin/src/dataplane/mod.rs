@@ -18,6 +18,7 @@ mod links;
 pub mod names;
 mod netlink;
 pub mod netns;
+pub mod path_probe;
 pub mod probe;
 mod underlay;
 
@@ -116,4 +117,11 @@ pub trait Dataplane: Send + Sync + 'static {
     /// Whether a container's namespace (Join's SandboxKey) already has a
     /// route to `dst`: a second one would make Docker's Join fail.
     async fn sandbox_has_route(&self, sandbox: &Path, dst: Ipv4Addr) -> Result<bool>;
+
+    /// The VXLAN path probe's responder (`path_probe`): its device and
+    /// namespace, made if missing, and the socket its requests arrive on.
+    async fn path_probe_listener(&self) -> Result<std::net::UdpSocket>;
+
+    /// Remove the responder's device and namespace (at shutdown).
+    async fn remove_path_probe(&self) -> Result<()>;
 }

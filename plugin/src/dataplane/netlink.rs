@@ -14,6 +14,7 @@ use super::names::{
     vxlan_name,
 };
 use super::netns::{connect_in, NetnsDir};
+use super::path_probe;
 use super::probe::{probe, Probe};
 use super::underlay::{detect_underlay, Underlay};
 use super::{Dataplane, KernelPeers, PeerEntry, VXLAN_OVERHEAD, VXLAN_PORT};
@@ -32,6 +33,7 @@ pub struct Netlink {
     host: Handle,
     underlay: Underlay,
     netns: NetnsDir,
+    state_dir: std::path::PathBuf,
     /// Netlink connections inside overlay namespaces, by VNI.
     handles: Mutex<HashMap<u32, Handle>>,
 }
@@ -54,6 +56,7 @@ impl Netlink {
             host,
             underlay,
             netns: NetnsDir::new(state_dir),
+            state_dir: state_dir.to_path_buf(),
             handles: Mutex::new(HashMap::new()),
         })
     }
@@ -348,6 +351,21 @@ impl Dataplane for Netlink {
 
     async fn sandbox_has_route(&self, sandbox: &Path, dst: Ipv4Addr) -> Result<bool> {
         dns::sandbox_has_route(sandbox, dst).await
+    }
+
+    async fn path_probe_listener(&self) -> Result<std::net::UdpSocket> {
+        path_probe::set_up(
+            &self.host,
+            &self.state_dir,
+            self.underlay.ifindex,
+            self.underlay.vtep,
+            self.overlay_mtu(),
+        )
+        .await
+    }
+
+    async fn remove_path_probe(&self) -> Result<()> {
+        path_probe::tear_down(&self.state_dir).await
     }
 }
 

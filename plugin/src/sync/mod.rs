@@ -15,6 +15,7 @@ pub mod follow;
 pub mod leader;
 pub mod membership;
 pub mod names;
+pub mod path_probe;
 pub mod peer_entries;
 pub mod peers;
 pub mod publish;

@@ -1,0 +1,78 @@
+//! Answers VXLAN path probes (`dataplane::path_probe`): a request that came
+//! out of this host's probe device proves the sender's frames reach this
+//! kernel over UDP 4789; the answer goes back over plain UDP, and only to
+//! the VTEP the sender's registration names, so the responder cannot be
+//! made to send to an arbitrary address.
+
+use crate::dataplane::path_probe::{ProbeAnswer, ProbeRequest};
+use crate::dataplane::Dataplane;
+use crate::state::keys;
+use crate::state::records::HostRecord;
+use crate::util::backoff::Backoff;
+use crate::util::clock::unix_now_ms;
+use crate::util::task::spawn_supervised;
+use kvstore_backends::KvStore;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::UdpSocket;
+use tracing::Instrument;
+
+/// Keep the responder up for as long as the process runs.
+pub fn start(dataplane: Arc<dyn Dataplane>, store: Arc<dyn KvStore>, host: String) {
+    let span = tracing::info_span!(parent: None, "path_probe");
+    spawn_supervised("path_probe", move || {
+        let (dataplane, store, host) = (dataplane.clone(), store.clone(), host.clone());
+        async move {
+            let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+            loop {
+                if let Err(e) = serve(dataplane.as_ref(), store.as_ref(), &host).await {
+                    tracing::warn!(error = %e, retry_in = ?backoff.peek(), "the VXLAN path probe's responder failed; `rustoverlay doctor` on other hosts cannot check their path to this one");
+                }
+                backoff.wait().await;
+            }
+        }
+        .instrument(span.clone())
+    });
+}
+
+async fn serve(dataplane: &dyn Dataplane, store: &dyn KvStore, host: &str) -> anyhow::Result<()> {
+    let listener = UdpSocket::from_std(dataplane.path_probe_listener().await?)?;
+    let replies = UdpSocket::bind("0.0.0.0:0").await?;
+    tracing::info!("answering VXLAN path probes");
+    let mut buf = [0u8; 2048];
+    loop {
+        let (n, _) = listener.recv_from(&mut buf).await?;
+        let Ok(request) = serde_json::from_slice::<ProbeRequest>(&buf[..n]) else {
+            tracing::debug!("an unreadable probe request");
+            continue;
+        };
+        match answer_to(store, &request).await {
+            Ok(true) => {
+                let answer = ProbeAnswer {
+                    probe: request.probe,
+                    host: host.to_string(),
+                    time_ms: unix_now_ms(),
+                };
+                let bytes = serde_json::to_vec(&answer)?;
+                if let Err(e) = replies.send_to(&bytes, request.reply).await {
+                    tracing::debug!(to = %request.reply, error = %e, "could not answer a probe");
+                }
+                tracing::debug!(from = %request.from, "answered a VXLAN path probe");
+            }
+            Ok(false) => {
+                tracing::debug!(from = %request.from, reply = %request.reply, "a probe whose answer address is not its host's VTEP; not answered");
+            }
+            Err(e) => tracing::debug!(error = %e, "could not check a probe's sender"),
+        }
+    }
+}
+
+/// True when `request.reply` is the VTEP of the host it claims to be from.
+async fn answer_to(store: &dyn KvStore, request: &ProbeRequest) -> anyhow::Result<bool> {
+    let Some(kv) = store.get(&keys::host_registration(&request.from)).await? else {
+        return Ok(false);
+    };
+    let rec: HostRecord = serde_json::from_slice(&kv.value)?;
+    Ok(rec.vtep == IpAddr::V4(*request.reply.ip()))
+}
