@@ -57,6 +57,8 @@ struct State {
     answering: HashSet<IpAddr>,
     /// Container namespaces that already have the resolver's route.
     routed_sandboxes: HashSet<PathBuf>,
+    /// Where the path probe's responder listens (on loopback).
+    probe_listener: Option<std::net::SocketAddr>,
 }
 
 pub struct FakeDataplane {
@@ -70,6 +72,11 @@ impl FakeDataplane {
             vtep,
             state: Mutex::new(State::default()),
         })
+    }
+
+    /// Where the path probe's responder listens, once it does.
+    pub fn probe_listener(&self) -> Option<std::net::SocketAddr> {
+        self.state().probe_listener
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -281,6 +288,7 @@ impl Dataplane for FakeDataplane {
         socket
             .set_nonblocking(true)
             .map_err(|e| DataplaneError::io("make the probe socket non-blocking", e))?;
+        self.state().probe_listener = socket.local_addr().ok();
         Ok(socket)
     }
 

@@ -76,3 +76,73 @@ async fn answer_to(store: &dyn KvStore, request: &ProbeRequest) -> anyhow::Resul
     let rec: HostRecord = serde_json::from_slice(&kv.value)?;
     Ok(rec.vtep == IpAddr::V4(*request.reply.ip()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::fake::FakeDataplane;
+    use crate::state::codec::encode;
+    use kvstore_backends::MemoryStore;
+    use std::net::SocketAddrV4;
+
+    async fn ask(
+        to: std::net::SocketAddr,
+        from: &str,
+        reply: &UdpSocket,
+        reply_to: SocketAddrV4,
+    ) -> Option<ProbeAnswer> {
+        let req = ProbeRequest {
+            probe: 42,
+            from: from.into(),
+            reply: reply_to,
+        };
+        let sender = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sender
+            .send_to(&serde_json::to_vec(&req).unwrap(), to)
+            .await
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let got = tokio::time::timeout(Duration::from_millis(500), reply.recv_from(&mut buf)).await;
+        got.ok()
+            .map(|r| serde_json::from_slice(&buf[..r.unwrap().0]).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_probe_is_answered_only_at_its_sender_s_registered_vtep() {
+        let store: Arc<dyn KvStore> = Arc::new(MemoryStore::new());
+        let rec = HostRecord {
+            host: "h1".into(),
+            vtep: "127.0.0.1".parse().unwrap(),
+            version: "0".into(),
+        };
+        store
+            .put(&keys::host_registration("h1"), encode(&rec))
+            .await
+            .unwrap();
+        let fake = FakeDataplane::new("127.0.0.2".parse().unwrap());
+        start(fake.clone(), store, "h2".into());
+        let listener = loop {
+            if let Some(a) = fake.probe_listener() {
+                break a;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let reply = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let std::net::SocketAddr::V4(at) = reply.local_addr().unwrap() else {
+            unreachable!()
+        };
+
+        let answer = ask(listener, "h1", &reply, at).await.expect("answered");
+        assert_eq!((answer.probe, answer.host.as_str()), (42, "h2"));
+        assert!(answer.time_ms > 0);
+
+        // Not h1's VTEP: the responder must not send there.
+        let elsewhere = UdpSocket::bind("127.0.0.3:0").await.unwrap();
+        let std::net::SocketAddr::V4(other) = elsewhere.local_addr().unwrap() else {
+            unreachable!()
+        };
+        assert!(ask(listener, "h1", &elsewhere, other).await.is_none());
+        // An unknown sender gets nothing either.
+        assert!(ask(listener, "nobody", &reply, at).await.is_none());
+    }
+}
