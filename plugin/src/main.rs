@@ -16,11 +16,19 @@ async fn main() -> std::process::ExitCode {
         Command::Serve(a) => Log {
             format: a.log_format,
             target: a.log_target,
+            level: "info",
         },
         // `dump` prints the store on stdout: its log stays on stderr.
-        Command::Dump(_) | Command::Gc(_) | Command::Status(_) | Command::Doctor(_) => Log {
+        Command::Dump(_) | Command::Gc(_) => Log {
             format: LogFormat::Text,
             target: LogTarget::Stderr,
+            level: "info",
+        },
+        // Their report is the output; the log only says what went wrong.
+        Command::Status(_) | Command::Doctor(_) => Log {
+            format: LogFormat::Text,
+            target: LogTarget::Stderr,
+            level: "warn",
         },
     };
     log.init();

@@ -81,6 +81,12 @@ assert_contains "host 1: the store check fails, naming the store" "FAIL  store  
 assert_contains "host 1: and says what to check" "fix: check --store" "$OUT"
 assert_eventually "etcd answers again" 10 harness_shared_store_healthy etcd
 
+# The cut outlasted the hosts' leases: they register again.
+h1_registered() {
+    hexec_mnt 1 "$(harness_bin)" status --json | jq -e '.cluster.hosts[] | select(.host == "h1") | .alive' >/dev/null
+}
+assert_eventually "h1 is registered again" 30 h1_registered
+
 phase "a duplicate host ID: host 3 checked as h1"
 doctor 3 --host-id h1
 assert_eq "host 3 as h1: doctor exits 2" 2 "$RC"

@@ -15,14 +15,16 @@ use tracing_subscriber::EnvFilter;
 pub struct Log {
     pub format: LogFormat,
     pub target: LogTarget,
+    /// The filter when RUSTOVERLAY_LOG is unset.
+    pub level: &'static str,
 }
 
 impl Log {
     /// Install the global subscriber (and, for JSON, a panic hook that logs
     /// the panic as a JSON line instead of Rust's plain message).
     pub fn init(self) {
-        let filter =
-            EnvFilter::try_from_env("RUSTOVERLAY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+        let filter = EnvFilter::try_from_env("RUSTOVERLAY_LOG")
+            .unwrap_or_else(|_| EnvFilter::new(self.level));
         let builder = tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_ansi(self.format == LogFormat::Text && self.colours());
