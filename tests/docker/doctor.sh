@@ -5,7 +5,8 @@
 # that names its cause for each of: UDP 4789 dropped on host 2 (iptables in
 # host 2's namespace: host 1's probe of host 2 gets no answer, and host 2's
 # doctor names the rule), etcd unreachable (its link cut), and a duplicate
-# host ID (host 3 checked as h1, which host 1 holds).
+# host ID (host 3 checked as h1, which host 1 holds). A stateful firewall
+# that lets in only UDP 4789 and established flows does not fail the probe.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=tests/lib/harness.sh
@@ -71,6 +72,21 @@ assert_contains "host 2: the firewall check names the rule" "FAIL  firewall     
 assert_ok "host 2: remove the rule" hexec 2 iptables -D INPUT -p udp --dport 4789 -j DROP
 doctor 1
 assert_eq "host 1: doctor exits 0 again" 0 "$RC"
+
+phase "a stateful firewall on host 1 (UDP 4789 and established flows only): the probes' answers still come back"
+# The answer comes from the peer's VTEP and port 4789: the request's flow
+# reversed, which conntrack counts as established.
+assert_ok "host 1: accept established UDP" \
+    hexec 1 iptables -A INPUT -p udp -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+assert_ok "host 1: accept UDP 4789" hexec 1 iptables -A INPUT -p udp --dport 4789 -j ACCEPT
+assert_ok "host 1: drop other UDP" hexec 1 iptables -A INPUT -p udp -j DROP
+doctor 1
+assert_eq "host 1: doctor exits 0" 0 "$RC"
+assert_contains "host 1: h2 answers through the firewall" "h2 ($(harness_host_ip 2)) answered over VXLAN" "$OUT"
+for rule in "-p udp -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT" "-p udp --dport 4789 -j ACCEPT" "-p udp -j DROP"; do
+    # shellcheck disable=SC2086 # the rule's words
+    assert_ok "host 1: remove the rule '$rule'" hexec 1 iptables -D INPUT $rule
+done
 
 phase "etcd unreachable: the store check fails"
 harness_shared_store_link etcd down

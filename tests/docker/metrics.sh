@@ -154,14 +154,6 @@ jq '{groups: [{name: "dashboard", rules: ([.panels[].targets[].expr] | to_entrie
     examples/grafana/rustoverlay-dashboard.json >"$rules"
 assert_ok "the dashboard has queries" test "$(jq '.groups[0].rules | length' "$rules")" -ge 10
 assert_ok "promtool check rules accepts every dashboard query" promtool check rules "$rules"
-for name in $(jq -r '.groups[0].rules[].expr' "$rules" | grep -o 'rustoverlay_[a-z_]*' | sort -u); do
-    base="$(sed -E 's/_(bucket|sum|count)$//' <<<"$name")"
-    if grep -q "^# TYPE $name \|^# TYPE $base histogram" <<<"$a"; then
-        harness_pass "dashboard metric $name is in host 1's scrape"
-    else
-        echo "    (dashboard metric $name not in this scrape: nothing counted it in this test)"
-    fi
-done
 
 phase "teardown"
 assert_ok "host 2: remove r1 r2" hdocker 2 rm -f r1 r2

@@ -23,7 +23,6 @@ use crate::sync::readiness::Readiness;
 use crate::telemetry::{self, Source};
 use crate::util::backoff::with_request_deadline;
 use axum::extract::{Request, State};
-use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -114,6 +113,40 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .with_state(state)
 }
 
+/// Every method Docker calls: the values of the metrics' `method` label
+/// (any other path counts as `unknown`, so a stray path is not a new series).
+const DOCKER_METHODS: &[&str] = &[
+    "Plugin.Activate",
+    "NetworkDriver.GetCapabilities",
+    "NetworkDriver.CreateNetwork",
+    "NetworkDriver.DeleteNetwork",
+    "NetworkDriver.CreateEndpoint",
+    "NetworkDriver.EndpointOperInfo",
+    "NetworkDriver.DeleteEndpoint",
+    "NetworkDriver.Join",
+    "NetworkDriver.Leave",
+    "NetworkDriver.ProgramExternalConnectivity",
+    "NetworkDriver.RevokeExternalConnectivity",
+    "NetworkDriver.DiscoverNew",
+    "NetworkDriver.DiscoverDelete",
+    "IpamDriver.GetCapabilities",
+    "IpamDriver.GetDefaultAddressSpaces",
+    "IpamDriver.RequestPool",
+    "IpamDriver.ReleasePool",
+    "IpamDriver.RequestAddress",
+    "IpamDriver.ReleaseAddress",
+    "AuthZPlugin.AuthZReq",
+    "AuthZPlugin.AuthZRes",
+];
+
+fn method_label(method: &str) -> &'static str {
+    DOCKER_METHODS
+        .iter()
+        .find(|m| **m == method)
+        .copied()
+        .unwrap_or("unknown")
+}
+
 /// Calls that only remove this host's own objects go ahead while the host
 /// re-registers. Each removal compares what it removes (the holder, the
 /// revision, the gone-host fence), so a host whose holdings were reclaimed
@@ -155,7 +188,7 @@ async fn bounded(
         // Read the body before answering: see the note on the handlers.
         let _ = axum::body::to_bytes(req.into_body(), 1 << 20).await;
         let _enter = span.enter();
-        telemetry::docker_request(&method, false, started.elapsed(), 0);
+        telemetry::docker_request(method_label(&method), false, started.elapsed(), 0);
         return ApiError(PluginError::Store {
             context: "this host lost its store registration".into(),
             source: kvstore_backends::StoreError::Unavailable(format!(
@@ -181,9 +214,7 @@ async fn bounded(
             .into_response(),
         };
         let status = resp.status();
-        // The fallback's 404 is the only one: an unknown path is not a label.
-        let label = if status == StatusCode::NOT_FOUND { "unknown" } else { method.as_str() };
-        telemetry::docker_request(label, status.is_success(), started.elapsed(), store_calls);
+        telemetry::docker_request(method_label(&method), status.is_success(), started.elapsed(), store_calls);
         tracing::debug!(status = status.as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, store_calls, "done");
         resp
     }
@@ -260,6 +291,19 @@ mod tests {
         // Handshakes are never held back: Docker needs them to activate us.
         let (status, _) = call(app, "NetworkDriver.GetCapabilities").await;
         assert_eq!(status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn every_method_label_is_a_route_and_other_paths_are_unknown() {
+        let ready = Readiness::new(true);
+        let app = app(&ready, Duration::from_secs(5));
+        for method in DOCKER_METHODS {
+            let (status, body) = call(app.clone(), method).await;
+            assert_ne!(status, StatusCode::NOT_FOUND, "{method}: {body}");
+        }
+        let (status, _) = call(app, "NetworkDriver.Nonsense").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(method_label("NetworkDriver.Nonsense"), "unknown");
     }
 
     #[tokio::test]

@@ -133,7 +133,14 @@ pub async fn doctor(args: DoctorArgs) -> anyhow::Result<u8> {
         ));
     }
     if let (Some(cluster), Some(vtep)) = (&cluster, vtep) {
-        checks.extend(identity(cluster, &host, vtep));
+        let mut found = identity(cluster, &host, vtep);
+        if wanted_vtep.is_none() {
+            // Neither the plugin nor --vtep-ip said which VTEP: a guess.
+            for c in found.iter_mut().filter(|c| c.level != Level::Ok) {
+                c.detail.push_str(" (this host's VTEP as doctor guessed it from the default route: give --vtep-ip if the plugin uses another)");
+            }
+        }
+        checks.extend(found);
         if checks
             .iter()
             .all(|c| c.name != "host id" || c.level == Level::Ok)

@@ -231,6 +231,9 @@ fn local_lines(local: &LocalView) -> String {
             let _ = writeln!(out, "    stale neigh    {ip}");
         }
     }
+    for b in &local.broken {
+        let _ = writeln!(out, "  {} (vni {}): BROKEN, {}", b.overlay, b.vni, b.why);
+    }
     for vni in &local.namespaces_without_endpoints {
         let _ = writeln!(out, "  namespace ro-{vni} has no local endpoint");
     }

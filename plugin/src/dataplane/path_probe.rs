@@ -16,7 +16,7 @@
 
 use super::dns::ensure_address;
 use super::error::{DataplaneError, Result};
-use super::links::{add_link, delete_by_name, link_index, require_index, set_link};
+use super::links::{add_link, delete_by_name, link_address, require_index, set_link};
 use super::netns::{connect_in, NetnsDir};
 use super::VXLAN_PORT;
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan};
@@ -78,7 +78,19 @@ pub(super) async fn set_up(
     let dir = netns(state_dir);
     let ns_path = dir.create(NETNS)?;
     let ns = connect_in(&ns_path)?;
-    let index = match link_index(&ns, LINK).await? {
+    // A device left by an unclean exit is reused only if it is this VTEP's
+    // (its MAC is derived from the VTEP): after an address change, peers
+    // send to the new MAC.
+    let mac = responder_mac(vtep);
+    let existing = match link_address(&ns, LINK).await? {
+        Some((i, found)) if found.as_deref() == Some(&mac[..]) => Some(i),
+        Some(_) => {
+            delete_by_name(&ns, LINK).await?;
+            None
+        }
+        None => None,
+    };
+    let index = match existing {
         Some(i) => i,
         None => {
             // A leftover from a crash between create and move.
@@ -89,7 +101,7 @@ pub(super) async fn set_up(
                 .port(VXLAN_PORT)
                 .learning(false)
                 .mtu(mtu)
-                .address(responder_mac(vtep).to_vec())
+                .address(mac.to_vec())
                 .build();
             add_link(host, msg, LINK).await?;
             let idx = require_index(host, LINK).await?;
@@ -164,6 +176,36 @@ pub fn encapsulate(from_vtep: Ipv4Addr, to_vtep: Ipv4Addr, request: &ProbeReques
     packet
 }
 
+/// Send an answer to `to` as if from this host's `vtep`:4789, the reverse
+/// of the request's own flow, so a stateful firewall (a security group, a
+/// conntrack rule that allows UDP 4789 and established traffic) lets it
+/// back to the prober. A raw socket does that (CAP_NET_RAW); without one,
+/// a plain UDP datagram from any port.
+pub fn answer(vtep: Ipv4Addr, to: SocketAddrV4, payload: &[u8]) -> std::io::Result<()> {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let raw = Socket::new(
+        Domain::IPV4,
+        Type::RAW,
+        Some(Protocol::from(libc::IPPROTO_RAW)),
+    );
+    match raw {
+        Ok(socket) => {
+            let builder = etherparse::PacketBuilder::ipv4(vtep.octets(), to.ip().octets(), 64)
+                .udp(VXLAN_PORT, to.port());
+            let mut packet = Vec::with_capacity(builder.size(payload.len()));
+            builder
+                .write(&mut packet, payload)
+                .expect("writing to a Vec cannot fail");
+            socket.set_nonblocking(true)?;
+            socket.send_to(&packet, &SockAddr::from(to)).map(|_| ())
+        }
+        Err(_) => {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            socket.send_to(payload, to).map(|_| ())
+        }
+    }
+}
+
 /// What probing a peer found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PathProbe {
@@ -190,15 +232,18 @@ pub async fn probe_path(me: &str, vtep: Ipv4Addr, peer: Ipv4Addr, window: Durati
         Ok(SocketAddr::V4(a)) => a,
         other => return PathProbe::Failed(format!("the probe socket's address: {other:?}")),
     };
-    let request = ProbeRequest {
-        probe: rand::random(),
-        from: me.to_string(),
-        reply,
-    };
-    let packet = encapsulate(vtep, peer, &request);
+    let base: u64 = rand::random();
     let tries = 3u32;
     let mut buf = [0u8; 2048];
-    for _ in 0..tries {
+    for n in 0..tries {
+        // Each try its own ID: a late answer to an earlier try must not be
+        // timed from this one's send.
+        let request = ProbeRequest {
+            probe: base.wrapping_add(u64::from(n)),
+            from: me.to_string(),
+            reply,
+        };
+        let packet = encapsulate(vtep, peer, &request);
         let sent = Instant::now();
         let sent_ms = crate::util::clock::unix_now_ms();
         if let Err(e) = socket

@@ -26,6 +26,17 @@ pub struct LocalView {
     pub overlays: Vec<OverlayDrift>,
     /// VNIs whose namespace exists here though no local endpoint uses it.
     pub namespaces_without_endpoints: Vec<u32>,
+    /// Overlays with a local endpoint whose devices are missing or cannot
+    /// be read: the worst drift, containers there are cut off.
+    #[serde(default)]
+    pub broken: Vec<BrokenOverlay>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BrokenOverlay {
+    pub overlay: String,
+    pub vni: u32,
+    pub why: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -78,23 +89,46 @@ pub async fn local_view(
         wanted.insert(net.vni, net.overlay);
     }
     let mut drifts = Vec::new();
-    let mut unused = Vec::new();
-    for vni in dataplane.local_vnis() {
-        let Some(overlay) = wanted.get(&vni) else {
-            unused.push(vni);
-            continue;
-        };
+    let mut broken = Vec::new();
+    let present = dataplane.local_vnis();
+    let mut unused: Vec<u32> = present
+        .iter()
+        .filter(|v| !wanted.contains_key(v))
+        .copied()
+        .collect();
+    for (&vni, overlay) in &wanted {
         let (eps, _) = overlays.endpoints(overlay).await?;
-        if !eps.iter().any(|e| e.host == host) {
+        let has_local = eps.iter().any(|e| e.host == host);
+        if !present.contains(&vni) {
+            if has_local {
+                broken.push(BrokenOverlay {
+                    overlay: overlay.clone(),
+                    vni,
+                    why: format!("a local endpoint, but no namespace ro-{vni}"),
+                });
+            }
+            continue;
+        }
+        if !has_local {
             unused.push(vni);
         }
+        let have = match dataplane.peers(vni).await {
+            Ok(have) => have,
+            Err(e) => {
+                broken.push(BrokenOverlay {
+                    overlay: overlay.clone(),
+                    vni,
+                    why: format!("its devices cannot be read: {e}"),
+                });
+                continue;
+            }
+        };
         let is_live = |h: &String| live.as_ref().is_none_or(|l| l.contains(h));
         let remote: Vec<_> = eps
             .iter()
             .filter(|e| e.host != host && is_live(&e.host))
             .collect();
         let want = desired_of(remote.iter().copied());
-        let have = dataplane.peers(vni).await?;
         let d = diff(&want, &have);
         let mut drift = OverlayDrift {
             overlay: overlay.clone(),
@@ -128,9 +162,12 @@ pub async fn local_view(
     Ok(LocalView {
         host: host.to_string(),
         vtep: dataplane.vtep(),
-        in_step: unused.is_empty() && drifts.iter().all(OverlayDrift::is_empty),
+        in_step: unused.is_empty()
+            && broken.is_empty()
+            && drifts.iter().all(OverlayDrift::is_empty),
         overlays: drifts,
         namespaces_without_endpoints: unused,
+        broken,
     })
 }
 
@@ -219,6 +256,34 @@ mod tests {
         assert_eq!(d.stale_neigh, vec!["10.77.0.9".parse::<IpAddr>().unwrap()]);
 
         fake.remove_peer(VNI, gone.mac, gone.ip).await.unwrap();
+        fake.add_peer(
+            VNI,
+            &PeerEntry {
+                mac: [2, 0, 0, 0, 0, 3],
+                ip: Some("10.77.0.3".parse().unwrap()),
+                vtep: "192.0.2.2".parse().unwrap(),
+            },
+        )
+        .await
+        .unwrap();
+        let view = local_view("a", &overlays, fake.as_ref(), &live)
+            .await
+            .unwrap();
+        assert!(view.in_step, "{view:?}");
+
+        // A local endpoint without devices: broken, named.
+        fake.remove_network(VNI).await.unwrap();
+        let view = local_view("a", &overlays, fake.as_ref(), &live)
+            .await
+            .unwrap();
+        assert!(!view.in_step);
+        assert_eq!(view.broken.len(), 1);
+        assert!(
+            view.broken[0].why.contains("no namespace"),
+            "{:?}",
+            view.broken
+        );
+        fake.ensure_network(VNI).await.unwrap();
         fake.add_peer(
             VNI,
             &PeerEntry {

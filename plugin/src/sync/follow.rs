@@ -50,9 +50,11 @@ enum Next {
 /// store: a store that is down is retried with back-off.
 pub async fn follow<F: Follower>(store: &dyn KvStore, prefix: &str, follower: &mut F) {
     let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
-    let mut first = true;
+    // Set when the watch broke (not when the follower asked for a re-read):
+    // what `rustoverlay_watch_resyncs_total` counts.
+    let mut broke = false;
     loop {
-        if !std::mem::take(&mut first) {
+        if std::mem::take(&mut broke) {
             telemetry::watch_resync(prefix);
         }
         let snapshot = match store.range(prefix).await {
@@ -74,6 +76,7 @@ pub async fn follow<F: Follower>(store: &dyn KvStore, prefix: &str, follower: &m
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "could not start the watch; resyncing");
+                broke = true;
                 tokio::time::sleep(RETRY_MIN).await;
                 continue;
             }
@@ -88,15 +91,18 @@ pub async fn follow<F: Follower>(store: &dyn KvStore, prefix: &str, follower: &m
                     if let Err(e) = follower.apply(event).await {
                         // Local state and the store may now differ: start over.
                         tracing::warn!(error = %e, "applying a change failed; resyncing");
+                        broke = true;
                         break;
                     }
                 }
                 Next::Event(Some(Err(e))) => {
                     tracing::info!(error = %e, "watch ended; resyncing");
+                    broke = true;
                     break;
                 }
                 Next::Event(None) => {
                     tracing::info!("watch closed; resyncing");
+                    broke = true;
                     break;
                 }
                 Next::Stale(Stale::Resync) => break,

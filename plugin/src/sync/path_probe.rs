@@ -1,10 +1,13 @@
 //! Answers VXLAN path probes (`dataplane::path_probe`): a request that came
 //! out of this host's probe device proves the sender's frames reach this
-//! kernel over UDP 4789; the answer goes back over plain UDP, and only to
-//! the VTEP the sender's registration names, so the responder cannot be
-//! made to send to an arbitrary address.
+//! kernel over UDP 4789. The answer goes back from this VTEP's port 4789
+//! (the request's flow reversed, which stateful firewalls let through), and
+//! only to the VTEP the sender's registration names: the responder cannot
+//! be made to send anywhere but to a registered host. Registrations are
+//! looked up at most 10 times a second and remembered for 30 s, so a flood
+//! of made-up requests costs the store little.
 
-use crate::dataplane::path_probe::{ProbeAnswer, ProbeRequest};
+use crate::dataplane::path_probe::{self, ProbeAnswer, ProbeRequest};
 use crate::dataplane::Dataplane;
 use crate::state::keys;
 use crate::state::records::HostRecord;
@@ -12,9 +15,10 @@ use crate::util::backoff::Backoff;
 use crate::util::clock::unix_now_ms;
 use crate::util::task::spawn_supervised;
 use kvstore_backends::KvStore;
-use std::net::IpAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 use tracing::Instrument;
 
@@ -36,10 +40,19 @@ pub fn start(dataplane: Arc<dyn Dataplane>, store: Arc<dyn KvStore>, host: Strin
     });
 }
 
+/// Registrations looked up at most this often (a flood of requests with
+/// made-up senders must not become store load).
+const LOOKUPS_PER_SECOND: u32 = 10;
+/// How long a sender's registered VTEP is trusted without a new lookup.
+const REMEMBER: Duration = Duration::from_secs(30);
+
 async fn serve(dataplane: &dyn Dataplane, store: &dyn KvStore, host: &str) -> anyhow::Result<()> {
     let listener = UdpSocket::from_std(dataplane.path_probe_listener().await?)?;
-    let replies = UdpSocket::bind("0.0.0.0:0").await?;
+    let IpAddr::V4(vtep) = dataplane.vtep() else {
+        anyhow::bail!("the VXLAN path probe needs an IPv4 VTEP");
+    };
     tracing::info!("answering VXLAN path probes");
+    let mut senders = Senders::default();
     let mut buf = [0u8; 2048];
     loop {
         let (n, _) = listener.recv_from(&mut buf).await?;
@@ -47,34 +60,64 @@ async fn serve(dataplane: &dyn Dataplane, store: &dyn KvStore, host: &str) -> an
             tracing::debug!("an unreadable probe request");
             continue;
         };
-        match answer_to(store, &request).await {
-            Ok(true) => {
+        match senders.vtep_of(store, &request.from).await {
+            Some(registered) if registered == *request.reply.ip() => {
                 let answer = ProbeAnswer {
                     probe: request.probe,
                     host: host.to_string(),
                     time_ms: unix_now_ms(),
                 };
                 let bytes = serde_json::to_vec(&answer)?;
-                if let Err(e) = replies.send_to(&bytes, request.reply).await {
+                if let Err(e) = path_probe::answer(vtep, request.reply, &bytes) {
                     tracing::debug!(to = %request.reply, error = %e, "could not answer a probe");
                 }
                 tracing::debug!(from = %request.from, "answered a VXLAN path probe");
             }
-            Ok(false) => {
-                tracing::debug!(from = %request.from, reply = %request.reply, "a probe whose answer address is not its host's VTEP; not answered");
+            _ => {
+                tracing::debug!(from = %request.from, reply = %request.reply, "a probe whose answer address is not its sender's registered VTEP; not answered");
             }
-            Err(e) => tracing::debug!(error = %e, "could not check a probe's sender"),
         }
     }
 }
 
-/// True when `request.reply` is the VTEP of the host it claims to be from.
-async fn answer_to(store: &dyn KvStore, request: &ProbeRequest) -> anyhow::Result<bool> {
-    let Some(kv) = store.get(&keys::host_registration(&request.from)).await? else {
-        return Ok(false);
-    };
-    let rec: HostRecord = serde_json::from_slice(&kv.value)?;
-    Ok(rec.vtep == IpAddr::V4(*request.reply.ip()))
+/// The senders' registered VTEPs, looked up in the store at a bounded rate.
+#[derive(Default)]
+struct Senders {
+    known: HashMap<String, (Ipv4Addr, Instant)>,
+    window: Option<Instant>,
+    lookups: u32,
+}
+
+impl Senders {
+    async fn vtep_of(&mut self, store: &dyn KvStore, host: &str) -> Option<Ipv4Addr> {
+        let now = Instant::now();
+        if let Some((vtep, at)) = self.known.get(host) {
+            if now.duration_since(*at) < REMEMBER {
+                return Some(*vtep);
+            }
+        }
+        if self
+            .window
+            .is_none_or(|w| now.duration_since(w) >= Duration::from_secs(1))
+        {
+            self.window = Some(now);
+            self.lookups = 0;
+        }
+        if self.lookups >= LOOKUPS_PER_SECOND {
+            return None;
+        }
+        self.lookups += 1;
+        let kv = store.get(&keys::host_registration(host)).await.ok()??;
+        let rec: HostRecord = serde_json::from_slice(&kv.value).ok()?;
+        let IpAddr::V4(vtep) = rec.vtep else {
+            return None;
+        };
+        // Bounded: only registered hosts are remembered, and stale ones go.
+        self.known
+            .retain(|_, (_, at)| now.duration_since(*at) < REMEMBER);
+        self.known.insert(host.to_string(), (vtep, now));
+        Some(vtep)
+    }
 }
 
 #[cfg(test)]

@@ -78,6 +78,7 @@ impl PeerSync {
                 vni,
                 known: HashMap::new(),
                 repair: repair_interval(),
+                synced: false,
             };
             let store = store.clone();
             async move {
@@ -126,6 +127,8 @@ struct Worker {
     known: HashMap<String, EndpointRecord>,
     /// When to compare the kernel with `known` again.
     repair: tokio::time::Interval,
+    /// A first full read was applied (lag is measured from then on).
+    synced: bool,
 }
 
 /// How often a worker checks the kernel's entries against what it read.
@@ -155,8 +158,17 @@ impl Follower for Worker {
                 Err(e) => tracing::warn!(key = %kv.key, error = %e, "unreadable endpoint record"),
             }
         }
-        self.known = known;
+        let before = std::mem::replace(&mut self.known, known);
         let (added, removed) = self.converge().await?;
+        // Remote endpoints that arrived by this re-read (after an outage or
+        // a watch gap) count in the lag too; at start, everything is old.
+        if std::mem::replace(&mut self.synced, true) {
+            for (id, ep) in &self.known {
+                if !before.contains_key(id) {
+                    self.observe_lag(ep);
+                }
+            }
+        }
         tracing::info!(
             endpoints = self.known.len(),
             added,
@@ -183,13 +195,8 @@ impl Follower for Worker {
         // again from all records: another record may share them.
         let touched: Vec<PeerEntry> = old.iter().chain(new.iter()).flat_map(entries).collect();
         self.settle(&touched).await?;
-        // A remote endpoint seen for the first time, now in the kernel: how
-        // long since its host committed it (clock skew included).
         if let (None, Some(ep)) = (&old, &new) {
-            if ep.created_ms > 0 && self.is_remote(ep) {
-                let lag = unix_now_ms().saturating_sub(ep.created_ms);
-                telemetry::peer_sync_lag(Duration::from_millis(lag));
-            }
+            self.observe_lag(ep);
         }
         Ok(())
     }
@@ -227,6 +234,15 @@ impl Worker {
         key.strip_prefix(self.prefix.as_str())
             .unwrap_or(key)
             .to_string()
+    }
+
+    /// A remote endpoint seen for the first time, now in the kernel: how
+    /// long since its host committed it (clock skew included).
+    fn observe_lag(&self, ep: &EndpointRecord) {
+        if ep.created_ms > 0 && self.is_remote(ep) {
+            let lag = unix_now_ms().saturating_sub(ep.created_ms);
+            telemetry::peer_sync_lag(Duration::from_millis(lag));
+        }
     }
 
     /// Entries are wanted for endpoints of other hosts that are registered
@@ -371,6 +387,7 @@ mod tests {
             vni: VNI,
             known: HashMap::new(),
             repair: repair_interval(),
+            synced: false,
         };
         (fake, worker, live_tx)
     }
