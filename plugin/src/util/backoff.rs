@@ -2,8 +2,10 @@
 //!
 //! [`Retry`]: pauses between optimistic-concurrency retries. Hosts that lose
 //! a compare-and-swap race retry at once on the first loss, then after a
-//! random pause that grows with each further loss. Without the jitter, hosts
-//! racing on one pool cursor keep colliding in lock step. Retries are bounded
+//! random pause that grows with each further loss, unless the failed
+//! transaction already read the winner's state ([`Retry::at_once`]: a pool's
+//! cursor, a release): then at once, since a pause only lets fresh requests
+//! in first and starves the host that keeps losing. Retries are bounded
 //! by time, not by count: with N hosts racing, a given host wins a round with
 //! probability about 1/N, so any fixed count is too small for some N, while
 //! the time bound keeps Docker's request bounded.

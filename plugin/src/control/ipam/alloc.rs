@@ -188,13 +188,18 @@ impl Ipam {
                 *guard = None;
                 skip = 0;
             } else if alloc_now.mod_revision != cur.revision {
-                // Another host allocated: continue from its cursor.
+                // Another host allocated: continue from its cursor, at once.
+                // The failed transaction read the winner's state; a pause
+                // would only let fresh requests in first, and a host that
+                // kept losing would wait longer each time until its budget
+                // ran out (seen on Consul: eight hosts, one pool).
                 *guard = Some(Cursor {
                     state: decode(&alloc_now)?,
                     revision: alloc_now.mod_revision,
                     ..cur
                 });
                 skip = 0;
+                retry.at_once();
             } else if addr_taken {
                 match free_key {
                     // A queued address someone took with --ip meanwhile.
