@@ -135,7 +135,7 @@ pub(super) async fn leave(
     DockerJson(req): DockerJson<EndpointRequest>,
 ) -> ApiResult<Json<Empty>> {
     endpoint_ids(&req.network_id, &req.endpoint_id)?;
-    s.driver.leave(&req.network_id, &req.endpoint_id).await?;
+    persist(|| s.driver.leave(&req.network_id, &req.endpoint_id)).await?;
     Ok(Json(Empty {}))
 }
 
