@@ -35,6 +35,25 @@ else
         "--ipam-driver rustoverlay" "$out"
 fi
 
+# A driver option the plugin does not act on is refused, never ignored:
+# `-o encrypted=true` taken in silence would carry the traffic in clear.
+for opt in encrypted=true vxlan_id=42; do
+    rc=0
+    out="$(hdocker 1 network create -d rustoverlay --ipam-driver rustoverlay -o "$opt" \
+        --subnet 10.80.0.0/24 net_opt 2>&1)" || rc=$?
+    if [[ "$rc" -eq 0 ]]; then
+        harness_fail "-o $opt is refused (the network was created)"
+        hdocker 1 network rm net_opt >/dev/null 2>&1 || true
+    elif [[ "$opt" == encrypted=* ]]; then
+        assert_contains "-o $opt refused: the traffic would be unencrypted" "unencrypted" "$out"
+    else
+        assert_contains "-o $opt refused as an unknown driver option" "unknown driver option -o ${opt%%=*}" "$out"
+    fi
+done
+assert_ok "the refused networks' pool was given back: 10.80.0.0/24 is free again" \
+    hdocker 1 network create -d rustoverlay --ipam-driver rustoverlay --subnet 10.80.0.0/24 net_opt
+assert_ok "remove net_opt" hdocker 1 network rm net_opt
+
 # --- containers -------------------------------------------------------------
 assert_ok "run a1 on net_a" hdocker 1 run -d --network net_a --name a1 "$img" sleep 3600
 assert_ok "run a2 on net_a" hdocker 1 run -d --network net_a --name a2 "$img" sleep 3600

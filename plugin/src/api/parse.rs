@@ -50,6 +50,7 @@ pub fn network_spec(req: CreateNetworkRequest) -> Result<NetworkSpec> {
         &req.network_id,
         req.ipv6_data.as_deref().unwrap_or_default(),
     )?;
+    check_driver_options(req.options.as_ref())?;
     let cluster = cluster_option(req.options.as_ref())?;
     Ok(NetworkSpec {
         network_id: req.network_id,
@@ -57,6 +58,35 @@ pub fn network_spec(req: CreateNetworkRequest) -> Result<NetworkSpec> {
         ipv6,
         cluster,
     })
+}
+
+/// The driver options (`-o key=value`) this plugin acts on. Anything else is
+/// refused: an option taken in silence is a promise broken in silence (with
+/// `-o encrypted=true` accepted, traffic crossed the underlay in clear).
+const DRIVER_OPTIONS: &[&str] = &["cluster"];
+
+fn check_driver_options(options: Option<&Options>) -> Result<()> {
+    let given = match options.and_then(|o| o.get(GENERIC_OPTIONS)) {
+        None | Some(serde_json::Value::Null) => return Ok(()),
+        Some(serde_json::Value::Object(map)) => map,
+        Some(other) => {
+            return Err(PluginError::BadRequest(format!(
+                "{GENERIC_OPTIONS} is {other}, not a map of driver options"
+            )))
+        }
+    };
+    let known = DRIVER_OPTIONS.join(", ");
+    if let Some(key) = given.keys().find(|k| !DRIVER_OPTIONS.contains(&k.as_str())) {
+        return Err(PluginError::BadRequest(if key == "encrypted" {
+            "-o encrypted is not supported yet: rustoverlay would carry this network's \
+             traffic between hosts unencrypted; remove -o encrypted (and encrypt in the \
+             application, e.g. with TLS)"
+                .to_string()
+        } else {
+            format!("unknown driver option -o {key}; rustoverlay knows only: {known}; remove it")
+        }));
+    }
+    Ok(())
 }
 
 /// `-o cluster=true`: the network is defined once for every host.
@@ -263,6 +293,42 @@ mod tests {
         assert!(err.to_string().contains("-o cluster=true"), "{err}");
         assert!(cluster_option(Some(&with(3.into()))).is_err());
         assert!(cluster_option(Some(&with("".into()))).is_err());
+    }
+
+    #[test]
+    fn driver_options_other_than_cluster_are_refused() {
+        let with =
+            |v: serde_json::Value| -> Options { HashMap::from([(GENERIC_OPTIONS.to_string(), v)]) };
+        assert!(check_driver_options(None).is_ok());
+        assert!(check_driver_options(Some(&with(serde_json::json!({})))).is_ok());
+        assert!(check_driver_options(Some(&with(serde_json::Value::Null))).is_ok());
+        let cluster = with(serde_json::json!({"cluster": "true"}));
+        assert!(check_driver_options(Some(&cluster)).is_ok());
+        let err = check_driver_options(Some(&with(
+            serde_json::json!({"cluster": "true", "encrypted": "true"}),
+        )))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("encrypted") && err.contains("unencrypted"),
+            "{err}"
+        );
+        let err = check_driver_options(Some(&with(
+            serde_json::json!({"com.docker.network.driver.mtu": "1400"}),
+        )))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("-o com.docker.network.driver.mtu") && err.contains("cluster"),
+            "{err}"
+        );
+        assert!(check_driver_options(Some(&with(serde_json::json!(["encrypted"])))).is_err());
+        // Other top-level options (IPv6, internal) are Docker's, not the user's.
+        let top = HashMap::from([(
+            "com.docker.network.enable_ipv6".to_string(),
+            serde_json::Value::Bool(true),
+        )]);
+        assert!(check_driver_options(Some(&top)).is_ok());
     }
 
     #[test]
