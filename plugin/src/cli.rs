@@ -228,6 +228,13 @@ pub struct ServeArgs {
     /// addresses freed.
     #[arg(long, env = "RUSTOVERLAY_ORPHAN_AGE", default_value_t = 600)]
     pub orphan_age: u64,
+    /// Seconds an overlay's devices (namespace, bridge, VXLAN device, peer
+    /// entries and watch) stay after this host's last container on it left,
+    /// so that the next container attaches without building them again. 0
+    /// removes them with the last container; removing the network removes
+    /// them at once.
+    #[arg(long, env = "RUSTOVERLAY_LINGER", default_value_t = 60)]
+    pub linger: u64,
     /// Runtime state (the overlays' network namespaces).
     #[arg(
         long,

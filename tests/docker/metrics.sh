@@ -74,6 +74,14 @@ printf '%s\n' "$lint" | sed 's/^/    promtool: /'
 assert_eq "promtool check metrics: no error, no lint warning (exit $rc)" "0" "$rc"
 assert_eq "build info: one sample, value 1" 1 "$(value "$m0" rustoverlay_build_info)"
 assert_eq "two hosts alive" 2 "$(value "$m0" rustoverlay_hosts_alive)"
+# Counters that alerts take increase() of exist at 0 before their first event:
+# a series born at 1 shows no increase.
+for series in 'rustoverlay_lease_renewals_total{outcome="failed"} 0' \
+    'rustoverlay_docker_requests_total{method="NetworkDriver.Join",outcome="error"} 0' \
+    'rustoverlay_store_calls_total{op="keep_alive",outcome="timeout",source="background"} 0' \
+    'rustoverlay_reclaims_total 0'; do
+    assert_eq "before any failure: $series" 1 "$(printf '%s\n' "$m0" | grep -cxF "$series" || true)"
+done
 # Renewed every --host-ttl / 3 (3.3 s by default).
 renewed() { [[ "$(value "$(scrape 1)" rustoverlay_lease_renewals_total outcome=ok)" -ge 1 ]]; }
 assert_eventually "the lease was renewed (counted)" 10 renewed

@@ -664,7 +664,8 @@ _harness_start_anchor() {
 # harness_start_host N [--no-plugin] [plugin args...] - start host N: the
 # private mount namespace, the plugin (unless --no-plugin), then dockerd.
 # Plugin args are appended to `serve`; --socket, --store, --host-id and
-# --vtep-ip default to this host's values unless given.
+# --vtep-ip default to this host's values unless given, and --linger to 0
+# (devices go with the host's last container, as the tests expect).
 harness_start_host() {
     local n="${1:?usage: harness_start_host N [--no-plugin] [plugin args...]}"
     shift
@@ -850,6 +851,9 @@ harness_restart_plugin() {
         done
     fi
     _harness_has_flag --host-id "${extra[@]}" || args+=(--host-id "h$n")
+    # Devices go with a host's last container (the tests check that), unless
+    # a test asks for the linger users get by default.
+    _harness_has_flag --linger "${extra[@]}" || args+=(--linger 0)
     _harness_has_flag --vtep-ip "${extra[@]}" || args+=(--vtep-ip "$(harness_host_ip "$n")")
     # Names across hosts: this host's dockerd, and upstreams from a file of
     # the run's (empty unless a test writes one), never the machine's.
@@ -887,7 +891,7 @@ harness_restart_plugin() {
 # harness_set_plugin_args N [serve args...] - replace the `serve` args host
 # N's plugin gets from its next (re)start on (harness_restart_plugin); the
 # same defaults as harness_start_host apply (--socket, --store, --host-id,
-# --vtep-ip). The running plugin is not touched.
+# --vtep-ip, --linger 0). The running plugin is not touched.
 harness_set_plugin_args() {
     local n="${1:?usage: harness_set_plugin_args N [serve args...]}" dir
     shift

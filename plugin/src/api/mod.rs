@@ -115,7 +115,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
 
 /// Every method Docker calls: the values of the metrics' `method` label
 /// (any other path counts as `unknown`, so a stray path is not a new series).
-const DOCKER_METHODS: &[&str] = &[
+pub const DOCKER_METHODS: &[&str] = &[
     "Plugin.Activate",
     "NetworkDriver.GetCapabilities",
     "NetworkDriver.CreateNetwork",

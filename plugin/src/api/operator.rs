@@ -79,7 +79,15 @@ async fn report(op: &Operator) -> Result<StatusReport, PluginError> {
         host.gone_since = op.gone.since(&host.host);
     }
     let live = op.live.borrow().clone();
-    let local = local_view(&op.host, &op.overlays, op.devices.dataplane(), &live).await?;
+    let lingering = op.devices.lingering();
+    let local = local_view(
+        &op.host,
+        &op.overlays,
+        op.devices.dataplane(),
+        &live,
+        &lingering,
+    )
+    .await?;
     Ok(StatusReport {
         version: env!("CARGO_PKG_VERSION").to_string(),
         store: op.store.backend_name().to_string(),

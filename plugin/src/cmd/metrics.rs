@@ -37,6 +37,7 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<Metrics> {
         format!("listen for metrics on {addr} (--metrics-addr): is the port taken?")
     })?;
     let handle = telemetry::install().context("install the metrics recorder")?;
+    telemetry::zero_known_series(crate::api::DOCKER_METHODS);
     Ok(Metrics { listener, handle })
 }
 

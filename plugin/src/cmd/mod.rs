@@ -14,7 +14,7 @@ mod status;
 
 pub use doctor::doctor;
 pub use inspect::{dump, gc};
-pub use parts::HostParts;
+pub use parts::{HostParts, HostSettings};
 pub use serve::serve;
 pub use status::status;
 

@@ -14,7 +14,18 @@ use crate::sync::reconcile::Reconciler;
 use ipnetwork::Ipv4Network;
 use kvstore_backends::KvStore;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
+
+/// What `serve`'s flags set in the parts.
+#[derive(Debug, Clone, Copy)]
+pub struct HostSettings {
+    /// Subnets for networks created without `--subnet`, and their size.
+    pub default_pool: Ipv4Network,
+    pub default_pool_size: u8,
+    /// How long devices outlive the overlay's last local endpoint.
+    pub linger: Duration,
+}
 
 pub struct HostParts {
     pub ipam: Arc<Ipam>,
@@ -36,15 +47,12 @@ impl HostParts {
         default_pool: Ipv4Network,
         default_pool_size: u8,
     ) -> Self {
-        Self::with_names(
-            store,
-            dataplane,
-            host,
+        let settings = HostSettings {
             default_pool,
             default_pool_size,
-            None,
-            None,
-        )
+            linger: Duration::ZERO,
+        };
+        Self::with_names(store, dataplane, host, settings, None, None)
     }
 
     /// The same, with a resolver on every local overlay when `names` is
@@ -53,21 +61,21 @@ impl HostParts {
         store: Arc<dyn KvStore>,
         dataplane: Arc<dyn Dataplane>,
         host: &str,
-        default_pool: Ipv4Network,
-        default_pool_size: u8,
+        settings: HostSettings,
         names: Option<Arc<NameService>>,
         cluster: Option<ClusterHooks>,
     ) -> Self {
         let ipam = Arc::new(Ipam::new(
             store.clone(),
             host,
-            default_pool,
-            default_pool_size,
+            settings.default_pool,
+            settings.default_pool_size,
         ));
         let overlays = Arc::new(Overlays::new(store.clone(), host));
         let live = watch_live_hosts(store.clone());
         let peers = PeerSync::new(store, dataplane.clone(), host.to_string(), live.clone());
-        let mut devices = Devices::new(host.to_string(), overlays.clone(), dataplane, peers);
+        let mut devices = Devices::new(host.to_string(), overlays.clone(), dataplane, peers)
+            .with_linger(settings.linger);
         let mut driver_dns = None;
         if let Some(names) = names {
             driver_dns = Some(names.address());

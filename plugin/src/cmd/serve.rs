@@ -1,7 +1,7 @@
 //! `rustoverlay serve`: build every layer for this host, start the loops,
 //! and serve Docker on the plugin socket until SIGTERM or SIGINT.
 
-use super::parts::HostParts;
+use super::parts::{HostParts, HostSettings};
 use super::secs;
 use crate::api::operator::Operator;
 use crate::api::{self, socket, AppState};
@@ -70,8 +70,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         store.clone(),
         dataplane.clone(),
         &host,
-        args.default_pool,
-        args.default_pool_size,
+        HostSettings {
+            default_pool: args.default_pool,
+            default_pool_size: args.default_pool_size,
+            linger: Duration::from_secs(args.linger),
+        },
         names.clone(),
         Some(cluster.clone()),
     );

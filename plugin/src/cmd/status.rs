@@ -209,6 +209,7 @@ fn local_lines(local: &LocalView) -> String {
             "this host ({}, VTEP {}): kernel in step with the store",
             local.host, local.vtep
         );
+        lingering_lines(&mut out, local);
         return out;
     }
     let _ = writeln!(
@@ -237,10 +238,20 @@ fn local_lines(local: &LocalView) -> String {
     for vni in &local.namespaces_without_endpoints {
         let _ = writeln!(out, "  namespace ro-{vni} has no local endpoint");
     }
+    lingering_lines(&mut out, local);
     out.push_str(
         "  peer sync repairs entries within seconds; if this stays, see the plugin's log\n",
     );
     out
+}
+
+fn lingering_lines(out: &mut String, local: &LocalView) {
+    for vni in &local.lingering {
+        let _ = writeln!(
+            out,
+            "  ro-{vni}: no local container; its devices linger (--linger), then go"
+        );
+    }
 }
 
 fn ago(secs: u64) -> String {

@@ -102,8 +102,9 @@ impl Driver {
         Ok((net, ep))
     }
 
-    /// The overlay's devices go with its last local endpoint. Best effort: a
-    /// failure is logged and retried by the next removal.
+    /// The overlay's devices go with its last local endpoint (after the
+    /// linger). Best effort: a failure is logged and retried by the next
+    /// removal or the orphan sweep.
     async fn remove_devices_if_unused(
         &self,
         net: &LocalNetwork,

@@ -1,6 +1,10 @@
 //! This host's devices per overlay follow its local endpoints: they exist,
 //! with peer sync running, while the overlay has an endpoint on this host,
-//! and go with the last one.
+//! and go `--linger` after the last one left (at once when the network is
+//! removed, or with `--linger 0`). The linger spares a container that comes
+//! soon after the last one the cost of building the namespace, bridge and
+//! VXLAN device and of learning every peer again; a new local endpoint
+//! cancels it.
 //!
 //! Set-up and tear-down of one overlay's devices are serialized on this host
 //! by a per-VNI lock, so a Join never races the removal of the last other
@@ -13,7 +17,9 @@ use crate::control::overlay::Overlays;
 use crate::dataplane::Dataplane;
 use crate::error::Result;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 use tokio::sync::OwnedMutexGuard;
 
 pub struct Devices {
@@ -24,6 +30,13 @@ pub struct Devices {
     /// The overlay's resolver, when names across hosts are on.
     names: Option<Arc<NameService>>,
     locks: Mutex<HashMap<u32, Arc<tokio::sync::Mutex<()>>>>,
+    /// How long devices outlive the overlay's last local endpoint.
+    linger: Duration,
+    /// Overlays whose devices wait out their linger: VNI -> that wait's
+    /// ticket. A new endpoint or a removal takes the entry away; a later
+    /// wait replaces it, so only the newest wait removes.
+    lingering: Mutex<HashMap<u32, u64>>,
+    tickets: AtomicU64,
 }
 
 /// Held while an overlay's devices are changed.
@@ -43,7 +56,27 @@ impl Devices {
             peers,
             names: None,
             locks: Mutex::new(HashMap::new()),
+            linger: Duration::ZERO,
+            lingering: Mutex::new(HashMap::new()),
+            tickets: AtomicU64::new(0),
         }
+    }
+
+    /// Keep devices `linger` after the overlay's last local endpoint left.
+    pub fn with_linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
+    }
+
+    /// VNIs whose devices have no local endpoint and wait out the linger.
+    pub fn lingering(&self) -> Vec<u32> {
+        let mut vnis: Vec<u32> = self.waits().keys().copied().collect();
+        vnis.sort_unstable();
+        vnis
+    }
+
+    fn waits(&self) -> std::sync::MutexGuard<'_, HashMap<u32, u64>> {
+        self.lingering.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Serve names on every overlay whose devices exist here.
@@ -72,6 +105,7 @@ impl Devices {
     /// True when this call built the devices, so a caller whose later step
     /// fails knows to remove them again.
     pub async fn ensure(&self, overlay: &str, vni: u32, _lock: &DeviceLock) -> Result<bool> {
+        self.waits().remove(&vni);
         let built = !self.dataplane.has_network(vni);
         self.dataplane.ensure_network(vni).await?;
         self.peers.ensure(overlay, vni);
@@ -91,6 +125,7 @@ impl Devices {
 
     /// Stop the overlay's peer sync and remove its devices (under its lock).
     pub async fn remove(&self, vni: u32, _lock: &DeviceLock) -> Result<()> {
+        self.waits().remove(&vni);
         self.peers.stop(vni);
         if let Some(names) = &self.names {
             names.stop(vni);
@@ -99,10 +134,11 @@ impl Devices {
         Ok(())
     }
 
-    /// Remove the overlay's devices if it has no endpoint on this host any
-    /// more (under its lock). True when they were removed.
+    /// The overlay's last local endpoint may have gone (under its lock):
+    /// if so, remove its devices, at once without a linger, else when the
+    /// linger is over. True when they were removed now.
     pub async fn remove_if_unused(
-        &self,
+        self: &Arc<Self>,
         overlay: &str,
         vni: u32,
         lock: &DeviceLock,
@@ -111,7 +147,59 @@ impl Devices {
         if eps.iter().any(|e| e.host == self.host) {
             return Ok(false);
         }
-        self.remove(vni, lock).await?;
-        Ok(true)
+        if self.linger.is_zero() {
+            self.remove(vni, lock).await?;
+            return Ok(true);
+        }
+        self.remove_after_linger(overlay, vni);
+        Ok(false)
+    }
+
+    fn remove_after_linger(self: &Arc<Self>, overlay: &str, vni: u32) {
+        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
+        // A wait under way goes on: the orphan sweep asks again every few
+        // seconds, and must not put the end off.
+        match self.waits().entry(vni) {
+            std::collections::hash_map::Entry::Occupied(_) => return,
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(ticket);
+            }
+        }
+        tracing::debug!(vni, linger = ?self.linger, "no local endpoint left: devices linger");
+        let devices: Weak<Self> = Arc::downgrade(self);
+        let (overlay, linger) = (overlay.to_string(), self.linger);
+        tokio::spawn(async move {
+            tokio::time::sleep(linger).await;
+            // Gone with the plugin: start-up reconciliation removes them.
+            let Some(devices) = devices.upgrade() else {
+                return;
+            };
+            let lock = devices.lock(vni).await;
+            if devices.waits().get(&vni) != Some(&ticket) {
+                return;
+            }
+            // Ask the store, not memory: another path (reconciliation, a
+            // Join that failed after its record) may have changed things.
+            match devices.overlays.endpoints(&overlay).await {
+                Ok((eps, _)) if eps.iter().any(|e| e.host == devices.host) => {
+                    devices.waits().remove(&vni);
+                }
+                Ok(_) => match devices.remove(vni, &lock).await {
+                    Ok(()) => tracing::info!(
+                        vni,
+                        "removed the devices of a network without local endpoints"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(vni, error = %e, "could not remove lingering devices; start-up reconciliation will")
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(vni, error = %e, "store unreadable at the end of the linger; waiting once more");
+                    devices.waits().remove(&vni);
+                    drop(lock);
+                    devices.remove_after_linger(&overlay, vni);
+                }
+            }
+        });
     }
 }

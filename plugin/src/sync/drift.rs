@@ -24,8 +24,13 @@ pub struct LocalView {
     /// True when nothing below differs.
     pub in_step: bool,
     pub overlays: Vec<OverlayDrift>,
-    /// VNIs whose namespace exists here though no local endpoint uses it.
+    /// VNIs whose namespace exists here though no local endpoint uses it
+    /// (and no linger explains it).
     pub namespaces_without_endpoints: Vec<u32>,
+    /// VNIs whose devices outlive their last local endpoint by `--linger`:
+    /// expected, not drift.
+    #[serde(default)]
+    pub lingering: Vec<u32>,
     /// Overlays with a local endpoint whose devices are missing or cannot
     /// be read: the worst drift, containers there are cut off.
     #[serde(default)]
@@ -82,6 +87,7 @@ pub async fn local_view(
     overlays: &Overlays,
     dataplane: &dyn Dataplane,
     live: &LiveSet,
+    lingering: &[u32],
 ) -> Result<LocalView> {
     // One entry per overlay: several Docker networks may share one.
     let mut wanted: BTreeMap<u32, String> = BTreeMap::new();
@@ -90,6 +96,7 @@ pub async fn local_view(
     }
     let mut drifts = Vec::new();
     let mut broken = Vec::new();
+    let mut waiting = Vec::new();
     let present = dataplane.local_vnis();
     let mut unused: Vec<u32> = present
         .iter()
@@ -110,7 +117,11 @@ pub async fn local_view(
             continue;
         }
         if !has_local {
-            unused.push(vni);
+            if lingering.contains(&vni) {
+                waiting.push(vni);
+            } else {
+                unused.push(vni);
+            }
         }
         let have = match dataplane.peers(vni).await {
             Ok(have) => have,
@@ -167,6 +178,7 @@ pub async fn local_view(
             && drifts.iter().all(OverlayDrift::is_empty),
         overlays: drifts,
         namespaces_without_endpoints: unused,
+        lingering: waiting,
         broken,
     })
 }
@@ -232,7 +244,7 @@ mod tests {
         fake.add_peer(VNI, &gone).await.unwrap();
         let live: LiveSet = None;
 
-        let view = local_view("a", &overlays, fake.as_ref(), &live)
+        let view = local_view("a", &overlays, fake.as_ref(), &live, &[])
             .await
             .unwrap();
         assert!(!view.in_step);
@@ -266,14 +278,14 @@ mod tests {
         )
         .await
         .unwrap();
-        let view = local_view("a", &overlays, fake.as_ref(), &live)
+        let view = local_view("a", &overlays, fake.as_ref(), &live, &[])
             .await
             .unwrap();
         assert!(view.in_step, "{view:?}");
 
         // A local endpoint without devices: broken, named.
         fake.remove_network(VNI).await.unwrap();
-        let view = local_view("a", &overlays, fake.as_ref(), &live)
+        let view = local_view("a", &overlays, fake.as_ref(), &live, &[])
             .await
             .unwrap();
         assert!(!view.in_step);
@@ -294,14 +306,14 @@ mod tests {
         )
         .await
         .unwrap();
-        let view = local_view("a", &overlays, fake.as_ref(), &live)
+        let view = local_view("a", &overlays, fake.as_ref(), &live, &[])
             .await
             .unwrap();
         assert!(view.in_step, "{view:?}");
 
         // Without the local endpoint, the namespace is reported unused.
         store.delete(&keys::endpoint(OVERLAY, "e1")).await.unwrap();
-        let view = local_view("a", &overlays, fake.as_ref(), &live)
+        let view = local_view("a", &overlays, fake.as_ref(), &live, &[])
             .await
             .unwrap();
         assert_eq!(view.namespaces_without_endpoints, vec![VNI]);

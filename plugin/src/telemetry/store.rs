@@ -20,6 +20,22 @@ impl<S: KvStore> MeteredStore<S> {
     }
 }
 
+/// Every `op` label value (each forwarded method's).
+pub(super) const OPS: &[&str] = &[
+    "get",
+    "range",
+    "put",
+    "delete",
+    "txn",
+    "grant_lease",
+    "keep_alive",
+    "revoke_lease",
+    "watch",
+];
+
+/// The outcomes that say the store is sick (not a lost race).
+pub(super) const SICK: &[&str] = &["unavailable", "timeout"];
+
 async fn metered<T>(op: &'static str, call: impl Future<Output = Result<T>>) -> Result<T> {
     let started = Instant::now();
     let result = call.await;

@@ -13,7 +13,7 @@ use kvstore_backends::{
     WatchFidelity, WatchStream,
 };
 use rustoverlay::api::parse::pool_request;
-use rustoverlay::cmd::HostParts;
+use rustoverlay::cmd::{HostParts, HostSettings};
 use rustoverlay::control::cluster::Clusters;
 use rustoverlay::control::ipam::{pool_id, Ipam};
 use rustoverlay::control::overlay::Overlays;
@@ -129,8 +129,11 @@ impl Host {
             store.clone(),
             fake.clone(),
             name,
-            "10.200.0.0/16".parse().unwrap(),
-            24,
+            HostSettings {
+                default_pool: "10.200.0.0/16".parse().unwrap(),
+                default_pool_size: 24,
+                linger: Duration::ZERO,
+            },
             None,
             Some(cluster.clone()),
         );

@@ -20,9 +20,20 @@ pub async fn create_network(c: &Client, network_id: &str) {
     .ok();
 }
 
-/// RequestAddress + CreateEndpoint + Join; returns (address/24, SrcName, MAC).
+/// RequestAddress + CreateEndpoint + Join in [`POOL`]; returns (address/24,
+/// SrcName, MAC).
 pub async fn join(c: &Client, network_id: &str, endpoint_id: &str) -> (String, String, String) {
-    let addr = c.request_address(POOL, "").await.ok()["Address"]
+    join_in(c, POOL, network_id, endpoint_id).await
+}
+
+/// [`join`] in another pool.
+pub async fn join_in(
+    c: &Client,
+    pool: &str,
+    network_id: &str,
+    endpoint_id: &str,
+) -> (String, String, String) {
+    let addr = c.request_address(pool, "").await.ok()["Address"]
         .as_str()
         .unwrap()
         .to_string();

@@ -325,6 +325,11 @@ impl Plugin {
             "--state-dir".into(),
             self.dir.join("run").display().to_string(),
         ];
+        // Devices go with a host's last endpoint (the tests check that),
+        // unless a test asks for the linger users get by default.
+        if !extra.iter().any(|a| a.starts_with("--linger")) {
+            args.extend(["--linger".into(), "0".into()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let child = Command::new("nsenter")
             .args(&args)
