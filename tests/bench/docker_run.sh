@@ -14,7 +14,7 @@ harness_init bench_run
 # The plugin's default linger: devices outlive a network's last container by
 # 60 s, so every run after the first finds them (what a host running
 # containers sees).
-harness_start_host 1 --linger 60
+harness_start_host 1 --linger 60 --metrics-addr 127.0.0.1:9653
 harness_busybox_image 1
 img="$HARNESS_IMAGE"
 
@@ -31,11 +31,36 @@ stats() { # prints "median p90 mean" of the arguments (ms)
         END { m = v[int((NR + 1) / 2)]; p = v[int(NR * 0.9 + 0.5)]; printf "%d %d %.0f\n", m, p, s / NR }'
 }
 
+scrape() { hexec 1 curl -fsS http://127.0.0.1:9653/metrics; }
+
+# breakdown BEFORE AFTER - per Docker call the plugin answered between two
+# scrapes: how many, mean time, store round trips per call.
+breakdown() {
+    printf '%s\n--\n%s\n' "$1" "$2" | awk '
+        /^--$/ { after = 1; next }
+        /^rustoverlay_docker_request_(duration_seconds|store_calls)_(sum|count)\{/ {
+            match($0, /method="[^"]*"/); m = substr($0, RSTART + 8, RLENGTH - 9)
+            k = $1; sub(/\{.*/, "", k); v[k, m] += (after ? $NF : -$NF); seen[m] = 1
+        }
+        END {
+            printf "%-42s %6s %9s %12s\n", "plugin call", "calls", "mean ms", "store trips"
+            for (m in seen) {
+                n = v["rustoverlay_docker_request_duration_seconds_count", m]
+                if (n < 1) continue
+                printf "%-42s %6d %9.2f %12.1f\n", m, n,
+                    1000 * v["rustoverlay_docker_request_duration_seconds_sum", m] / n,
+                    v["rustoverlay_docker_request_store_calls_sum", m] / n
+            }
+        }' | sort
+}
+
 # interleaved LABEL - `runs` pairs of `docker run --rm` on ronet and brnet,
 # one after the other, and their figures.
 interleaved() {
     local label="$1" i net t0 t1 ro_med ro_p90 ro_mean br_med br_p90 br_mean
     local -a ro=() br=()
+    local m0
+    m0="$(scrape)"
     for ((i = 0; i < runs; i++)); do
         for net in ronet brnet; do
             t0="$(ms_now)"
@@ -51,12 +76,14 @@ interleaved() {
     printf '%-28s %10d %10d %10s\n' "rustoverlay (embedded store)" "$ro_med" "$ro_p90" "$ro_mean"
     printf '%-28s %10d %10d %10s\n' "Docker bridge (baseline)" "$br_med" "$br_p90" "$br_mean"
     awk -v a="$ro_med" -v b="$br_med" 'BEGIN { printf "ratio rustoverlay/bridge (median): %.2fx\n", a / b }'
+    echo "where the plugin's share went (its own metrics):"
+    breakdown "$m0" "$(scrape)"
 }
 
 interleaved "later containers (devices lingering, --linger 60)"
 # Every run the host's first container on the network: the devices are
 # built for it and removed with it.
-harness_set_plugin_args 1 --linger 0
+harness_set_plugin_args 1 --linger 0 --metrics-addr 127.0.0.1:9653
 harness_restart_plugin 1
 interleaved "first container (devices built and removed each run, --linger 0)"
 assert_ok "benchmark networks removed" hdocker 1 network rm ronet brnet
