@@ -597,6 +597,13 @@ impl Lan {
         format!("etcd://{LAN_GATEWAY}:2379")
     }
 
+    /// The running etcd's process (`ip netns exec` execs it) and data
+    /// directory: for benchmarks of its CPU time and database size.
+    pub fn etcd_process(&self) -> Option<(u32, PathBuf)> {
+        let pid = self.etcd.as_ref()?.id();
+        Some((pid, self.dir.join("etcd-data")))
+    }
+
     /// Start the given store on the LAN and return its URL for the plugins.
     pub async fn start_store(&mut self, store: Store) -> String {
         match store {
