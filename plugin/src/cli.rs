@@ -54,16 +54,25 @@ pub enum Command {
     Doctor(DoctorArgs),
 }
 
+/// Where `status` and `doctor` ask the running plugin.
 #[derive(Debug, Args)]
-pub struct DoctorArgs {
+pub struct PluginSocketArgs {
     /// The running plugin's socket (a managed plugin's is found under
-    /// /run/docker/plugins/<id>/ when this one is missing).
+    /// /run/docker/plugins/<id>/ when this one is missing). The plugin reads
+    /// its store (the only way into the embedded store, which it locks) and
+    /// checks this host's kernel against it.
     #[arg(
         long,
         env = "RUSTOVERLAY_SOCKET",
         default_value = "/run/docker/plugins/rustoverlay.sock"
     )]
     pub socket: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub plugin: PluginSocketArgs,
     #[command(flatten)]
     pub store: StoreArgs,
     /// This host's ID (default: the running plugin's, else the hostname).
@@ -94,15 +103,8 @@ pub struct DoctorArgs {
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// The running plugin's socket. The plugin reads its store (the only
-    /// way to read the embedded store, which it locks) and checks this
-    /// host's kernel against it.
-    #[arg(
-        long,
-        env = "RUSTOVERLAY_SOCKET",
-        default_value = "/run/docker/plugins/rustoverlay.sock"
-    )]
-    pub socket: PathBuf,
+    #[command(flatten)]
+    pub plugin: PluginSocketArgs,
     /// Read the store given by --store directly, without the plugin (from a
     /// machine that runs none, or while it is down): no kernel check. Also
     /// used when the plugin does not answer and the store is etcd or Consul.

@@ -77,7 +77,7 @@ impl fmt::Display for Check {
 /// warnings, 2 a failure.
 pub async fn doctor(args: DoctorArgs) -> anyhow::Result<u8> {
     let mut checks = vec![privileges(), vxlan_kernel()];
-    let (socket, managed) = plugin_socket(&args.socket);
+    let (socket, managed) = plugin_socket(&args.plugin.socket);
     let plugin = from_plugin(&socket).await;
     checks.push(match &plugin {
         Ok(r) => Check::ok("plugin", format!("answers at {} (version {}, store {})", socket.display(), r.version, r.store)),

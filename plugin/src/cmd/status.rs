@@ -23,13 +23,13 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let report = if args.from_store {
         from_store(&args).await?
     } else {
-        match from_plugin(&args.socket).await {
+        match from_plugin(&args.plugin.socket).await {
             Ok(report) => report,
             Err(e) if !args.store.store.starts_with("file://") => {
                 eprintln!(
                     "rustoverlay: no report from the plugin at {} ({e:#}); reading {} directly, \
                      without checking this host's kernel",
-                    args.socket.display(),
+                    args.plugin.socket.display(),
                     args.store.store
                 );
                 from_store(&args).await?

@@ -268,16 +268,13 @@ mod tests {
         assert_eq!(d.stale_neigh, vec!["10.77.0.9".parse::<IpAddr>().unwrap()]);
 
         fake.remove_peer(VNI, gone.mac, gone.ip).await.unwrap();
-        fake.add_peer(
-            VNI,
-            &PeerEntry {
-                mac: [2, 0, 0, 0, 0, 3],
-                ip: Some("10.77.0.3".parse().unwrap()),
-                vtep: "192.0.2.2".parse().unwrap(),
-            },
-        )
-        .await
-        .unwrap();
+        // The entry the store's remote endpoint calls for.
+        let wanted = PeerEntry {
+            mac: [2, 0, 0, 0, 0, 3],
+            ip: Some("10.77.0.3".parse().unwrap()),
+            vtep: "192.0.2.2".parse().unwrap(),
+        };
+        fake.add_peer(VNI, &wanted).await.unwrap();
         let view = local_view("a", &overlays, fake.as_ref(), &live, &[])
             .await
             .unwrap();
@@ -296,16 +293,7 @@ mod tests {
             view.broken
         );
         fake.ensure_network(VNI).await.unwrap();
-        fake.add_peer(
-            VNI,
-            &PeerEntry {
-                mac: [2, 0, 0, 0, 0, 3],
-                ip: Some("10.77.0.3".parse().unwrap()),
-                vtep: "192.0.2.2".parse().unwrap(),
-            },
-        )
-        .await
-        .unwrap();
+        fake.add_peer(VNI, &wanted).await.unwrap();
         let view = local_view("a", &overlays, fake.as_ref(), &live, &[])
             .await
             .unwrap();
