@@ -10,7 +10,7 @@
 
 use super::follow::{follow, Follower, Stale};
 use super::membership::LiveSet;
-use super::peer_entries::{desired_of, diff, entries, Desired};
+use super::peer_entries::{desired_of, diff, entries, Desired, Known};
 use crate::dataplane::{Dataplane, PeerEntry};
 use crate::state::keys;
 use crate::state::records::EndpointRecord;
@@ -76,7 +76,7 @@ impl PeerSync {
                 live: live.clone(),
                 prefix: prefix.clone(),
                 vni,
-                known: HashMap::new(),
+                known: Known::default(),
                 repair: repair_interval(),
                 synced: false,
             };
@@ -124,7 +124,7 @@ struct Worker {
     prefix: String,
     vni: u32,
     /// The overlay's endpoints as last read, by endpoint ID.
-    known: HashMap<String, EndpointRecord>,
+    known: Known,
     /// When to compare the kernel with `known` again.
     repair: tokio::time::Interval,
     /// A first full read was applied (lag is measured from then on).
@@ -149,7 +149,7 @@ impl Follower for Worker {
     async fn resync(&mut self, snapshot: RangeResponse) -> anyhow::Result<()> {
         // A liveness change from here on triggers another resync.
         self.live.mark_unchanged();
-        let mut known = HashMap::new();
+        let mut known = Known::default();
         for kv in &snapshot.kvs {
             match serde_json::from_slice::<EndpointRecord>(&kv.value) {
                 Ok(ep) => {
@@ -163,7 +163,7 @@ impl Follower for Worker {
         // Remote endpoints that arrived by this re-read (after an outage or
         // a watch gap) count in the lag too; at start, everything is old.
         if std::mem::replace(&mut self.synced, true) {
-            for (id, ep) in &self.known {
+            for (id, ep) in self.known.iter() {
                 if !before.contains_key(id) {
                     self.observe_lag(ep);
                 }
@@ -285,12 +285,14 @@ impl Worker {
     }
 
     /// Make the kernel's entries for these MACs and IPs what the records
-    /// say (see [`Worker::desired`]).
+    /// say (see [`Worker::desired`]), derived from the records that share
+    /// them only.
     async fn settle(&self, touched: &[PeerEntry]) -> anyhow::Result<()> {
         if touched.is_empty() {
             return Ok(());
         }
-        let want = self.desired();
+        let sharing = self.known.sharing(touched);
+        let want = desired_of(sharing.into_iter().filter(|ep| self.is_remote(ep)));
         let mut macs_done = HashSet::new();
         for ip in touched.iter().filter_map(|e| e.ip) {
             match want
@@ -385,7 +387,7 @@ mod tests {
             live,
             prefix: PREFIX.into(),
             vni: VNI,
-            known: HashMap::new(),
+            known: Known::default(),
             repair: repair_interval(),
             synced: false,
         };
