@@ -337,10 +337,7 @@ async fn run(mut lan: Lan) {
 fn main() {
     support::require_root();
     let lan = Lan::new();
-    // Live on the LAN so the baseline reaches etcd the way the hosts do. Set
-    // before the runtime starts so every runtime thread inherits it.
-    let ns = std::fs::File::open(format!("/run/netns/{}", lan.name)).unwrap();
-    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+    lan.enter();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -211,10 +211,7 @@ async fn run(lan: Option<Lan>) {
 fn main() {
     let lan = nix::unistd::geteuid().is_root().then(|| {
         let lan = Lan::new();
-        // Live on the LAN to reach its etcd and Consul. Set before the
-        // runtime starts so every runtime thread inherits it.
-        let ns = std::fs::File::open(format!("/run/netns/{}", lan.name)).unwrap();
-        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        lan.enter();
         lan
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
