@@ -306,5 +306,12 @@ mod tests {
             .unwrap();
         assert_eq!(view.namespaces_without_endpoints, vec![VNI]);
         assert!(!view.in_step);
+        // Unless its devices wait out the linger: expected, not drift.
+        let view = local_view("a", &overlays, fake.as_ref(), &live, &[VNI])
+            .await
+            .unwrap();
+        assert!(view.namespaces_without_endpoints.is_empty(), "{view:?}");
+        assert_eq!(view.lingering, vec![VNI]);
+        assert!(view.in_step, "{view:?}");
     }
 }
