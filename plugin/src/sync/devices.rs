@@ -33,8 +33,9 @@ pub struct Devices {
     /// How long devices outlive the overlay's last local endpoint.
     linger: Duration,
     /// Overlays whose devices wait out their linger: VNI -> that wait's
-    /// ticket. A new endpoint or a removal takes the entry away; a later
-    /// wait replaces it, so only the newest wait removes.
+    /// ticket. A Join or a removal takes the entry away, and a wait whose
+    /// ticket is gone does nothing when it ends; so after a container came
+    /// and went, only the wait of its departure removes.
     lingering: Mutex<HashMap<u32, u64>>,
     tickets: AtomicU64,
 }
@@ -190,7 +191,7 @@ impl Devices {
                         "removed the devices of a network without local endpoints"
                     ),
                     Err(e) => {
-                        tracing::warn!(vni, error = %e, "could not remove lingering devices; start-up reconciliation will")
+                        tracing::warn!(vni, error = %e, "could not remove lingering devices; the orphan sweep tries again")
                     }
                 },
                 Err(e) => {
