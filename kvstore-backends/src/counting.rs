@@ -76,7 +76,7 @@ impl<S: KvStore> KvStore for CountingStore<S> {
         self.inner.grant_lease(ttl).await
     }
 
-    async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
+    async fn keep_alive(&self, lease: LeaseId) -> Result<Option<Revision>> {
         self.tick();
         self.inner.keep_alive(lease).await
     }

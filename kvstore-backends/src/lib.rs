@@ -93,7 +93,15 @@ pub trait KvStore: Send + Sync + 'static {
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId>;
 
     /// Renew a lease once. [`StoreError::LeaseNotFound`] when it has expired.
-    async fn keep_alive(&self, lease: LeaseId) -> Result<()>;
+    ///
+    /// Answers the store's revision when the renewal's answer carries it
+    /// (etcd's response header; the embedded stores): a caller that renews
+    /// anyway learns, without a read, whether anything was written since a
+    /// revision it saw. It is the answering member's: on an etcd cluster a
+    /// lagging member may report an older one, never a newer one. `None`
+    /// where the backend does not say (Consul, and etcd's first renewal on a
+    /// new stream).
+    async fn keep_alive(&self, lease: LeaseId) -> Result<Option<Revision>>;
 
     /// End a lease now and delete its keys. Revoking an unknown lease is not an
     /// error.
@@ -198,7 +206,7 @@ impl<S: KvStore + ?Sized> KvStore for Arc<S> {
         (**self).grant_lease(ttl).await
     }
 
-    async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
+    async fn keep_alive(&self, lease: LeaseId) -> Result<Option<Revision>> {
         (**self).keep_alive(lease).await
     }
 

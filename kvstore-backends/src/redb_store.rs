@@ -151,8 +151,8 @@ impl KvStore for RedbStore {
         self.blocking(move |core| core.grant_lease(ttl)).await
     }
 
-    async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
-        self.core.keep_alive(&lease)
+    async fn keep_alive(&self, lease: LeaseId) -> Result<Option<Revision>> {
+        self.core.keep_alive(&lease).map(Some)
     }
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<()> {

@@ -75,7 +75,7 @@ impl<S: KvStore> KvStore for TimeoutStore<S> {
         self.bounded(self.inner.grant_lease(ttl)).await
     }
 
-    async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
+    async fn keep_alive(&self, lease: LeaseId) -> Result<Option<Revision>> {
         self.bounded(self.inner.keep_alive(lease)).await
     }
 

@@ -1096,7 +1096,10 @@ async fn a_long_leaderless_or_rate_limited_spell_fails_calls_clearly_and_leaves_
                     .await
                     .map(drop),
             ),
-            ("keep_alive", store.keep_alive(lease.clone()).await),
+            (
+                "keep_alive",
+                store.keep_alive(lease.clone()).await.map(drop),
+            ),
             (
                 "grant_lease",
                 store.grant_lease(Duration::from_secs(60)).await.map(drop),

@@ -344,7 +344,7 @@ async fn renew_forever(store: std::sync::Arc<dyn KvStore>, lease: LeaseId, probe
     let mut last_ok = Instant::now();
     loop {
         tokio::time::sleep(TTL / 3).await;
-        let result = store.keep_alive(lease.clone()).await;
+        let result = store.keep_alive(lease.clone()).await.map(drop);
         let mut p = probe.lock().unwrap();
         match result {
             Ok(()) => {

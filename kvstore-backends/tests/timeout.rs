@@ -50,7 +50,7 @@ impl KvStore for Hung {
     async fn grant_lease(&self, _: Duration) -> Result<LeaseId> {
         std::future::pending().await
     }
-    async fn keep_alive(&self, _: LeaseId) -> Result<()> {
+    async fn keep_alive(&self, _: LeaseId) -> Result<Option<Revision>> {
         std::future::pending().await
     }
     async fn revoke_lease(&self, _: LeaseId) -> Result<()> {

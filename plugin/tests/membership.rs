@@ -115,3 +115,43 @@ async fn one_host_is_the_reaper_and_the_role_ends_with_its_registration() {
     tx_a.send_replace(None);
     assert!(!a.hold().await);
 }
+
+#[tokio::test]
+async fn the_reaper_role_is_checked_without_reads_until_its_key_changes() {
+    use kvstore_backends::CountingStore;
+    use rustoverlay::sync::leader::Leadership;
+    use std::sync::atomic::Ordering;
+    use tokio::sync::watch;
+    let counting = CountingStore::new(Arc::new(MemoryStore::new()));
+    let calls = counting.counter();
+    let store: Arc<dyn KvStore> = Arc::new(counting);
+    let ttl = Duration::from_secs(60);
+    let lease_a = store.grant_lease(ttl).await.unwrap();
+    let lease_b = store.grant_lease(ttl).await.unwrap();
+    let (_tx_a, rx_a) = watch::channel(Some(lease_a.clone()));
+    let (_tx_b, rx_b) = watch::channel(Some(lease_b));
+    let mut a = Leadership::new(store.clone(), "a".into(), rx_a);
+    let mut b = Leadership::new(store.clone(), "b".into(), rx_b);
+    assert!(a.hold().await);
+    assert!(!b.hold().await);
+    // a's claim is read back once; from then on both know their role.
+    assert!(a.hold().await);
+    let before = calls.load(Ordering::Relaxed);
+    for _ in 0..10 {
+        assert!(a.hold().await);
+        assert!(!b.hold().await);
+    }
+    assert_eq!(
+        calls.load(Ordering::Relaxed),
+        before,
+        "checks of an unchanged role read nothing"
+    );
+    // a's registration ends: b is told by its watch, without polling, and
+    // takes the role.
+    store.revoke_lease(lease_a).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), b.changed())
+        .await
+        .expect("b hears that the role is free");
+    assert!(b.hold().await);
+    assert!(!a.hold().await, "a's knowledge went with its key");
+}

@@ -21,6 +21,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const HOUR: Duration = Duration::from_secs(3600);
+
+/// A registration's renewals that report no store revision (as on Consul):
+/// the reaper's sweeps read the revision themselves.
+fn without_revisions(
+    lease: tokio::sync::watch::Receiver<Option<kvstore_backends::LeaseId>>,
+) -> rustoverlay::sync::membership::Renewals {
+    rustoverlay::sync::membership::Renewals {
+        lease,
+        revision: tokio::sync::watch::channel(None).1,
+    }
+}
 const POOL: &str = "10.77.0.0/24";
 const SEG: &str = "10.77.0.0_24";
 
@@ -531,7 +542,7 @@ async fn the_reaper_frees_an_address_that_stays_unbound_and_spares_young_and_bou
             orphan_age,
         },
         a.live.clone(),
-        lease,
+        without_revisions(lease),
     ));
     let addr_key = keys::pool_addr(SEG, leaked);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -589,7 +600,7 @@ async fn a_gone_host_whose_machine_still_answers_keeps_its_addresses_until_it_fa
             orphan_age: HOUR,
         },
         c.b.live.clone(),
-        lease,
+        without_revisions(lease),
     ));
     // a is cut off from the store, but its machine (and its containers)
     // are still on the underlay.
@@ -746,7 +757,10 @@ impl KvStore for Counted {
     ) -> kvstore_backends::Result<kvstore_backends::LeaseId> {
         self.inner.grant_lease(ttl).await
     }
-    async fn keep_alive(&self, lease: kvstore_backends::LeaseId) -> kvstore_backends::Result<()> {
+    async fn keep_alive(
+        &self,
+        lease: kvstore_backends::LeaseId,
+    ) -> kvstore_backends::Result<Option<kvstore_backends::Revision>> {
         self.inner.keep_alive(lease).await
     }
     async fn revoke_lease(&self, lease: kvstore_backends::LeaseId) -> kvstore_backends::Result<()> {
@@ -774,7 +788,7 @@ async fn the_reaper_reads_the_whole_store_once_while_it_leads_and_stops_followin
             orphan_age: HOUR,
         },
         c.b.live.clone(),
-        lease,
+        without_revisions(lease),
     ));
     eventually("b leads and follows the store", || {
         counted.root_watches() == 1
@@ -820,7 +834,11 @@ async fn the_orphan_sweep_reads_the_store_again_only_after_a_change() {
     // Each sweep that reads the store starts with this host's networks.
     let reads = || counted.ranges(&keys::host_networks("a"));
     let age = Duration::from_secs(2);
-    let sweep = || a.reconciler.sweep_orphans_when_changed(s.as_ref(), age);
+    // No renewal revision: each sweep reads the store's revision itself.
+    let sweep = || {
+        a.reconciler
+            .sweep_orphans_when_changed(s.as_ref(), age, None)
+    };
 
     assert_eq!(sweep().await.unwrap(), 0);
     let first = reads();
@@ -867,4 +885,49 @@ async fn the_orphan_sweep_reads_the_store_again_only_after_a_change() {
         .unwrap();
     assert_eq!(sweep().await.unwrap(), 1, "the endpoint whose port went");
     assert_eq!(reads(), before + 1);
+}
+
+#[tokio::test]
+async fn an_idle_orphan_sweep_takes_the_store_revision_from_lease_renewals() {
+    let counted = Counted::new(store());
+    let s: Arc<dyn KvStore> = counted.clone();
+    let a = Host::start(&s, "a", "192.0.2.1").await;
+    let b = Host::start(&s, "b", "192.0.2.2").await;
+    a.create_network("net-a", SUBNET).await;
+    b.create_network("net-b", SUBNET).await;
+    a.run("net-a", "runningaaaaaaaaa").await;
+    let lease = s.grant_lease(HOUR).await.unwrap();
+    let renew = || async { s.keep_alive(lease.clone()).await.unwrap() };
+    let reads = || counted.ranges(&keys::host_networks("a"));
+    let age = Duration::from_secs(1);
+    let sweep = |renewed| {
+        a.reconciler
+            .sweep_orphans_when_changed(s.as_ref(), age, renewed)
+    };
+
+    let renewed = renew().await;
+    assert!(renewed.is_some(), "the memory store reports its revision");
+    assert_eq!(sweep(renewed).await.unwrap(), 0);
+    let first = reads();
+    for _ in 0..5 {
+        assert_eq!(sweep(renewed).await.unwrap(), 0);
+    }
+    assert_eq!(reads(), first, "idle: nothing read");
+    assert_eq!(
+        counted.ranges(&keys::reaper()),
+        0,
+        "the revision came from the renewal, not from a read"
+    );
+
+    // An endpoint written after the renewal (a CreateEndpoint whose answer
+    // was lost, its container gone): the next renewal reports the write,
+    // the sweep reads again, and the endpoint is an orphan once old.
+    let orphan = a.create_endpoint("net-a", "orphanaaaaaaaaaa").await;
+    let renewed = renew().await;
+    assert_eq!(sweep(renewed).await.unwrap(), 0, "young");
+    assert_eq!(reads(), first + 1, "the write was noticed");
+    tokio::time::sleep(age + Duration::from_millis(1100)).await;
+    assert_eq!(sweep(renewed).await.unwrap(), 1, "of age: an orphan");
+    assert!(!endpoint_holds(&a, "net-a", &orphan.endpoint_id, orphan.ip()).await);
+    assert_eq!(counted.ranges(&keys::reaper()), 0);
 }

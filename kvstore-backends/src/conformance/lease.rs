@@ -52,6 +52,35 @@ pub async fn lease_expiry_deletes_keys(store: Arc<dyn KvStore>) {
     expect_sentinel_next(&*store, &mut watch, &p).await;
 }
 
+/// A renewal that reports the store's revision reports the latest write's
+/// (the conformance stores have one member): the orphan sweep relies on it
+/// to notice writes without reading. Consul does not report one; etcd not on
+/// a stream's opening renewal.
+pub async fn lease_renewal_reports_the_revision(store: Arc<dyn KvStore>) {
+    let p = unique_prefix("lease_renewal_revision");
+    let lease = store.grant_lease(LEASE_TTL).await.expect("grant");
+    store.keep_alive(lease.clone()).await.expect("keep_alive");
+    let reports = store.backend_name() != "consul";
+    for i in 0..3 {
+        let written = store
+            .put(&format!("{p}k{i}"), b"v".to_vec())
+            .await
+            .expect("put");
+        let renewed = store.keep_alive(lease.clone()).await.expect("keep_alive");
+        if reports {
+            assert_eq!(renewed, Some(written), "a renewal after write {i}");
+        } else {
+            assert_eq!(
+                renewed,
+                None,
+                "{} reports no revision",
+                store.backend_name()
+            );
+        }
+    }
+    store.revoke_lease(lease).await.expect("revoke");
+}
+
 pub async fn lease_keep_alive_keeps_keys(store: Arc<dyn KvStore>) {
     let p = unique_prefix("lease_keep_alive");
     let key = format!("{p}k");

@@ -103,6 +103,7 @@ macro_rules! __kvstore_conformance_checks {
             watch_filters_by_prefix
             lease_expiry_deletes_keys
             lease_keep_alive_keeps_keys
+            lease_renewal_reports_the_revision
             lease_revoke_deletes_at_once
             lease_expired_put_fails
             lease_put_without_lease_detaches

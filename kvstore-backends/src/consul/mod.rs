@@ -232,7 +232,7 @@ impl KvStore for ConsulStore {
         self.inner.grant_lease(ttl).await
     }
 
-    async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
+    async fn keep_alive(&self, lease: LeaseId) -> Result<Option<Revision>> {
         self.inner.keep_alive(lease).await
     }
 

@@ -16,7 +16,7 @@ use serde_json::json;
 use super::calls::Inner;
 use super::keys::session_id;
 use super::wire::SessionCreated;
-use crate::{LeaseId, Result, StoreError};
+use crate::{LeaseId, Result, Revision, StoreError};
 
 /// Consul's `SessionTTLMax`.
 const SESSION_TTL_MAX_SECS: u64 = 86_400;
@@ -61,7 +61,7 @@ impl Inner {
         Ok(LeaseId(id))
     }
 
-    pub(super) async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
+    pub(super) async fn keep_alive(&self, lease: LeaseId) -> Result<Option<Revision>> {
         let Some(id) = session_id(&lease) else {
             return Err(StoreError::LeaseNotFound(lease.0));
         };
@@ -70,7 +70,8 @@ impl Inner {
             .request(&what, Method::PUT, &format!("/v1/session/renew/{id}"), None)
             .await?;
         match reply.status {
-            StatusCode::OK => Ok(()),
+            // A renewal is no Raft write and says nothing of the KV index.
+            StatusCode::OK => Ok(None),
             StatusCode::NOT_FOUND => Err(StoreError::LeaseNotFound(lease.0)),
             _ => Err(self.status_error(&what(), &reply)),
         }

@@ -151,7 +151,7 @@ impl Core {
         Ok(LeaseId(id))
     }
 
-    pub(crate) fn keep_alive(&self, lease: &LeaseId) -> Result<()> {
+    pub(crate) fn keep_alive(&self, lease: &LeaseId) -> Result<Revision> {
         // Renewal is not persisted: after a restart every lease gets a full
         // TTL anyway. A lease past its deadline stays dead even if the reaper
         // has not removed it yet.
@@ -160,7 +160,7 @@ impl Core {
         match st.leases.get_mut(&lease.0) {
             Some(l) if l.deadline > now => {
                 l.deadline = now + l.ttl;
-                Ok(())
+                Ok(st.revision)
             }
             _ => Err(StoreError::LeaseNotFound(lease.0.clone())),
         }

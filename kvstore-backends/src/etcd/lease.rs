@@ -17,7 +17,7 @@ use tonic::Code;
 
 use super::connection::Connections;
 use super::error::status_code;
-use crate::{LeaseId, Result, StoreError};
+use crate::{LeaseId, Result, Revision, StoreError};
 
 /// etcd's largest lease TTL, in seconds.
 const MAX_LEASE_TTL_SECS: u64 = 9_000_000_000;
@@ -107,7 +107,11 @@ impl Keepers {
         Ok(Arc::clone(keepers.entry(id).or_default()))
     }
 
-    pub(super) async fn keep_alive(&self, conns: &Connections, lease: LeaseId) -> Result<()> {
+    pub(super) async fn keep_alive(
+        &self,
+        conns: &Connections,
+        lease: LeaseId,
+    ) -> Result<Option<Revision>> {
         let not_found = || StoreError::LeaseNotFound(lease.0.clone());
         let id = parse_lease(&lease).ok_or_else(not_found)?;
         let slot = self.slot(id)?;
@@ -120,10 +124,10 @@ impl Keepers {
             } else {
                 k.in_flight = true;
                 match renew(k, id, wait).await {
-                    Some(ttl) if ttl > 0 => {
+                    Some((ttl, revision)) if ttl > 0 => {
                         k.in_flight = false;
                         slot.ttl = ttl_of(ttl).or(slot.ttl);
-                        return Ok(());
+                        return Ok(revision);
                     }
                     Some(_) => {
                         slot.keeper = None;
@@ -152,7 +156,8 @@ impl Keepers {
                     at,
                     in_flight: false,
                 });
-                Ok(())
+                // etcd-client reads the opening answer itself: no header.
+                Ok(None)
             }
             Err(StoreError::LeaseNotFound(_)) => {
                 self.forget(id);
@@ -185,13 +190,16 @@ impl Keepers {
     }
 }
 
-/// One renewal on an open keep-alive stream: the TTL etcd answered, or None
-/// when the stream is broken.
-async fn renew(k: &mut Keeper, id: i64, timeout: Duration) -> Option<i64> {
+/// One renewal on an open keep-alive stream: the TTL etcd answered and the
+/// revision in its header, or None when the stream is broken.
+async fn renew(k: &mut Keeper, id: i64, timeout: Duration) -> Option<(i64, Option<Revision>)> {
     k.keeper.keep_alive().await.ok()?;
     match tokio::time::timeout(timeout, k.stream.message()).await {
-        Ok(Ok(Some(resp))) if resp.id() == id => Some(resp.ttl()),
-        Ok(Err(e)) if status_code(&e) == Some(Code::NotFound) => Some(0),
+        Ok(Ok(Some(resp))) if resp.id() == id => {
+            let revision = resp.header().map(|h| h.revision()).filter(|r| *r > 0);
+            Some((resp.ttl(), revision))
+        }
+        Ok(Err(e)) if status_code(&e) == Some(Code::NotFound) => Some((0, None)),
         _ => None,
     }
 }

@@ -173,7 +173,7 @@ impl KvStore for EtcdStore {
         self.keepers.grant(&self.conns, ttl).await
     }
 
-    async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
+    async fn keep_alive(&self, lease: LeaseId) -> Result<Option<Revision>> {
         self.keepers.keep_alive(&self.conns, lease).await
     }
 

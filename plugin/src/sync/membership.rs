@@ -11,7 +11,7 @@ use crate::util::backoff::Retry;
 use crate::util::task::spawn_supervised;
 use async_trait::async_trait;
 use kvstore_backends::{
-    Compare, EventKind, KvStore, LeaseId, Op, RangeResponse, StoreError, Txn, WatchEvent,
+    Compare, EventKind, KvStore, LeaseId, Op, RangeResponse, Revision, StoreError, Txn, WatchEvent,
 };
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -54,6 +54,15 @@ pub enum RegisterError {
     },
 }
 
+/// What the registration loop publishes as it renews.
+#[derive(Clone)]
+pub struct Renewals {
+    /// See [`Registration::lease`].
+    pub lease: watch::Receiver<Option<LeaseId>>,
+    /// The store's revision as the latest renewal reported it.
+    pub revision: watch::Receiver<Option<Revision>>,
+}
+
 #[derive(Clone)]
 pub struct Registration {
     store: Arc<dyn KvStore>,
@@ -62,6 +71,10 @@ pub struct Registration {
     /// The lease of the registration in force (None while lost, or not yet
     /// reconciled after a loss): the reaper role is held under it.
     current: Arc<watch::Sender<Option<LeaseId>>>,
+    /// The store's revision as the latest renewal reported it (None when it
+    /// did not, or failed): lets the orphan sweep see that nothing was
+    /// written without reading the store.
+    renewed: Arc<watch::Sender<Option<Revision>>>,
 }
 
 impl Registration {
@@ -75,12 +88,21 @@ impl Registration {
             },
             ttl,
             current: Arc::new(watch::channel(None).0),
+            renewed: Arc::new(watch::channel(None).0),
         }
     }
 
     /// Follow the lease of the registration in force.
     pub fn lease(&self) -> watch::Receiver<Option<LeaseId>> {
         self.current.subscribe()
+    }
+
+    /// Follow the lease and the store revision that renewals report.
+    pub fn renewals(&self) -> Renewals {
+        Renewals {
+            lease: self.lease(),
+            revision: self.renewed.subscribe(),
+        }
     }
 
     /// Write the registration under a fresh lease. A registration of this
@@ -178,8 +200,12 @@ impl Registration {
                     Err(e) => tracing::warn!(error = %e, "host registration failed; retrying"),
                 },
                 Some(l) => match self.store.keep_alive(l.clone()).await {
-                    Ok(()) => telemetry::lease_renewal("ok"),
+                    Ok(revision) => {
+                        telemetry::lease_renewal("ok");
+                        self.renewed.send_replace(revision);
+                    }
                     Err(StoreError::LeaseNotFound(_)) => {
+                        self.renewed.send_replace(None);
                         telemetry::lease_renewal("expired");
                         tracing::warn!("host lease expired; refusing Docker until re-registered and reconciled");
                         if events.send(LeaseEvent::Lost).await.is_err() {
@@ -191,6 +217,7 @@ impl Registration {
                         continue;
                     }
                     Err(e) => {
+                        self.renewed.send_replace(None);
                         telemetry::lease_renewal("failed");
                         tracing::warn!(error = %e, "host lease renewal failed; retrying");
                     }

@@ -19,14 +19,14 @@
 //! (cut off from the store, or its plugin down) keeps everything.
 
 use super::leader::{CensusFeed, Leadership, Role};
-use super::membership::LiveSet;
+use super::membership::{LiveSet, Renewals};
 use super::readiness::Readiness;
 use super::reconcile::Reconciler;
 use crate::control::ipam::Ipam;
 use crate::control::reclaim::{reclaim_host, Census, Holdings, UnboundAddress};
 use crate::dataplane::{Dataplane, Probe};
 use crate::telemetry;
-use kvstore_backends::{KvStore, LeaseId, Revision};
+use kvstore_backends::{KvStore, Revision};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -101,11 +101,11 @@ pub async fn run(
     reconciler: Arc<Reconciler>,
     config: ReaperConfig,
     mut live: watch::Receiver<LiveSet>,
-    lease: watch::Receiver<Option<LeaseId>>,
+    renewals: Renewals,
 ) {
     let mut gone = GoneSince::default();
     let mut seen: LiveSet = live.borrow_and_update().clone();
-    let mut leader = Leadership::new(store.clone(), me.clone(), lease);
+    let mut leader = Leadership::new(store.clone(), me.clone(), renewals.lease);
     let mut feed = CensusFeed::new(store.clone());
     let mut next_tick = Instant::now() + config.period;
     let mut leading = false;
@@ -137,8 +137,9 @@ pub async fn run(
             _ = tokio::time::sleep_until(next_tick) => {
                 next_tick = Instant::now() + config.period;
                 if ready.is_ready() {
+                    let renewed = *renewals.revision.borrow();
                     let swept = reconciler
-                        .sweep_orphans_when_changed(store.as_ref(), config.orphan_age)
+                        .sweep_orphans_when_changed(store.as_ref(), config.orphan_age, renewed)
                         .await;
                     if let Err(e) = swept {
                         tracing::warn!(error = %e, "orphaned-endpoint sweep failed");
@@ -146,6 +147,8 @@ pub async fn run(
                 }
             }
             _ = sleep_until_opt(due) => {}
+            // Claimed, or freed by its holder's lease ending: check now.
+            _ = leader.changed() => {}
             // The role's census has just been read: a first round now.
             _ = feed.synced(), if leading && !synced => {}
         }

@@ -4,8 +4,8 @@
 //!
 //! The periodic orphan sweep reads the store again only after something it
 //! reads changed ([`Reconciler::sweep_orphans_when_changed`]), so an idle
-//! host's sweep costs one small read, not a read of every endpoint of its
-//! overlays.
+//! host's sweep reads nothing (the lease renewal tells the store's
+//! revision), not every endpoint of its overlays.
 
 use super::devices::Devices;
 use crate::control::ipam::{pool_id, Ipam};
@@ -161,27 +161,36 @@ impl Reconciler {
     }
 
     /// [`Reconciler::sweep_orphans`], unless nothing it reads changed since
-    /// the last sweep removed nothing: not the store (its revision, read
-    /// here with one small read), not this host's bridge ports, and no
-    /// endpoint of this host came of age since. Then it would remove
-    /// nothing again, and is skipped. On a store whose watches keep no
-    /// history (Consul), whose reads give no store-wide revision, it always
-    /// sweeps.
+    /// the last sweep removed nothing: not the store (its revision), not
+    /// this host's bridge ports, and no endpoint of this host came of age
+    /// since. Then it would remove nothing again, and is skipped. The
+    /// revision is `renewed`, what the lease renewal last reported, when it
+    /// reported one: an idle host then sweeps without reading the store at
+    /// all. Else it is read here with one small read. A renewal's revision
+    /// predates this sweep's reads, so a write after them changes the next
+    /// renewal's. On a store whose watches keep no history (Consul), whose
+    /// reads give no store-wide revision, it always sweeps.
     pub async fn sweep_orphans_when_changed(
         &self,
         store: &dyn KvStore,
         min_age: Duration,
+        renewed: Option<Revision>,
     ) -> Result<usize> {
         if store.watch_fidelity() != WatchFidelity::EveryChange {
             return self.sweep_orphans(min_age).await;
         }
         // Both read before the sweep reads anything: a change after them is
         // seen by the next call.
-        let revision = store
-            .range(&keys::reaper())
-            .await
-            .ctx(|| "read the store's revision".into())?
-            .revision;
+        let revision = match renewed {
+            Some(revision) => revision,
+            None => {
+                store
+                    .range(&keys::reaper())
+                    .await
+                    .ctx(|| "read the store's revision".into())?
+                    .revision
+            }
+        };
         // Ports that cannot be listed now: sweep, and skip nothing next time.
         let inputs = self.kernel_ports().await.ok().map(|kernel| SweepInputs {
             revision,

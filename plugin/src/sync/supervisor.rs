@@ -34,7 +34,7 @@ pub fn start(
     let (events_tx, events) = mpsc::channel(4);
     let events = Arc::new(tokio::sync::Mutex::new(events));
     // The reaper role is held under the registration's lease.
-    let lease = registration.lease();
+    let renewals = registration.renewals();
     spawn_supervised("registration", move || {
         let (registration, events_tx) = (registration.clone(), events_tx.clone());
         async move { registration.run(events_tx).await }
@@ -61,7 +61,7 @@ pub fn start(
                 reconciler.clone(),
                 reaper_config.clone(),
                 live.clone(),
-                lease.clone(),
+                renewals.clone(),
             )
         });
     }

@@ -87,7 +87,7 @@ impl<S: KvStore> KvStore for MeteredStore<S> {
         metered("grant_lease", self.inner.grant_lease(ttl)).await
     }
 
-    async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
+    async fn keep_alive(&self, lease: LeaseId) -> Result<Option<Revision>> {
         metered("keep_alive", self.inner.keep_alive(lease)).await
     }
 

@@ -444,7 +444,10 @@ impl KvStore for HookStore {
         self.inner.grant_lease(ttl).await
     }
 
-    async fn keep_alive(&self, lease: LeaseId) -> kvstore_backends::Result<()> {
+    async fn keep_alive(
+        &self,
+        lease: LeaseId,
+    ) -> kvstore_backends::Result<Option<kvstore_backends::Revision>> {
         self.inner.keep_alive(lease).await
     }
 
