@@ -3,10 +3,12 @@
 //! (`peers`), membership (`membership`: registration and the live set), the
 //! devices that follow local endpoints (`devices`), reconciliation at start,
 //! after a lost lease and of orphans (`reconcile`), the gone-host reaper
-//! (`reaper`, one per cluster, elected in `leader`), container names
+//! (`reaper`, one per cluster, elected in `leader`, its census in
+//! `census_feed`), container names
 //! (`publish`: Docker's API -> store; `names`: store -> each overlay's
 //! resolver), and the supervisor that starts them and owns readiness.
 
+pub mod census_feed;
 pub mod cluster;
 pub mod devices;
 pub mod drift;

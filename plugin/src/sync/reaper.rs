@@ -12,13 +12,14 @@
 //! only the elected reaper (`leader`) keeps the census, reclaims, and frees
 //! addresses that stayed bound to no endpoint for `--orphan-age`. It keeps
 //! the census in memory from a watch of the store while it leads
-//! (`leader::CensusFeed`), so a round reads nothing from the store.
+//! (`census_feed::CensusFeed`), so a round reads nothing from the store.
 //!
 //! An expired registration alone is no proof that a host is gone: before
 //! reclaiming, the reaper pings the host's VTEPs, and a machine that answers
 //! (cut off from the store, or its plugin down) keeps everything.
 
-use super::leader::{CensusFeed, Leadership, Role};
+use super::census_feed::CensusFeed;
+use super::leader::{Leadership, Role};
 use super::membership::{LiveSet, Renewals};
 use super::readiness::Readiness;
 use super::reconcile::Reconciler;
