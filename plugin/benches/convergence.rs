@@ -16,6 +16,8 @@
 //!
 //! Run: `cargo bench -p rustoverlay --bench convergence` (as root)
 
+#[path = "common/figures.rs"]
+mod figures;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -314,22 +316,41 @@ async fn run(mut lan: Lan) {
         "{:<58} {:>8} {:>8} {:>8} {:>8}",
         "", "p50 ms", "p90 ms", "p99 ms", "max ms"
     );
-    row(
-        &format!("quiet: {QUIET_ENDPOINTS} endpoints, one at a time"),
-        &quiet,
+    let quiet_label = format!("quiet: {QUIET_ENDPOINTS} endpoints, one at a time");
+    let churn_rate = churned as f64 / churn_secs;
+    let churn_label = format!(
+        "churn: {} endpoints while h2+h3 churn {churn_rate:.1} creates/s",
+        busy.len(),
     );
-    row(
-        &format!(
-            "churn: {} endpoints while h2+h3 churn {:.1} creates/s",
-            busy.len(),
-            churned as f64 / churn_secs
-        ),
-        &busy,
-    );
+    row(&quiet_label, &quiet);
+    row(&churn_label, &busy);
     row("baseline: etcd put -> watch event", &base);
     println!(
         "ratio (p50, quiet): {:.2}x the store's own notification latency",
         ms(percentile(&quiet, 0.5)) / ms(percentile(&base, 0.5))
+    );
+    for (label, samples) in [(&quiet_label, &quiet), (&churn_label, &busy)] {
+        for (name, p) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0)] {
+            figures::record(
+                "convergence",
+                &format!("{label}: {name}"),
+                ms(percentile(samples, p)),
+                "ms",
+                Some((
+                    &format!("etcd put -> watch event, {name}"),
+                    ms(percentile(&base, p)),
+                )),
+                None,
+            );
+        }
+    }
+    figures::record(
+        "convergence",
+        "churn: creates/s on h2+h3 while measured",
+        churn_rate,
+        "creates/s",
+        None,
+        None,
     );
     drop(plugins);
 }

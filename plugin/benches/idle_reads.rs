@@ -15,6 +15,9 @@
 //!
 //! Run: `cargo bench -p rustoverlay --bench idle_reads` (about a minute).
 
+#[path = "common/figures.rs"]
+mod figures;
+
 use async_trait::async_trait;
 use futures::StreamExt;
 use kvstore_backends::{
@@ -237,9 +240,13 @@ async fn main() {
     );
     let small = idle_reads_per_minute(100).await;
     let large = idle_reads_per_minute(1_000).await;
-    for (i, what) in ["store calls", "keys read", "bytes read"]
-        .iter()
-        .enumerate()
+    for (i, (what, unit)) in [
+        ("store calls", "calls/minute"),
+        ("keys read", "keys/minute"),
+        ("bytes read", "bytes/minute"),
+    ]
+    .into_iter()
+    .enumerate()
     {
         println!();
         println!(
@@ -254,6 +261,14 @@ async fn main() {
                 small[h][i],
                 large[h][i],
                 large[h][i] / small[h][i].max(1.0)
+            );
+            figures::record(
+                "idle_reads",
+                &format!("{what}, idle host h{h} of {HOSTS}, 1,000 endpoints"),
+                large[h][i],
+                unit,
+                Some(("the same cluster with 100 endpoints", small[h][i])),
+                None,
             );
         }
     }

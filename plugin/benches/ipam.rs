@@ -17,6 +17,8 @@
 //!
 //! Run: `cargo bench -p rustoverlay --bench ipam`
 
+#[path = "common/figures.rs"]
+mod figures;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -27,6 +29,7 @@ use kvstore_backends::{
 };
 use rustoverlay::api::parse::pool_request;
 use rustoverlay::control::ipam::Ipam;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,6 +42,29 @@ const PER_HOST: usize = 150;
 struct Figures {
     per_sec: f64,
     round_trips: f64,
+}
+
+impl Figures {
+    /// Records both figures of `case`, each with its same-run baseline.
+    fn record(&self, case: &str, per_sec: Option<(&str, f64)>, round_trips: Option<(&str, f64)>) {
+        let name = |what| format!("{case}: {what}");
+        figures::record(
+            "ipam",
+            &name("allocations/s"),
+            self.per_sec,
+            "allocations/s",
+            per_sec,
+            None,
+        );
+        figures::record(
+            "ipam",
+            &name("store round trips per allocation"),
+            self.round_trips,
+            "round trips",
+            round_trips,
+            None,
+        );
+    }
 }
 
 fn ipam_on(store: Arc<dyn KvStore>, host: &str) -> Ipam {
@@ -162,6 +188,8 @@ async fn run(lan: Option<Lan>) {
         "{:<8} {:<24} {:>10} {:>12} {:>13} {:>7}",
         "store", "pool", "allocs/s", "round trips", "floor txn/s", "ratio"
     );
+    // One client on an empty pool, per store: the baseline of the 8 hosts.
+    let mut one_client: HashMap<&str, Figures> = HashMap::new();
     for (k, kind) in kinds.iter().enumerate() {
         for (c, (label, prefix, taken)) in [
             ("empty /24", 24u8, 0u64),
@@ -183,6 +211,15 @@ async fn run(lan: Option<Lan>) {
                 floor,
                 fig.per_sec / floor
             );
+            let floor_what = "bare create-if-absent transactions, same store and state";
+            fig.record(
+                &format!("one client, {kind} store, {label}"),
+                Some((floor_what, floor)),
+                None,
+            );
+            if taken == 0 {
+                one_client.insert(*kind, fig);
+            }
         }
     }
     println!("ratio = IPAM allocations/s over the floor (one bare create-if-absent per address) on the same store, in the same state");
@@ -199,6 +236,13 @@ async fn run(lan: Option<Lan>) {
             println!(
                 "{:<8} {:>10.0} {:>24.2}",
                 kind, fig.per_sec, fig.round_trips
+            );
+            let alone = &one_client[kind];
+            let what = "one client, same store, empty pool";
+            fig.record(
+                &format!("{HOSTS} hosts at once, {kind} store, one /16"),
+                Some((what, alone.per_sec)),
+                Some((what, alone.round_trips)),
             );
         }
         println!(

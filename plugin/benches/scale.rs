@@ -18,6 +18,8 @@
 //!
 //! Run: `cargo bench -p rustoverlay --bench scale` (as root)
 
+#[path = "common/figures.rs"]
+mod figures;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -41,6 +43,12 @@ const VNI: u32 = 256;
 const METRICS_PORT: u16 = 9653;
 /// RTMGRP_NEIGH: neighbour (and FDB) changes.
 const NEIGH_GROUP: u32 = 1 << 2;
+const BENCH: &str = "scale";
+
+/// A figure of this bench with no baseline.
+fn record(figure: &str, value: f64, unit: &str, goal: Option<&str>) {
+    figures::record(BENCH, figure, value, unit, None, goal);
+}
 
 async fn network(c: &support::Client, id: &str) {
     c.request_pool(POOL).await.ok();
@@ -169,6 +177,18 @@ async fn wait_for_entries(handle: &rtnetlink::Handle, want: usize, limit: Durati
     }
 }
 
+/// The host that holds the reaper role.
+async fn reaper_host(url: &str) -> Option<String> {
+    use kvstore_backends::{EtcdConfig, EtcdStore, KvStore};
+    let endpoint = url.strip_prefix("etcd://")?;
+    let store = EtcdStore::new(EtcdConfig::new([endpoint.to_string()])).ok()?;
+    let kv = store
+        .get(&rustoverlay::state::keys::reaper())
+        .await
+        .ok()??;
+    String::from_utf8(kv.value).ok()
+}
+
 fn rss_mb(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -251,10 +271,9 @@ async fn run(mut lan: Lan) {
         let dir = Plugin::dir_for(&format!("scale{i}"));
         plugins.push(Plugin::start_with(ns, &dir, &format!("h{}", i + 1), &url, &[&addr]).await);
     }
-    println!(
-        "{HOSTS} plugins up in {:.1} s",
-        t_boot.elapsed().as_secs_f64()
-    );
+    let boot = t_boot.elapsed().as_secs_f64();
+    println!("{HOSTS} plugins up in {boot:.1} s");
+    record(&format!("{HOSTS} plugins up"), boot, "s", None);
 
     let t_fill = Instant::now();
     let fills: Vec<_> = plugins
@@ -276,10 +295,16 @@ async fn run(mut lan: Lan) {
         f.await.unwrap();
     }
     let total = HOSTS as usize * PER_HOST;
+    let fill = t_fill.elapsed().as_secs_f64();
     println!(
-        "{total} endpoints created through the plugins in {:.1} s ({:.0}/s)",
-        t_fill.elapsed().as_secs_f64(),
-        total as f64 / t_fill.elapsed().as_secs_f64()
+        "{total} endpoints created through the plugins in {fill:.1} s ({:.0}/s)",
+        total as f64 / fill
+    );
+    record(
+        &format!("{total} endpoints created through the plugins, {HOSTS} hosts at once"),
+        total as f64 / fill,
+        "endpoints/s",
+        None,
     );
     let remote = total - PER_HOST;
     let handles: Vec<_> = plugins
@@ -293,9 +318,18 @@ async fn run(mut lan: Lan) {
                 "host 1 holds its {remote} remote entries {:.1} s later",
                 took.as_secs_f64()
             );
+            record(
+                &format!("host 1 holds its {remote} remote entries, after the last create"),
+                took.as_secs_f64(),
+                "s",
+                None,
+            );
         }
     }
     let rss: Vec<f64> = plugins.iter().map(|p| rss_mb(p.pid())).collect();
+    // The elected reaper keeps a census of every record: its memory is
+    // printed apart from the others'.
+    let reaper = reaper_host(&url).await;
 
     // The 21st host: a cold install of every entry.
     let ns21 = lan.host(HOSTS + 1);
@@ -322,7 +356,10 @@ async fn run(mut lan: Lan) {
     let changed = events.load(Ordering::Relaxed) - before;
     let (fdb, neigh) = entries(&h21).await;
 
-    // One idle minute on the 20 hosts.
+    // One idle minute on the 20 hosts, once host 21's restart has settled:
+    // its writes change the store's revision, so every host's orphan sweep
+    // reads once more within a renewal tick and a reaper period (10 s).
+    tokio::time::sleep(Duration::from_secs(12)).await;
     let cpu0 = cpu_secs(etcd_pid);
     let s0: Vec<_> = (1..=HOSTS).map(scrape).collect();
     tokio::time::sleep(Duration::from_secs(60)).await;
@@ -339,11 +376,24 @@ async fn run(mut lan: Lan) {
 
     let mean = rss.iter().sum::<f64>() / rss.len() as f64;
     let max = rss.iter().cloned().fold(0.0, f64::max);
+    // Host hN is plugins[N - 1].
+    let reaper_index = reaper
+        .as_deref()
+        .and_then(|h| h.strip_prefix('h')?.parse::<usize>().ok()?.checked_sub(1));
+    let reaper_rss = reaper_index.and_then(|i| rss.get(i).copied());
+    let others_max = rss
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| Some(*i) != reaper_index)
+        .map(|(_, r)| *r)
+        .fold(0.0, f64::max);
     println!();
     println!("Scale: {HOSTS} hosts + 1, one etcd, one overlay, {total} endpoints (all on one 2-core machine)");
     println!(
-        "{:<58} mean {mean:.1} MB, max {max:.1} MB (goal < 30 MB)",
-        "plugin resident memory, 20 hosts"
+        "{:<58} mean {mean:.1} MB, max {max:.1} MB (goal < 30 MB); the reaper ({}) {:.1} MB, the others at most {others_max:.1} MB",
+        "plugin resident memory, 20 hosts",
+        reaper.as_deref().unwrap_or("unknown"),
+        reaper_rss.unwrap_or(0.0),
     );
     println!(
         "{:<58} {:.2} s (goal < 2 s)",
@@ -370,16 +420,84 @@ async fn run(mut lan: Lan) {
         },
         applied / HOSTS as f64
     );
+    let run_cpu = cpu_secs(etcd_pid);
+    let db_mb = std::fs::metadata(etcd_dir.join("member/snap/db"))
+        .map(|m| m.len() as f64 / 1e6)
+        .unwrap_or(0.0);
+    let data_mb = dir_mb(&etcd_dir);
     println!(
         "{:<58} {:.2} s CPU in the idle minute, {:.1} s over the whole run; database {:.1} MB (data dir {:.1} MB, WAL preallocated)",
         "etcd",
         idle_cpu,
-        cpu_secs(etcd_pid),
-        std::fs::metadata(etcd_dir.join("member/snap/db"))
-            .map(|m| m.len() as f64 / 1e6)
-            .unwrap_or(0.0),
-        dir_mb(&etcd_dir)
+        run_cpu,
+        db_mb,
+        data_mb
     );
+
+    let memory = format!("plugin resident memory, {HOSTS} hosts");
+    record(&format!("{memory}: mean"), mean, "MB", Some("< 30 MB"));
+    record(&format!("{memory}: max"), max, "MB", Some("< 30 MB"));
+    if let (Some(host), Some(rss)) = (&reaper, reaper_rss) {
+        record(&format!("{memory}: the reaper ({host})"), rss, "MB", None);
+    }
+    record(
+        &format!("{memory}: the others' max"),
+        others_max,
+        "MB",
+        None,
+    );
+    let restart = "plugin restart on host 21, kernel full";
+    record(
+        &format!("cold install of {want} FDB + neighbour entries, host 21"),
+        cold.as_secs_f64(),
+        "s",
+        Some("< 2 s"),
+    );
+    record(
+        &format!("{restart}: serving after"),
+        serving.as_secs_f64(),
+        "s",
+        None,
+    );
+    record(
+        &format!("{restart}: neighbour/FDB changes in 5 s"),
+        changed as f64,
+        "changes",
+        Some("0"),
+    );
+    let all = want.to_string();
+    record(
+        &format!("{restart}: FDB entries after"),
+        fdb as f64,
+        "entries",
+        Some(&all),
+    );
+    record(
+        &format!("{restart}: neighbour entries after"),
+        neigh as f64,
+        "entries",
+        Some(&all),
+    );
+    for (op, v) in &per_op {
+        // Lease renewals are the only calls an idle host should make.
+        let goal = (op != "keep_alive").then_some("0");
+        record(
+            &format!("idle minute: {op} store calls per host"),
+            v / HOSTS as f64,
+            "calls",
+            goal,
+        );
+    }
+    record(
+        "idle minute: peer-sync updates applied per host",
+        applied / HOSTS as f64,
+        "updates",
+        None,
+    );
+    record("etcd: CPU in the idle minute", idle_cpu, "s", None);
+    record("etcd: CPU over the whole run", run_cpu, "s", None);
+    record("etcd: database", db_mb, "MB", None);
+    record("etcd: data dir (WAL preallocated)", data_mb, "MB", None);
     drop(p21);
     drop(plugins);
 }

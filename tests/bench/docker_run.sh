@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=tests/lib/harness.sh
 source tests/lib/harness.sh
+# shellcheck source=tests/lib/figures.sh
+source tests/lib/figures.sh
 
 runs="${ROBENCH_RUNS:-20}"
 harness_init bench_run
@@ -78,6 +80,9 @@ interleaved() {
     printf '%-28s %10d %10d %10s\n' "rustoverlay (embedded store)" "$ro_med" "$ro_p90" "$ro_mean"
     printf '%-28s %10d %10d %10s\n' "Docker bridge (baseline)" "$br_med" "$br_p90" "$br_mean"
     awk -v a="$ro_med" -v b="$br_med" 'BEGIN { printf "ratio rustoverlay/bridge (median): %.2fx\n", a / b }'
+    bench_figure docker_run "docker run --rm, $label: median" "$ro_med" ms "Docker bridge network, median" "$br_med"
+    bench_figure docker_run "docker run --rm, $label: p90" "$ro_p90" ms "Docker bridge network, p90" "$br_p90"
+    bench_figure docker_run "docker run --rm, $label: mean" "$ro_mean" ms "Docker bridge network, mean" "$br_mean"
     echo "where the plugin's share went (its own metrics):"
     breakdown "$m0" "$(scrape)"
 }

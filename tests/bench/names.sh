@@ -15,6 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=tests/lib/harness.sh
 source tests/lib/harness.sh
+# shellcheck source=tests/lib/figures.sh
+source tests/lib/figures.sh
 harness_init bench_names
 # shellcheck source=tests/lib/scenarios.sh
 source tests/lib/scenarios.sh
@@ -77,4 +79,9 @@ printf '  remote name (dockerd -> rustoverlay resolver)    %6d us   %s x baselin
 printf '  outside name (dockerd -> resolver -> upstream)   %6d us   %s x baseline\n' "$mo" "$(awk -v a="$mo" -v b="$ml" 'BEGIN { printf "%.2f", a / b }')"
 printf '  outside name, default bridge (host resolver)     %6d us   %s x baseline\n' "$mb" "$(awk -v a="$mb" -v b="$ml" 'BEGIN { printf "%.2f", a / b }')"
 printf '  outside name, default bridge, straight upstream %6d us   %s x baseline (what the bridge had without the dns setting)\n' "$md" "$(awk -v a="$md" -v b="$ml" 'BEGIN { printf "%.2f", a / b }')"
+base="same-host name (Docker's embedded DNS alone)"
+bench_figure names "lookup of a remote name (dockerd -> rustoverlay resolver)" "$mr" us "$base" "$ml"
+bench_figure names "lookup of an outside name (dockerd -> resolver -> upstream)" "$mo" us "$base" "$ml"
+bench_figure names "lookup of an outside name, default bridge (host resolver)" "$mb" us "$base" "$ml"
+bench_figure names "lookup of an outside name, default bridge, straight upstream" "$md" us "$base" "$ml"
 harness_summary >/dev/null 2>&1 || true
