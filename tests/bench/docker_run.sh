@@ -19,6 +19,7 @@ harness_init bench_run
 harness_start_host 1 --linger 60 --metrics-addr 127.0.0.1:9653
 harness_busybox_image 1
 img="$HARNESS_IMAGE"
+engine="Docker $(hdocker 1 version --format '{{.Server.Version}}')"
 
 hdocker 1 network create -d rustoverlay --ipam-driver rustoverlay --subnet 10.77.0.0/24 ronet >/dev/null
 hdocker 1 network create -d bridge --subnet 10.88.0.0/24 brnet >/dev/null
@@ -36,7 +37,7 @@ stats() { # prints "median p90 mean" of the arguments (ms)
 scrape() { hexec 1 curl -fsS http://127.0.0.1:9653/metrics; }
 
 # breakdown BEFORE AFTER - per Docker call the plugin answered between two
-# scrapes: how many, mean time, store round trips per call.
+# scrapes: how many, mean time, store round trips per call (one line each).
 breakdown() {
     printf '%s\n--\n%s\n' "$1" "$2" | awk '
         /^--$/ { after = 1; next }
@@ -45,7 +46,6 @@ breakdown() {
             k = $1; sub(/\{.*/, "", k); v[k, m] += (after ? $NF : -$NF); seen[m] = 1
         }
         END {
-            printf "%-42s %6s %9s %12s\n", "plugin call", "calls", "mean ms", "store trips"
             for (m in seen) {
                 n = v["rustoverlay_docker_request_duration_seconds_count", m]
                 if (n < 1) continue
@@ -75,16 +75,24 @@ interleaved() {
     done
     read -r ro_med ro_p90 ro_mean <<<"$(stats "${ro[@]}")"
     read -r br_med br_p90 br_mean <<<"$(stats "${br[@]}")"
-    printf '\n%s: docker run --rm IMAGE true, %d interleaved pairs, one simulated host\n' "$label" "$runs"
+    printf '\n%s: docker run --rm IMAGE true, %d interleaved pairs, one simulated host, %s\n' "$label" "$runs" "$engine"
     printf '%-28s %10s %10s %10s\n' network "median ms" "p90 ms" "mean ms"
     printf '%-28s %10d %10d %10s\n' "rustoverlay (embedded store)" "$ro_med" "$ro_p90" "$ro_mean"
     printf '%-28s %10d %10d %10s\n' "Docker bridge (baseline)" "$br_med" "$br_p90" "$br_mean"
     awk -v a="$ro_med" -v b="$br_med" 'BEGIN { printf "ratio rustoverlay/bridge (median): %.2fx\n", a / b }'
-    bench_figure docker_run "docker run --rm, $label: median" "$ro_med" ms "Docker bridge network, median" "$br_med"
-    bench_figure docker_run "docker run --rm, $label: p90" "$ro_p90" ms "Docker bridge network, p90" "$br_p90"
-    bench_figure docker_run "docker run --rm, $label: mean" "$ro_mean" ms "Docker bridge network, mean" "$br_mean"
+    local what="docker run --rm on $engine, $label"
+    bench_figure docker_run "$what: median" "$ro_med" ms "Docker bridge network, median" "$br_med"
+    bench_figure docker_run "$what: p90" "$ro_p90" ms "Docker bridge network, p90" "$br_p90"
+    bench_figure docker_run "$what: mean" "$ro_mean" ms "Docker bridge network, mean" "$br_mean"
     echo "where the plugin's share went (its own metrics):"
-    breakdown "$m0" "$(scrape)"
+    printf '%-42s %6s %9s %12s\n' "plugin call" calls "mean ms" "store trips"
+    local rows method n mean trips
+    rows="$(breakdown "$m0" "$(scrape)")"
+    printf '%s\n' "$rows"
+    while read -r method n mean trips; do
+        bench_figure docker_run "$what: the plugin's $method, mean" "$mean" ms
+        bench_figure docker_run "$what: the plugin's $method, store round trips" "$trips" "round trips"
+    done <<<"$rows"
 }
 
 interleaved "later containers (devices lingering, --linger 60)"
