@@ -6,6 +6,7 @@ use kvstore_backends::{CountingStore, KvStore, MemoryStore};
 use proptest::prelude::*;
 use rustoverlay::api::parse::pool_request;
 use rustoverlay::control::ipam::{Ipam, PoolRequest};
+use rustoverlay::state::keys;
 use std::collections::{HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -122,13 +123,10 @@ async fn hosts_share_pools_gateways_and_references() {
     // The first release keeps the pool; the last frees it.
     h1.release_pool(pool).await.unwrap();
     assert!(h1.release_pool(pool).await.is_err(), "h1 released twice");
-    assert_eq!(
-        h2.request_address(pool, None, false)
-            .await
-            .unwrap()
-            .ip()
-            .to_string(),
-        "10.5.0.3"
+    let fresh = h2.request_address(pool, None, false).await.unwrap().ip();
+    assert_ne!(
+        fresh, mine,
+        "a released address waits for fresh ones to run out"
     );
     h2.release_pool(pool).await.unwrap();
     let left = store.range("/rustoverlay/v1/ipam/pool/").await.unwrap();
@@ -159,6 +157,99 @@ async fn eight_hosts_racing_on_one_pool_never_share_an_address() {
         }
     }
     assert_eq!(all.len(), 2000);
+}
+
+#[tokio::test]
+async fn a_host_hands_out_its_claimed_run_without_writing_the_cursor() {
+    use std::sync::atomic::Ordering;
+    let counting = CountingStore::new(MemoryStore::new());
+    let counter = counting.counter();
+    let store: Arc<dyn KvStore> = Arc::new(counting);
+    let (h1, h2) = (host(store.clone(), "h1"), host(store.clone(), "h2"));
+    let pool = "10.8.0.0/16";
+    h1.request_pool(&req(pool)).await.unwrap();
+    h2.request_pool(&req(pool)).await.unwrap();
+    let cursor_key = keys::pool_alloc("10.8.0.0_16");
+    let mut got = vec![alloc(&h1, pool).await]; // takes 16 from the cursor
+    let cursor = store.get(&cursor_key).await.unwrap().unwrap().mod_revision;
+    let before = counter.load(Ordering::Relaxed);
+    for _ in 0..15 {
+        got.push(alloc(&h1, pool).await);
+    }
+    assert_eq!(
+        counter.load(Ordering::Relaxed) - before,
+        15,
+        "one transaction each"
+    );
+    let now = store.get(&cursor_key).await.unwrap().unwrap().mod_revision;
+    assert_eq!(now, cursor, "the run's addresses leave the cursor alone");
+    let run: Vec<IpAddr> = (1..=16)
+        .map(|i| format!("10.8.0.{i}").parse().unwrap())
+        .collect();
+    assert_eq!(got, run, "a host's addresses come in order");
+    // Another host meanwhile took the 16 after them; h1's next run follows.
+    assert_eq!(alloc(&h2, pool).await.to_string(), "10.8.0.17");
+    assert_eq!(alloc(&h1, pool).await.to_string(), "10.8.0.33");
+}
+
+#[tokio::test]
+async fn a_restarted_host_carries_on_with_its_claimed_run() {
+    let store: Arc<dyn KvStore> = Arc::new(MemoryStore::new());
+    let pool = "10.9.0.0/16";
+    let h1 = host(store.clone(), "h1");
+    h1.request_pool(&req(pool)).await.unwrap();
+    assert_eq!(alloc(&h1, pool).await.to_string(), "10.9.0.1");
+    assert_eq!(alloc(&h1, pool).await.to_string(), "10.9.0.2");
+    // A restart: nothing cached. The run is in the store.
+    let h1 = host(store.clone(), "h1");
+    assert_eq!(alloc(&h1, pool).await.to_string(), "10.9.0.3");
+    let h2 = host(store.clone(), "h2");
+    h2.request_pool(&req(pool)).await.unwrap();
+    assert_eq!(alloc(&h2, pool).await.to_string(), "10.9.0.17");
+}
+
+#[tokio::test]
+async fn what_a_gone_host_claimed_is_handed_out_once_the_pool_runs_dry() {
+    let store: Arc<dyn KvStore> = Arc::new(MemoryStore::new());
+    let pool = "10.10.0.0/24"; // 254 addresses, runs of 3 at first
+    let (h1, h2) = (host(store.clone(), "h1"), host(store.clone(), "h2"));
+    h1.request_pool(&req(pool)).await.unwrap();
+    h2.request_pool(&req(pool)).await.unwrap();
+    let mine = alloc(&h2, pool).await;
+    drop(h2); // gone, with the two after its address claimed and unused
+    let mut got = HashSet::new();
+    let err = loop {
+        match h1.request_address(pool, None, false).await {
+            Ok(a) => assert!(got.insert(a.ip()), "{} handed out twice", a.ip()),
+            Err(e) => break e.to_string(),
+        }
+    };
+    assert!(err.contains("no free address left"), "{err}");
+    assert_eq!(got.len(), 253, "every address but h2's");
+    assert!(!got.contains(&mine));
+    for ip in ["10.10.0.2", "10.10.0.3"] {
+        assert!(got.contains(&ip.parse().unwrap()), "{ip}, h2's run");
+    }
+}
+
+#[tokio::test]
+async fn a_pool_that_looked_full_to_a_host_gives_it_an_address_another_host_released() {
+    let store: Arc<dyn KvStore> = Arc::new(MemoryStore::new());
+    let pool = "10.12.0.0/29"; // .1 - .6
+    let (h1, h2) = (host(store.clone(), "h1"), host(store.clone(), "h2"));
+    h1.request_pool(&req(pool)).await.unwrap();
+    h2.request_pool(&req(pool)).await.unwrap();
+    let theirs = alloc(&h2, pool).await;
+    for _ in 0..5 {
+        alloc(&h1, pool).await; // h1 takes the last one: full, as h1 sees it
+    }
+    assert!(h1.request_address(pool, None, false).await.is_err());
+    h2.release_address(pool, theirs).await.unwrap();
+    assert_eq!(
+        alloc(&h1, pool).await,
+        theirs,
+        "h1 reads the pool again before it says it is full"
+    );
 }
 
 #[derive(Debug, Clone)]
@@ -221,6 +312,74 @@ proptest! {
                     }
                 }
             }
+            Ok(())
+        })?;
+    }
+}
+
+#[derive(Debug, Clone)]
+enum HostStep {
+    Alloc(bool),
+    Release(usize),
+    /// The host restarts: what it cached (its place in its run) is gone.
+    Restart(bool),
+}
+
+fn host_step() -> impl Strategy<Value = HostStep> {
+    prop_oneof![
+        10 => any::<bool>().prop_map(HostStep::Alloc),
+        1 => any::<usize>().prop_map(HostStep::Release),
+        1 => any::<bool>().prop_map(HostStep::Restart),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Two hosts on a /24 (254 usable, so hosts take runs of up to 3) that
+    /// restart now and then, allocating past the pool's end: every live
+    /// address is unique, and allocation fails only when all 254 are live,
+    /// whatever the other host has claimed and not handed out.
+    #[test]
+    fn claimed_runs_never_hold_an_address_back(steps in proptest::collection::vec(host_step(), 300..500)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let store: Arc<dyn KvStore> = Arc::new(MemoryStore::new());
+            let pool = "10.11.0.0/24";
+            let mut hosts = [host(store.clone(), "h1"), host(store.clone(), "h2")];
+            for h in &hosts {
+                h.request_pool(&req(pool)).await.unwrap();
+            }
+            let mut live: Vec<(IpAddr, usize)> = vec![];
+            let mut refused = 0;
+            for s in steps {
+                match s {
+                    HostStep::Alloc(second) => {
+                        let h = usize::from(second);
+                        match hosts[h].request_address(pool, None, false).await {
+                            Ok(a) => {
+                                prop_assert!(live.iter().all(|(ip, _)| *ip != a.ip()), "duplicate {}", a.ip());
+                                live.push((a.ip(), h));
+                            }
+                            Err(e) => {
+                                refused += 1;
+                                prop_assert_eq!(live.len(), 254, "refused with room left: {}", e);
+                            }
+                        }
+                    }
+                    HostStep::Release(i) if !live.is_empty() => {
+                        let (ip, h) = live.remove(i % live.len());
+                        hosts[h].release_address(pool, ip).await.unwrap();
+                    }
+                    HostStep::Release(_) => {}
+                    HostStep::Restart(second) => {
+                        let h = usize::from(second);
+                        hosts[h] = host(store.clone(), &format!("h{}", h + 1));
+                    }
+                }
+            }
+            // Most cases run the pool dry (the point of the test).
+            prop_assume!(refused > 0 || live.len() < 254);
             Ok(())
         })?;
     }

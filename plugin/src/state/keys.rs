@@ -64,6 +64,15 @@ pub fn pool_bound(pool: &str, ip: IpAddr) -> String {
     format!("{ROOT}ipam/pool/{pool}/bound/{ip}")
 }
 
+/// A host's claimed run of a pool (`records::ClaimedRun`).
+pub fn pool_run(pool: &str, host: &str) -> String {
+    format!("{ROOT}ipam/pool/{pool}/run/{host}")
+}
+
+pub fn pool_runs(pool: &str) -> String {
+    format!("{ROOT}ipam/pool/{pool}/run/")
+}
+
 pub fn pool_free(pool: &str, seq: u64) -> String {
     // Zero-padded so that key order is queue order.
     format!("{ROOT}ipam/pool/{pool}/free/{seq:020}")

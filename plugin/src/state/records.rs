@@ -43,10 +43,23 @@ pub struct PoolRecord {
 /// released-address queue.
 #[derive(Debug, Default, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AllocState {
-    /// Offset (within the dynamic range) of the lowest never-used address.
+    /// Offset (within the dynamic range) of the lowest address neither
+    /// handed out nor claimed by a host's run (`ClaimedRun`).
     pub next: u128,
     pub free_head: u64,
     pub free_tail: u64,
+}
+
+/// `ipam/pool/<pool>/run/<host>`: offsets a host took from the cursor in
+/// one step and hands out one by one without writing the cursor, so that
+/// hosts allocating at once rarely race for it: from `next` (the first
+/// this record knows not handed out) up to `end` (exclusive). Kept when its
+/// host goes, so that what it did not hand out is found when the cursor and
+/// the queue run dry; gone with the pool.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClaimedRun {
+    pub next: u128,
+    pub end: u128,
 }
 
 /// `ipam/pool/<pool>/addr/<ip>`: who holds an address, for `gc` and for

@@ -1,18 +1,19 @@
 //! Cluster-wide IPAM on the store.
 //!
 //! Uniqueness comes from store transactions alone: an address is taken by
-//! creating its key under a compare that it is absent, in the same transaction
-//! that advances the pool's allocation cursor. Nothing relies on a
+//! creating its key under a compare that it is absent. Nothing relies on a
 //! process-local lock for correctness; the per-pool local mutex only keeps this
 //! host's own requests from racing each other for the same cursor revision.
 //!
-//! Cost: a pool keeps a cursor (`next`, the lowest offset never handed out)
-//! and a FIFO queue of released addresses. A fresh address is one transaction;
-//! a reused one is a read of the queue head plus one transaction. Neither scans
-//! the pool or the taken addresses, so a /16 with 10,000 addresses taken costs
-//! what an empty /24 costs. Released addresses are reused only once the pool
-//! has no never-used address left, oldest release first, so peers' ARP caches
-//! have the longest time to forget them.
+//! Cost: a pool keeps a cursor (`next`, the lowest offset never claimed), each
+//! host's claimed run of it (a few offsets taken from the cursor in one step,
+//! handed out without writing the cursor: see `alloc`), and a FIFO queue of
+//! released addresses. A fresh address is one transaction; a reused one is a
+//! read of the queue head plus one transaction. Neither scans the pool or the
+//! taken addresses, so a /16 with 10,000 addresses taken costs what an empty
+//! /24 costs. Released addresses are reused only once the cursor has none
+//! left, oldest release first, so peers' ARP caches have the longest time to
+//! forget them.
 
 mod address;
 mod alloc;
