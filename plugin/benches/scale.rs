@@ -326,10 +326,17 @@ async fn run(mut lan: Lan) {
             );
         }
     }
+    // The elected reaper keeps a census of every record: wait until one is
+    // elected (its first round comes a --host-ttl after start) and has read
+    // the store, and print its memory apart from the others'.
+    let t_reaper = Instant::now();
+    let mut reaper = reaper_host(&url).await;
+    while reaper.is_none() && t_reaper.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        reaper = reaper_host(&url).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let rss: Vec<f64> = plugins.iter().map(|p| rss_mb(p.pid())).collect();
-    // The elected reaper keeps a census of every record: its memory is
-    // printed apart from the others'.
-    let reaper = reaper_host(&url).await;
 
     // The 21st host: a cold install of every entry.
     let ns21 = lan.host(HOSTS + 1);
